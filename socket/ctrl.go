@@ -1,0 +1,161 @@
+package socket
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ctrlBufSize is swtpm's receive buffer: u32 cmd + sizeof(ptm_hdata).
+const ctrlBufSize = 4 + 4100
+
+// ctrlDeadline is how long swtpm waits for the rest of a partly received command.
+const ctrlDeadline = 500 * time.Millisecond
+
+// errIncomplete means a control message did not arrive whole in time; the connection is
+// closed without an answer, as swtpm does.
+var errIncomplete = errors.New("socket: incomplete control message")
+
+// ctrlRequest is one received control message.
+type ctrlRequest struct {
+	cmd     Cmd
+	payload []byte // bytes after the command word that arrived with it
+	fd      *os.File
+}
+
+// ctrlReader reads control messages the way swtpm's ctrlchannel_recv_cmd does.
+type ctrlReader struct {
+	conn net.Conn
+	unix *net.UnixConn
+	buf  []byte
+	oob  []byte
+}
+
+func newCtrlReader(c net.Conn) *ctrlReader {
+	r := &ctrlReader{conn: c, buf: make([]byte, ctrlBufSize)}
+	if uc, ok := c.(*net.UnixConn); ok {
+		r.unix = uc
+		r.oob = make([]byte, unix.CmsgSpace(4*4))
+	}
+	return r
+}
+
+// neededLen is how many bytes a command needs before it can be processed, given what has
+// arrived so far (swtpm computes it only for these commands; others need the word alone).
+func neededLen(cmd Cmd, got []byte) int {
+	switch cmd {
+	case CmdInit:
+		return 8
+	case CmdSetLocality, CmdResetTPMEstablished:
+		return 5
+	case CmdGetStateBlob:
+		return 16
+	case CmdHashData:
+		if len(got) < 8 {
+			return 8
+		}
+		return min(8+int(binary.BigEndian.Uint32(got[4:8])), ctrlBufSize)
+	case CmdSetStateBlob:
+		if len(got) < 16 {
+			return 16
+		}
+		return min(16+int(binary.BigEndian.Uint32(got[12:16])), ctrlBufSize)
+	}
+	return 4
+}
+
+// read receives one command. io.EOF means the client closed between commands.
+func (r *ctrlReader) read() (*ctrlRequest, error) {
+	req := &ctrlRequest{}
+	n, err := r.readSome(req, 0)
+	if err != nil {
+		if n == 0 {
+			return nil, err
+		}
+	}
+	deadline := time.Now().Add(ctrlDeadline)
+	defer r.conn.SetReadDeadline(time.Time{})
+	for {
+		need := 4
+		if n >= 4 {
+			need = neededLen(Cmd(binary.BigEndian.Uint32(r.buf[:4])), r.buf[:n])
+		}
+		if n >= need {
+			break
+		}
+		if err != nil {
+			req.closeFD()
+			return nil, fmt.Errorf("%w: %d bytes: %w", errIncomplete, n, err)
+		}
+		r.conn.SetReadDeadline(deadline)
+		var m int
+		m, err = r.readSome(req, n)
+		n += m
+	}
+	req.cmd = Cmd(binary.BigEndian.Uint32(r.buf[:4]))
+	req.payload = append([]byte(nil), r.buf[4:n]...)
+	return req, nil
+}
+
+// readSome does one read into buf[off:], collecting at most one passed fd.
+func (r *ctrlReader) readSome(req *ctrlRequest, off int) (int, error) {
+	if r.unix == nil {
+		return r.conn.Read(r.buf[off:])
+	}
+	n, oobn, _, _, err := r.unix.ReadMsgUnix(r.buf[off:], r.oob)
+	if oobn > 0 {
+		r.collectFDs(req, r.oob[:oobn])
+	}
+	if n == 0 && err == nil {
+		err = io.EOF
+	}
+	return n, err
+}
+
+func (r *ctrlReader) collectFDs(req *ctrlRequest, oob []byte) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return
+	}
+	for i := range msgs {
+		fds, err := unix.ParseUnixRights(&msgs[i])
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			if req.fd == nil && fd >= 0 {
+				req.fd = os.NewFile(uintptr(fd), "tpm-data")
+			} else {
+				unix.Close(fd) // only one fd is ever meaningful
+			}
+		}
+	}
+}
+
+func (req *ctrlRequest) closeFD() {
+	if req != nil && req.fd != nil {
+		req.fd.Close()
+		req.fd = nil
+	}
+}
+
+// readMore reads exactly n further bytes of a streamed payload (SET_STATEBLOB, HASH_DATA).
+func (r *ctrlReader) readMore(dst []byte) error {
+	_, err := io.ReadFull(r.conn, dst)
+	return err
+}
+
+func be32(b []byte) uint32 { return binary.BigEndian.Uint32(b) }
+
+func putBE32(b []byte, vals ...uint32) []byte {
+	for _, v := range vals {
+		b = binary.BigEndian.AppendUint32(b, v)
+	}
+	return b
+}

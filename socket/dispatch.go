@@ -1,0 +1,313 @@
+package socket
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+)
+
+// after says what the control loop does once a reply is written.
+type after int
+
+const (
+	afterNext     after = iota // read the next command
+	afterClose                 // close this control connection
+	afterShutdown              // finish the server
+)
+
+// resultOf maps a handler error to the control-channel result code, in this one place.
+func resultOf(err error) Result {
+	if err == nil {
+		return ResSuccess
+	}
+	var r Result
+	if errors.As(err, &r) {
+		return r
+	}
+	return ResFail
+}
+
+func res(r Result) []byte { return putBE32(nil, uint32(r)) }
+
+// stateOK enforces the running/stopped precondition of a command (swtpm checks it before
+// the payload size).
+func (s *Server) needRunning(cmd Cmd) bool {
+	switch cmd {
+	case CmdGetTPMEstablished, CmdHashStart, CmdHashData, CmdHashEnd, CmdCancelTPMCmd,
+		CmdStoreVolatile, CmdResetTPMEstablished, CmdGetStateBlob:
+		return true
+	}
+	return false
+}
+
+func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) ([]byte, after) {
+	cmd, p := req.cmd, req.payload
+	s.log.Debug("ctrl cmd", "cmd", cmd, "payload", fmt.Sprintf("%x", p))
+	running := s.tpm.Running()
+	if s.needRunning(cmd) && !running {
+		if cmd == CmdGetTPMEstablished {
+			return res(ResBadOrdinal), afterNext
+		}
+		return res(ResBadOrdinal), afterNext
+	}
+	exact0 := func(f func() error) ([]byte, after) {
+		if len(p) != 0 {
+			return res(ResBadParameter), afterNext
+		}
+		return res(resultOf(f())), afterNext
+	}
+	switch cmd {
+	case CmdGetCapability:
+		return putBE32(nil, 0, s.tpm.Capabilities()), afterNext
+
+	case CmdInit:
+		if len(p) != 4 {
+			return res(ResBadParameter), afterNext
+		}
+		return res(resultOf(s.tpm.Init(be32(p)))), afterNext
+
+	case CmdShutdown:
+		if len(p) != 0 {
+			return res(ResBadParameter), afterNext
+		}
+		if err := s.tpm.Shutdown(); err != nil {
+			s.log.Warn("shutdown", "err", err)
+		}
+		return res(ResSuccess), afterShutdown
+
+	case CmdGetTPMEstablished:
+		if len(p) != 0 {
+			return res(ResBadParameter), afterNext
+		}
+		bit, err := s.tpm.Established()
+		if err != nil {
+			return res(resultOf(err)), afterNext
+		}
+		b := putBE32(nil, 0)
+		if bit {
+			return append(b, 1, 0, 0, 0), afterNext
+		}
+		return append(b, 0, 0, 0, 0), afterNext
+
+	case CmdSetLocality:
+		if len(p) < 1 {
+			return res(ResBadParameter), afterNext
+		}
+		loc := p[0]
+		if loc > 4 || (loc == 4 && s.opts.RejectLocality4) {
+			return res(ResBadLocality), afterNext
+		}
+		return res(resultOf(s.tpm.SetLocality(loc))), afterNext
+
+	case CmdHashStart:
+		return exact0(s.tpm.HashStart)
+
+	case CmdHashData:
+		return s.hashData(r, p)
+
+	case CmdHashEnd:
+		return exact0(s.tpm.HashEnd)
+
+	case CmdCancelTPMCmd:
+		return exact0(s.tpm.Cancel)
+
+	case CmdStoreVolatile:
+		return exact0(s.tpm.StoreVolatile)
+
+	case CmdResetTPMEstablished:
+		if len(p) < 1 {
+			return res(ResBadParameter), afterNext
+		}
+		loc := p[0]
+		if loc > 4 || (loc == 4 && s.opts.RejectLocality4) {
+			return res(ResBadLocality), afterNext
+		}
+		return res(resultOf(s.tpm.ResetEstablished(loc))), afterNext
+
+	case CmdGetStateBlob:
+		return s.getStateBlob(p), afterNext
+
+	case CmdSetStateBlob:
+		return s.setStateBlob(r, p, running)
+
+	case CmdStop:
+		return exact0(s.tpm.Stop)
+
+	case CmdGetConfig:
+		if len(p) != 0 {
+			return res(ResBadParameter), afterNext
+		}
+		return putBE32(nil, 0, s.tpm.Config()), afterNext
+
+	case CmdSetDataFD:
+		return s.setDataFD(ctx, req), afterNext
+
+	case CmdSetBufferSize:
+		if len(p) != 4 {
+			return res(ResBadParameter), afterNext
+		}
+		wanted := be32(p)
+		if wanted != 0 && running {
+			return res(ResBadOrdinal), afterNext
+		}
+		size, mn, mx, err := s.tpm.SetBufferSize(wanted)
+		if err != nil {
+			return res(resultOf(err)), afterNext
+		}
+		return putBE32(nil, 0, size, mn, mx), afterNext
+
+	case CmdGetInfo:
+		return s.getInfo(p), afterNext
+
+	case CmdLockStorage:
+		if len(p) != 4 {
+			return res(ResBadParameter), afterNext
+		}
+		return res(resultOf(s.tpm.LockStorage(be32(p)))), afterNext
+	}
+	return res(ResBadOrdinal), afterNext
+}
+
+func (s *Server) hashData(r *ctrlReader, p []byte) ([]byte, after) {
+	if len(p) < 4 {
+		return res(ResBadParameter), afterNext
+	}
+	length := int(be32(p))
+	data := p[4:]
+	if len(data) > length {
+		return res(ResBadParameter), afterNext
+	}
+	if err := s.tpm.HashData(data); err != nil {
+		return res(resultOf(err)), afterNext
+	}
+	remain := length - len(data)
+	buf := make([]byte, 4096)
+	for remain > 0 {
+		chunk := buf[:min(remain, len(buf))]
+		if err := r.readMore(chunk); err != nil {
+			return res(ResIOError), afterClose
+		}
+		if err := s.tpm.HashData(chunk); err != nil {
+			return res(resultOf(err)), afterNext
+		}
+		remain -= len(chunk)
+	}
+	return res(ResSuccess), afterNext
+}
+
+// getStateBlob answers with the whole blob in one reply (totlength == length), as QEMU needs.
+func (s *Server) getStateBlob(p []byte) []byte {
+	if len(p) != 12 {
+		return res(ResBadParameter)
+	}
+	flags, typ, offset := be32(p), be32(p[4:]), be32(p[8:])
+	blob, enc, err := s.tpm.GetStateBlob(typ, flags&StateFlagDecrypted != 0)
+	if err != nil {
+		return putBE32(nil, uint32(resultOf(err)), 0, 0, 0)
+	}
+	if blob == nil {
+		return putBE32(nil, uint32(ResRetry), 0, 0, 0)
+	}
+	var outFlags uint32
+	if enc {
+		outFlags = StateFlagEncrypted
+	}
+	var rest []byte
+	if int64(offset) < int64(len(blob)) {
+		rest = blob[offset:]
+	}
+	out := putBE32(make([]byte, 0, 16+len(rest)), 0, outFlags, uint32(len(rest)), uint32(len(rest)))
+	return append(out, rest...)
+}
+
+// setStateBlob receives a streamed blob. The body is always consumed (or the connection
+// closed), so a refused blob cannot be misread as further commands.
+func (s *Server) setStateBlob(r *ctrlReader, p []byte, running bool) ([]byte, after) {
+	if len(p) < 12 {
+		return res(ResBadParameter), afterNext
+	}
+	flags, typ, length := be32(p), be32(p[4:]), be32(p[8:])
+	first := p[12:]
+	if uint64(len(first)) > uint64(length) {
+		return res(ResBadParameter), afterNext
+	}
+	if length > MaxStateBlob {
+		return res(ResFail), afterClose
+	}
+	blob := make([]byte, length)
+	copy(blob, first)
+	if err := r.readMore(blob[len(first):]); err != nil {
+		return res(ResBadParameter), afterClose
+	}
+	if running {
+		return res(ResBadOrdinal), afterNext
+	}
+	if length == 0 {
+		blob = nil
+	}
+	return res(resultOf(s.tpm.SetStateBlob(typ, flags&StateFlagEncrypted != 0, blob))), afterNext
+}
+
+func (s *Server) getInfo(p []byte) []byte {
+	if len(p) != 16 {
+		return res(ResBadParameter)
+	}
+	flags := uint64(be32(p))<<32 | uint64(be32(p[4:]))
+	offset := be32(p[8:])
+	info, err := s.tpm.Info(flags)
+	if err != nil {
+		return res(resultOf(err))
+	}
+	if int64(offset) >= int64(len(info)) {
+		return res(ResBadParameter)
+	}
+	data := append([]byte(info), 0) // the NUL terminator is counted and sent
+	total := uint32(len(data))
+	chunk := data[offset:]
+	if len(chunk) > 3072 {
+		chunk = chunk[:3072]
+	}
+	out := putBE32(nil, 0, total, uint32(len(chunk)))
+	return append(out, chunk...)
+}
+
+func (s *Server) setDataFD(ctx context.Context, req *ctrlRequest) []byte {
+	if len(req.payload) != 0 || req.fd == nil {
+		return res(ResBadParameter)
+	}
+	s.mu.Lock()
+	if s.dataSet {
+		s.mu.Unlock()
+		return res(ResIOError)
+	}
+	s.dataSet = true
+	s.mu.Unlock()
+	c, err := fileConn(req.fd)
+	if err != nil {
+		s.mu.Lock()
+		s.dataSet = false
+		s.mu.Unlock()
+		s.log.Warn("SET_DATAFD", "err", err)
+		return res(ResBadParameter)
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.serveDataConn(ctx, c, s.opts.Terminate)
+		s.mu.Lock()
+		s.dataSet = false
+		s.mu.Unlock()
+	}()
+	return res(ResSuccess)
+}
+
+// fileConn turns a passed fd into a net.Conn (it must be a stream socket).
+func fileConn(f *os.File) (net.Conn, error) {
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("passed data fd: %w", err)
+	}
+	return c, nil
+}

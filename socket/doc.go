@@ -1,0 +1,16 @@
+// Package socket speaks swtpm's wire protocols: the control channel (CMD_* messages, big-endian,
+// fixed sizes, 4-byte error replies), the data channel (raw TPM commands framed by their header
+// size, and the 9-byte tpm-send-command-header variant), fd passing with CMD_SET_DATAFD, and the
+// listeners QEMU, libvirt, swtpm_ioctl, swtpm_setup and the tss2 swtpm TCTI connect to.
+//
+// It knows nothing of libtpms or files: a Server drives one TPM (an interface implemented by
+// backend.Instance). Control and data connections are served on their own goroutines, so a
+// CMD_CANCEL_TPM_CMD reaches a command that is executing. Responses on each connection stay in
+// request order; at most one control client and one data client are served at a time, as swtpm
+// does, and a new control client is accepted when the previous one closed.
+//
+// The byte-level contract is ../shared/reference/swtpm-interfaces.md §1–§2: request and
+// response sizes, result codes, the order of state and size checks, the 500 ms window to
+// complete a partly received control message, whole-blob GET_STATEBLOB replies
+// (totlength == length) and streamed SET_STATEBLOB bodies.
+package socket
