@@ -65,7 +65,11 @@ func neededLen(cmd Cmd, got []byte) int {
 		if len(got) < 16 {
 			return 16
 		}
-		return min(16+int(binary.BigEndian.Uint32(got[12:16])), ctrlBufSize)
+		n := int(binary.BigEndian.Uint32(got[12:16]))
+		if n > MaxStateBlob {
+			return 16 // refused at once, no need to wait for a body that will not be read
+		}
+		return min(16+n, ctrlBufSize)
 	}
 	return 4
 }
@@ -159,3 +163,6 @@ func putBE32(b []byte, vals ...uint32) []byte {
 	}
 	return b
 }
+
+// rightsFor builds the SCM_RIGHTS message that passes f.
+func rightsFor(f *os.File) []byte { return unix.UnixRights(int(f.Fd())) }

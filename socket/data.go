@@ -104,7 +104,7 @@ func FatalResponse(tpm2 bool) []byte {
 	return errorResponse(false, tpm12Fail)
 }
 
-func (s *Server) serveDataConn(ctx context.Context, c net.Conn, terminate bool) {
+func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, terminate bool) {
 	stop := s.closeOnDone(ctx, c)
 	defer stop()
 	defer c.Close()

@@ -102,9 +102,9 @@ func (s *Server) ServeData(ctx context.Context, ln net.Listener) {
 	}()
 }
 
-// ServeDataConn serves an already connected data channel (--fd, --server ...,fd=N); losing it
-// ends the server.
-func (s *Server) ServeDataConn(ctx context.Context, c net.Conn) {
+// ServeDataConn serves an already connected data channel (--fd, --server ...,fd=N: a stream
+// socket or a character device); losing it ends the server.
+func (s *Server) ServeDataConn(ctx context.Context, c io.ReadWriteCloser) {
 	s.mu.Lock()
 	s.dataSet = true
 	s.mu.Unlock()
@@ -140,7 +140,7 @@ func (s *Server) acceptLoop(ctx context.Context, ln net.Listener, serve func(net
 }
 
 // closeOnDone closes c when ctx ends or the server finishes, unblocking its reader.
-func (s *Server) closeOnDone(ctx context.Context, c net.Conn) func() {
+func (s *Server) closeOnDone(ctx context.Context, c io.Closer) func() {
 	quit := make(chan struct{})
 	go func() {
 		select {

@@ -1,0 +1,237 @@
+package socket
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+)
+
+// Client speaks the control channel to a TPM emulator (vtpmd or swtpm): what swtpm_ioctl,
+// QEMU and the tests send. Each method sends one command and reads its whole reply; a non-zero
+// result is returned as a Result error.
+type Client struct {
+	conn net.Conn
+}
+
+// Dial connects to a control channel: network "unix" with a path, or "tcp" with host:port.
+func Dial(network, addr string) (*Client, error) {
+	c, err := net.DialTimeout(network, addr, 10*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	return &Client{conn: c}, nil
+}
+
+// NewClient wraps an established control connection.
+func NewClient(c net.Conn) *Client { return &Client{conn: c} }
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Conn is the underlying connection.
+func (c *Client) Conn() net.Conn { return c.conn }
+
+// call sends cmd+payload in one write and reads a fixed-size reply. When the result word is
+// non-zero only it is read (swtpm's 4-byte error replies), unless fullOnError.
+func (c *Client) call(cmd Cmd, payload []byte, respLen int, fullOnError bool) ([]byte, error) {
+	msg := putBE32(make([]byte, 0, 4+len(payload)), uint32(cmd))
+	msg = append(msg, payload...)
+	if _, err := c.conn.Write(msg); err != nil {
+		return nil, fmt.Errorf("send %s: %w", cmd, err)
+	}
+	return c.readReply(cmd, respLen, fullOnError)
+}
+
+func (c *Client) readReply(cmd Cmd, respLen int, fullOnError bool) ([]byte, error) {
+	resp := make([]byte, respLen)
+	if _, err := io.ReadFull(c.conn, resp[:4]); err != nil {
+		return nil, fmt.Errorf("read %s reply: %w", cmd, err)
+	}
+	if r := Result(be32(resp)); r != ResSuccess && !fullOnError {
+		return resp[:4], r
+	}
+	if _, err := io.ReadFull(c.conn, resp[4:]); err != nil {
+		return nil, fmt.Errorf("read %s reply: %w", cmd, err)
+	}
+	if r := Result(be32(resp)); r != ResSuccess {
+		return resp, r
+	}
+	return resp, nil
+}
+
+// GetCapability sends CMD_GET_CAPABILITY.
+func (c *Client) GetCapability() (uint32, error) {
+	r, err := c.call(CmdGetCapability, nil, 8, false)
+	if err != nil {
+		return 0, err
+	}
+	return be32(r[4:]), nil
+}
+
+// Init sends CMD_INIT.
+func (c *Client) Init(flags uint32) error {
+	_, err := c.call(CmdInit, putBE32(nil, flags), 4, false)
+	return err
+}
+
+// Shutdown sends CMD_SHUTDOWN.
+func (c *Client) Shutdown() error { _, err := c.call(CmdShutdown, nil, 4, false); return err }
+
+// Stop sends CMD_STOP.
+func (c *Client) Stop() error { _, err := c.call(CmdStop, nil, 4, false); return err }
+
+// GetEstablished sends CMD_GET_TPMESTABLISHED (always an 8-byte reply).
+func (c *Client) GetEstablished() (bool, error) {
+	r, err := c.call(CmdGetTPMEstablished, nil, 8, false)
+	if err != nil {
+		return false, err
+	}
+	return r[4] != 0, nil
+}
+
+// SetLocality sends CMD_SET_LOCALITY the way QEMU does (u8 + 3 pad bytes).
+func (c *Client) SetLocality(loc uint8) error {
+	_, err := c.call(CmdSetLocality, []byte{loc, 0, 0, 0}, 4, false)
+	return err
+}
+
+// ResetEstablished sends CMD_RESET_TPMESTABLISHED.
+func (c *Client) ResetEstablished(loc uint8) error {
+	_, err := c.call(CmdResetTPMEstablished, []byte{loc, 0, 0, 0}, 4, false)
+	return err
+}
+
+// HashStart sends CMD_HASH_START.
+func (c *Client) HashStart() error { _, err := c.call(CmdHashStart, nil, 4, false); return err }
+
+// HashData sends one CMD_HASH_DATA.
+func (c *Client) HashData(b []byte) error {
+	_, err := c.call(CmdHashData, append(putBE32(nil, uint32(len(b))), b...), 4, false)
+	return err
+}
+
+// HashEnd sends CMD_HASH_END.
+func (c *Client) HashEnd() error { _, err := c.call(CmdHashEnd, nil, 4, false); return err }
+
+// Cancel sends CMD_CANCEL_TPM_CMD.
+func (c *Client) Cancel() error { _, err := c.call(CmdCancelTPMCmd, nil, 4, false); return err }
+
+// StoreVolatile sends CMD_STORE_VOLATILE.
+func (c *Client) StoreVolatile() error { _, err := c.call(CmdStoreVolatile, nil, 4, false); return err }
+
+// GetConfig sends CMD_GET_CONFIG.
+func (c *Client) GetConfig() (uint32, error) {
+	r, err := c.call(CmdGetConfig, nil, 8, false)
+	if err != nil {
+		return 0, err
+	}
+	return be32(r[4:]), nil
+}
+
+// SetBufferSize sends CMD_SET_BUFFERSIZE (0 queries).
+func (c *Client) SetBufferSize(n uint32) (size, min, max uint32, err error) {
+	r, err := c.call(CmdSetBufferSize, putBE32(nil, n), 16, false)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	return be32(r[4:]), be32(r[8:]), be32(r[12:]), nil
+}
+
+// GetInfo sends CMD_GET_INFO until the whole answer (without the NUL) is read.
+func (c *Client) GetInfo(flags uint64) (string, error) {
+	var out []byte
+	for {
+		p := putBE32(nil, uint32(flags>>32), uint32(flags), uint32(len(out)), 0)
+		r, err := c.call(CmdGetInfo, p, 12, false)
+		if err != nil {
+			return "", err
+		}
+		total, n := be32(r[4:]), be32(r[8:])
+		chunk := make([]byte, n)
+		if _, err := io.ReadFull(c.conn, chunk); err != nil {
+			return "", fmt.Errorf("read GET_INFO data: %w", err)
+		}
+		out = append(out, chunk...)
+		if n == 0 || uint32(len(out)) >= total {
+			break
+		}
+	}
+	if len(out) > 0 && out[len(out)-1] == 0 {
+		out = out[:len(out)-1]
+	}
+	return string(out), nil
+}
+
+// LockStorage sends CMD_LOCK_STORAGE.
+func (c *Client) LockStorage(retries uint32) error {
+	_, err := c.call(CmdLockStorage, putBE32(nil, retries), 4, false)
+	return err
+}
+
+// GetStateBlob sends CMD_GET_STATEBLOB and returns the blob and the reply's state flags. A
+// missing blob is (nil, 0, ResRetry) as swtpm reports it.
+func (c *Client) GetStateBlob(typ, flags uint32) ([]byte, uint32, error) {
+	r, err := c.call(CmdGetStateBlob, putBE32(nil, flags, typ, 0), 16, true)
+	if r == nil {
+		return nil, 0, err
+	}
+	if len(r) < 16 { // 4-byte error reply (TPM not running)
+		return nil, 0, err
+	}
+	outFlags, total, n := be32(r[4:]), be32(r[8:]), be32(r[12:])
+	if total != n {
+		return nil, 0, fmt.Errorf("GET_STATEBLOB: totlength %d != length %d", total, n)
+	}
+	if n > MaxStateBlob*2 {
+		return nil, 0, fmt.Errorf("GET_STATEBLOB: implausible length %d", n)
+	}
+	blob := make([]byte, n)
+	if _, rerr := io.ReadFull(c.conn, blob); rerr != nil {
+		return nil, 0, fmt.Errorf("read GET_STATEBLOB data: %w", rerr)
+	}
+	return blob, outFlags, err
+}
+
+// SetStateBlob sends CMD_SET_STATEBLOB: the header, then the body in a second write, as QEMU.
+func (c *Client) SetStateBlob(typ, flags uint32, blob []byte) error {
+	hdr := putBE32(nil, uint32(CmdSetStateBlob), flags, typ, uint32(len(blob)))
+	if _, err := c.conn.Write(hdr); err != nil {
+		return fmt.Errorf("send SET_STATEBLOB: %w", err)
+	}
+	if len(blob) > 0 {
+		if _, err := c.conn.Write(blob); err != nil {
+			return fmt.Errorf("send SET_STATEBLOB data: %w", err)
+		}
+	}
+	_, err := c.readReply(CmdSetStateBlob, 4, false)
+	return err
+}
+
+// SetDataFD passes f as the data channel (CMD_SET_DATAFD with SCM_RIGHTS).
+func (c *Client) SetDataFD(f *os.File) error {
+	uc, ok := c.conn.(*net.UnixConn)
+	if !ok {
+		return fmt.Errorf("SET_DATAFD needs a unix control socket")
+	}
+	msg := binary.BigEndian.AppendUint32(nil, uint32(CmdSetDataFD))
+	if _, _, err := uc.WriteMsgUnix(msg, rightsFor(f), nil); err != nil {
+		return fmt.Errorf("send SET_DATAFD: %w", err)
+	}
+	_, err := c.readReply(CmdSetDataFD, 4, false)
+	return err
+}
+
+// Raw sends arbitrary bytes and reads up to max reply bytes (for conformance tests).
+func (c *Client) Raw(msg []byte, max int, timeout time.Duration) ([]byte, error) {
+	if _, err := c.conn.Write(msg); err != nil {
+		return nil, err
+	}
+	c.conn.SetReadDeadline(time.Now().Add(timeout))
+	defer c.conn.SetReadDeadline(time.Time{})
+	buf := make([]byte, max)
+	n, err := c.conn.Read(buf)
+	return buf[:n], err
+}
