@@ -1,0 +1,64 @@
+// Command bench measures vtpmd side by side with Debian's swtpm in one run and writes the
+// results, as ratios, to docs/benchmarks.md: start-up to first answer, command round trips over
+// the data socket, memory per instance, state-blob transfer, durable NV writes, and the same
+// commands with libtpms called in-process as the floor. It is run by `just bench`.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+func main() {
+	vtpmd := flag.String("vtpmd", "", "vtpmd binary (default: build ./cmd/vtpmd)")
+	swtpm := flag.String("swtpm", "swtpm", "reference swtpm binary")
+	out := flag.String("out", "docs/benchmarks.md", "report file")
+	iters := flag.Int("n", 200, "iterations per latency measurement")
+	instances := flag.String("instances", "1,10,100", "instance counts for the memory measurement")
+	flag.Parse()
+	work, err := os.MkdirTemp("", "vtpmd-bench-")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(work)
+	if *vtpmd == "" {
+		*vtpmd = filepath.Join(work, "vtpmd")
+		cmd := exec.Command("go", "build", "-o", *vtpmd, "./cmd/vtpmd")
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			log.Fatalf("build vtpmd: %v", err)
+		}
+	}
+	swPath, err := exec.LookPath(*swtpm)
+	if err != nil {
+		log.Fatalf("reference swtpm not found: %v (install Debian's swtpm)", err)
+	}
+	r := &run{work: work, iters: *iters, impls: []impl{
+		{name: "vtpmd", bin: *vtpmd, args: []string{"socket"}},
+		{name: "swtpm", bin: swPath, args: []string{"socket"}},
+	}}
+	report, err := r.all(parseCounts(*instances))
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := os.WriteFile(*out, []byte(report), 0o644); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Print(report)
+}
+
+func parseCounts(s string) []int {
+	var out []int
+	for _, part := range strings.Split(s, ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(part)); err == nil && n > 0 {
+			out = append(out, n)
+		}
+	}
+	return out
+}
