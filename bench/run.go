@@ -457,8 +457,8 @@ func smaps(pid int) (rss, pss float64, err error) {
 // swtpm 0.7.1 (which does not fsync).
 func (r *run) durability() (string, error) {
 	cases := []struct {
-		label string
-		im    impl
+		label  string
+		im     impl
 		suffix string
 	}{
 		{"vtpmd (fsync, default)", r.impls[0], ""},
