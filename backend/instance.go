@@ -1,0 +1,390 @@
+package backend
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+
+	"github.com/vtpmd/vtpmd/backend/blob"
+	"github.com/vtpmd/vtpmd/emulator"
+	"github.com/vtpmd/vtpmd/socket"
+)
+
+// Storage is the state store an Instance keeps its blobs in; store.Store implements it.
+type Storage interface {
+	emulator.Store
+	// Lock takes the state lock, trying retries more times 10 ms apart.
+	Lock(retries int) error
+	// Unlock releases it (after an outgoing migration fetched the last blob).
+	Unlock()
+	// Locked reports whether the lock is held.
+	Locked() bool
+}
+
+// Config describes one instance.
+type Config struct {
+	Version emulator.Version
+	Store   Storage
+	// StateKey encrypts stored files (--key); MigrationKey wraps state blobs (--migration-key).
+	StateKey, MigrationKey *blob.Key
+	// IncomingMigration defers taking the state lock until state arrives (--migration incoming).
+	IncomingMigration bool
+	// DisableAutoShutdown turns off the TPM2_Shutdown(SU_STATE) sent before a re-INIT, STOP or
+	// exit (--flags disable-auto-shutdown).
+	DisableAutoShutdown bool
+	Log                 *slog.Logger
+}
+
+// relockRetries is how often a released lock is retried (300 x 10 ms, as swtpm and QEMU).
+const relockRetries = 300
+
+// ordShutdown is TPM2_CC_Shutdown.
+const ordShutdown = 0x145
+
+// Instance is one vTPM: libtpms plus its state.
+type Instance struct {
+	cfg Config
+	eng *emulator.Engine
+	log *slog.Logger
+
+	mu          sync.Mutex // serializes lifecycle transitions
+	lockRetries int        // guarded by mu; retries for the next lock attempt
+	deferLock   bool       // guarded by mu; --migration incoming and no state received yet
+}
+
+// New opens libtpms for this process with the instance's configuration. The TPM is stopped.
+func New(cfg Config) (*Instance, error) {
+	log := cfg.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	eng, err := emulator.Open(cfg.Version, cfg.Store, log)
+	if err != nil {
+		return nil, fmt.Errorf("open tpm engine: %w", err)
+	}
+	return &Instance{cfg: cfg, eng: eng, log: log, deferLock: cfg.IncomingMigration}, nil
+}
+
+// Engine exposes the engine (for in-process tools such as provisioning and benchmarks).
+func (in *Instance) Engine() *emulator.Engine { return in.eng }
+
+// Close shuts the TPM down the way swtpm does at exit and releases libtpms and the lock.
+func (in *Instance) Close() {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.autoShutdownLocked()
+	in.eng.Close()
+	in.cfg.Store.Unlock()
+}
+
+// Capabilities implements socket.TPM.
+func (in *Instance) Capabilities() uint32 {
+	if in.cfg.Version == emulator.TPM2 {
+		return socket.CapsTPM2
+	}
+	return socket.CapsTPM12
+}
+
+// Running implements socket.TPM.
+func (in *Instance) Running() bool { return in.eng.Running() }
+
+// IsTPM2 implements socket.TPM.
+func (in *Instance) IsTPM2() bool { return in.cfg.Version == emulator.TPM2 }
+
+// BufferSize implements socket.TPM: the largest command the data channel takes.
+func (in *Instance) BufferSize() uint32 {
+	_, _, mx, _ := in.eng.SetBufferSize(0)
+	return mx
+}
+
+// Start powers the TPM on as --flags not-need-init does, taking the lock first.
+func (in *Instance) Start() error { return in.Init(0) }
+
+// Init implements CMD_INIT: a TPM reset. A running TPM is shut down first.
+func (in *Instance) Init(flags uint32) error {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.eng.Running() {
+		in.autoShutdownLocked()
+		in.eng.Stop()
+	}
+	if !in.deferLock {
+		if err := in.lockLocked(); err != nil {
+			return err
+		}
+	}
+	if err := in.eng.Start(); err != nil {
+		in.log.Error("tpm init failed", "err", err)
+		return toResult(err)
+	}
+	if flags&socket.InitFlagDeleteVolatile != 0 {
+		if err := in.cfg.Store.Delete(emulator.StateVolatile, false); err != nil {
+			in.log.Warn("delete volatile state", "err", err)
+		}
+	}
+	return nil
+}
+
+// Stop implements CMD_STOP.
+func (in *Instance) Stop() error {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.autoShutdownLocked()
+	in.eng.Stop()
+	return nil
+}
+
+// Shutdown implements CMD_SHUTDOWN (the process exits afterwards).
+func (in *Instance) Shutdown() error { return in.Stop() }
+
+// autoShutdownLocked sends TPM2_Shutdown(SU_STATE), or SU_CLEAR if that fails, unless the
+// guest's last command already was a shutdown: a lost guest must not cost DA lockout counts.
+func (in *Instance) autoShutdownLocked() {
+	if in.cfg.Version != emulator.TPM2 || in.cfg.DisableAutoShutdown || !in.eng.Running() {
+		return
+	}
+	if in.eng.LastOrdinal() == ordShutdown {
+		return
+	}
+	for _, su := range []byte{1, 0} { // TPM_SU_STATE, then TPM_SU_CLEAR
+		resp, err := in.eng.Process([]byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x45, 0, su})
+		if err != nil || len(resp) < 10 {
+			in.log.Warn("automatic TPM2_Shutdown", "err", err)
+			return
+		}
+		rc := binary.BigEndian.Uint32(resp[6:10])
+		if rc == 0 || rc == 0x100 { // success, or TPM_RC_INITIALIZE: never started up
+			return
+		}
+		in.log.Warn("automatic TPM2_Shutdown refused", "su", su, "rc", fmt.Sprintf("0x%x", rc))
+	}
+}
+
+func (in *Instance) lockLocked() error {
+	if in.cfg.Store.Locked() {
+		return nil
+	}
+	if err := in.cfg.Store.Lock(in.lockRetries); err != nil {
+		in.log.Error("lock tpm state", "err", err)
+		return fmt.Errorf("%w: %w", socket.ResIOError, err)
+	}
+	in.deferLock = false
+	return nil
+}
+
+// Process implements socket.TPM: one TPM command, after making sure the state is locked.
+func (in *Instance) Process(cmd []byte) ([]byte, error) {
+	in.mu.Lock()
+	if err := in.lockLocked(); err != nil {
+		in.mu.Unlock()
+		return nil, fmt.Errorf("%w: %w", ErrLockLost, err)
+	}
+	in.mu.Unlock()
+	return in.eng.Process(cmd)
+}
+
+// ErrLockLost means the state lock could not be re-taken; swtpm terminates in this case.
+var ErrLockLost = errors.New("backend: cannot re-acquire the state lock")
+
+// Established implements CMD_GET_TPMESTABLISHED.
+func (in *Instance) Established() (bool, error) {
+	b, err := in.eng.Established()
+	return b, toResult(err)
+}
+
+// SetLocality implements CMD_SET_LOCALITY.
+func (in *Instance) SetLocality(loc uint8) error {
+	emulator.SetLocality(loc)
+	return nil
+}
+
+// ResetEstablished implements CMD_RESET_TPMESTABLISHED.
+func (in *Instance) ResetEstablished(loc uint8) error { return toResult(in.eng.ResetEstablished(loc)) }
+
+// HashStart implements CMD_HASH_START.
+func (in *Instance) HashStart() error { return toResult(in.eng.HashStart()) }
+
+// HashData implements CMD_HASH_DATA.
+func (in *Instance) HashData(b []byte) error { return toResult(in.eng.HashData(b)) }
+
+// HashEnd implements CMD_HASH_END.
+func (in *Instance) HashEnd() error { return toResult(in.eng.HashEnd()) }
+
+// Cancel implements CMD_CANCEL_TPM_CMD; it does not wait for the engine lock.
+func (in *Instance) Cancel() error {
+	in.eng.Cancel()
+	return nil
+}
+
+// StoreVolatile implements CMD_STORE_VOLATILE.
+func (in *Instance) StoreVolatile() error {
+	vol, err := in.eng.VolatileState()
+	if err != nil {
+		return toResult(err)
+	}
+	if err := in.cfg.Store.Store(emulator.StateVolatile, vol); err != nil {
+		in.log.Error("store volatile state", "err", err)
+		return fmt.Errorf("%w: %w", socket.ResFail, err)
+	}
+	return nil
+}
+
+// Config implements CMD_GET_CONFIG.
+func (in *Instance) Config() uint32 {
+	var f uint32
+	if in.cfg.StateKey != nil {
+		f |= socket.ConfigFlagFileKey
+	}
+	if in.cfg.MigrationKey != nil {
+		f |= socket.ConfigFlagMigrationKey
+	}
+	return f
+}
+
+// SetBufferSize implements CMD_SET_BUFFERSIZE.
+func (in *Instance) SetBufferSize(wanted uint32) (uint32, uint32, uint32, error) {
+	s, mn, mx, err := in.eng.SetBufferSize(wanted)
+	return s, mn, mx, toResult(err)
+}
+
+// Info implements CMD_GET_INFO.
+func (in *Instance) Info(flags uint64) (string, error) {
+	return in.eng.Info(uint32(flags)), nil
+}
+
+// LockStorage implements CMD_LOCK_STORAGE (QEMU sends it when a failed migration resumes the
+// VM on the source).
+func (in *Instance) LockStorage(retries uint32) error {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.lockRetries = int(retries)
+	if in.deferLock {
+		return nil // nothing to protect yet
+	}
+	if err := in.lockLocked(); err != nil {
+		return fmt.Errorf("%w: %w", socket.ResFail, err)
+	}
+	return nil
+}
+
+func stateType(typ uint32) (emulator.StateType, error) {
+	switch typ {
+	case socket.BlobPermanent:
+		return emulator.StatePermanent, nil
+	case socket.BlobVolatile:
+		return emulator.StateVolatile, nil
+	case socket.BlobSavestate:
+		return emulator.StateSave, nil
+	}
+	return 0, fmt.Errorf("unknown state blob type %d: %w", typ, socket.ResFail)
+}
+
+// GetStateBlob implements CMD_GET_STATEBLOB: the stored blob re-wrapped as a migration blob.
+// Fetching the volatile state stores it first and deletes the file afterwards; fetching the
+// savestate blob (the last one QEMU asks for) releases the state lock for the destination.
+func (in *Instance) GetStateBlob(typ uint32, decrypt bool) ([]byte, bool, error) {
+	t, err := stateType(typ)
+	if err != nil {
+		return nil, false, err
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	var plain []byte
+	switch t {
+	case emulator.StateVolatile:
+		plain, err = in.eng.VolatileState()
+		if err != nil {
+			return nil, false, toResult(err)
+		}
+		// swtpm stores, reads back and deletes it, so a later INIT never resumes a stale state.
+		if err := in.cfg.Store.Delete(emulator.StateVolatile, false); err != nil {
+			in.log.Warn("delete volatile state", "err", err)
+		}
+	default:
+		plain, err = in.cfg.Store.Load(t)
+		if errors.Is(err, emulator.ErrNotExist) {
+			plain, err = nil, nil
+		}
+		if err != nil {
+			return nil, false, fmt.Errorf("load %s: %w", t.Name(), blobResult(err))
+		}
+	}
+	if t == emulator.StateSave && in.cfg.Store.Locked() {
+		in.cfg.Store.Unlock()
+		in.lockRetries = relockRetries
+	}
+	if len(plain) == 0 {
+		return nil, false, nil
+	}
+	b, enc, err := blob.WrapMigration(plain, in.cfg.StateKey, in.cfg.MigrationKey, decrypt)
+	if err != nil {
+		return nil, false, fmt.Errorf("wrap %s: %w", t.Name(), blobResult(err))
+	}
+	return b, enc, nil
+}
+
+// SetStateBlob implements CMD_SET_STATEBLOB: the blob is unwrapped and handed to libtpms for
+// the next INIT; nothing on disk changes until that INIT succeeds.
+func (in *Instance) SetStateBlob(typ uint32, encrypted bool, b []byte) error {
+	t, err := stateType(typ)
+	if err != nil {
+		return err
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if err := in.lockLocked(); err != nil {
+		return err
+	}
+	var plain []byte
+	if len(b) > 0 {
+		plain, err = blob.UnwrapMigration(b, encrypted, in.cfg.StateKey, in.cfg.MigrationKey)
+		if err != nil {
+			in.log.Error("refusing state blob", "type", t.Name(), "err", err)
+			return fmt.Errorf("unwrap %s blob: %w", t.Name(), blobResult(err))
+		}
+	}
+	if err := in.eng.SetState(t, plain); err != nil {
+		in.log.Error("refusing state blob", "type", t.Name(), "err", err)
+		return toResult(err)
+	}
+	return nil
+}
+
+// toResult maps engine errors to control-channel results.
+func toResult(err error) error {
+	if err == nil {
+		return nil
+	}
+	var r emulator.Result
+	switch {
+	case errors.As(err, &r):
+		return fmt.Errorf("%w: %w", socket.Result(r), err)
+	case errors.Is(err, emulator.ErrNotRunning), errors.Is(err, emulator.ErrRunning):
+		return fmt.Errorf("%w: %w", socket.ResBadOrdinal, err)
+	}
+	return fmt.Errorf("%w: %w", socket.ResFail, err)
+}
+
+// blobResult maps state-format errors to the result codes swtpm answers with.
+func blobResult(err error) error {
+	var code socket.Result
+	switch {
+	case errors.Is(err, blob.ErrKeyNotFound):
+		code = socket.ResKeyNotFound
+	case errors.Is(err, blob.ErrDecrypt):
+		code = socket.ResDecryptError
+	case errors.Is(err, blob.ErrKeyLength):
+		code = socket.ResBadKeyProperty
+	case errors.Is(err, blob.ErrHeaderSize):
+		code = socket.ResBadDataSize
+	case errors.Is(err, blob.ErrVersion):
+		code = socket.ResBadVersion
+	case errors.Is(err, blob.ErrMalformed):
+		code = socket.ResBadParameter
+	default:
+		code = socket.ResFail
+	}
+	return fmt.Errorf("%w: %w", code, err)
+}
