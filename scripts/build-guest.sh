@@ -1,0 +1,39 @@
+#!/bin/bash
+# Build the tiny TPM test guest: Debian's kernel (tpm_tis and tpm_crb built in) and a busybox
+# initramfs whose /init runs the Go guest checker (integration/guest). Cached: the kernel and
+# busybox are downloaded once per version; the initramfs is rebuilt when the checker changes.
+# Usage: scripts/build-guest.sh [OUTDIR]   (default: .cache/guest)
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+W=${1:-${VTPMD_GUEST_DIR:-$top/.cache/guest}}
+mkdir -p "$W/dl"
+if [ ! -s "$W/vmlinuz" ] || [ ! -x "$W/x/bin/busybox" ]; then
+  rm -rf "$W/x"; mkdir -p "$W/x"
+  ( cd "$W/dl"
+    apt-get download linux-image-amd64 busybox-static >/dev/null 2>&1
+    kpkg=$(dpkg-deb -f linux-image-amd64_*.deb Depends | grep -o 'linux-image-[0-9][^ ,]*' | head -1)
+    apt-get download "$kpkg" >/dev/null 2>&1
+    dpkg-deb -x "$kpkg"_*.deb "$W/x"
+    dpkg-deb -x busybox-static_*.deb "$W/x" )
+  cp "$W"/x/boot/vmlinuz-* "$W/vmlinuz"
+fi
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,proc,sys,dev}
+cp "$W/x/bin/busybox" "$root/bin/busybox"
+(cd "$top" && CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$root/bin/guest" ./integration/guest)
+cat > "$root/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
+echo "GUEST: booted uptime=$(cut -d' ' -f1 /proc/uptime)"
+/bin/guest
+echo "GUEST: poweroff"
+poweroff -f
+INIT
+chmod +x "$root/init"
+(cd "$root" && find . | "$W/x/bin/busybox" cpio -o -H newc 2>/dev/null | gzip -1 > "$W/initrd.gz.tmp")
+mv "$W/initrd.gz.tmp" "$W/initrd.gz"
+echo "$W"
