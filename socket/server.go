@@ -31,10 +31,9 @@ type Server struct {
 	opts Options
 	log  *slog.Logger
 
-	mu       sync.Mutex
-	dataConn net.Conn // guarded by mu; the current data connection (or a placeholder for --server)
-	dataSet  bool     // guarded by mu; a data channel is configured (SET_DATAFD refused)
-	wg       sync.WaitGroup
+	mu      sync.Mutex
+	dataSet bool // guarded by mu; a data channel is configured (SET_DATAFD refused)
+	wg      sync.WaitGroup
 
 	done     chan struct{}
 	doneOnce sync.Once

@@ -57,7 +57,12 @@ The following commands are supported:
 --help                : display help screen and exit
 `
 
-var errIoctlUsage = errors.New("No valid command.")
+// cliMessage is an error whose text is printed verbatim, matching the C tool's messages.
+type cliMessage string
+
+func (m cliMessage) Error() string { return string(m) }
+
+var errIoctlUsage = cliMessage("No valid command.")
 
 // parseIoctlArgs parses swtpm_ioctl's command line (getopt style).
 func parseIoctlArgs(prog string, args []string, stdout io.Writer) (*ioctlRequest, bool, error) {
@@ -108,12 +113,12 @@ func parseIoctlArgs(prog string, args []string, stdout io.Writer) (*ioctlRequest
 				port = "6546"
 			}
 			if _, err := strconv.ParseUint(port, 10, 16); err != nil {
-				return nil, false, fmt.Errorf("Could not parse port '%s'.", port)
+				return nil, false, cliMessage(fmt.Sprintf("Could not parse port '%s'.", port))
 			}
 			req.network, req.addr = "tcp", net.JoinHostPort(host, port)
 			i++
 		case "--tpm-device":
-			return nil, false, errors.New("CUSE devices are not supported by vtpmd; use --unix or --tcp")
+			return nil, false, cliMessage("CUSE devices are not supported by vtpmd; use --unix or --tcp")
 		case "-c", "-i", "--stop", "-s", "-e", "-v", "-C", "-g":
 			if err := setAction(strings.TrimLeft(a, "-")); err != nil {
 				return nil, false, err
@@ -143,7 +148,7 @@ func parseIoctlArgs(prog string, args []string, stdout io.Writer) (*ioctlRequest
 			case "savestate":
 				req.blobType = socket.BlobSavestate
 			default:
-				return nil, false, fmt.Errorf("Unknown blob type '%s'.", args[i+1])
+				return nil, false, cliMessage(fmt.Sprintf("Unknown blob type '%s'.", args[i+1]))
 			}
 			req.file = args[i+2]
 			i += 2
@@ -159,23 +164,23 @@ func parseIoctlArgs(prog string, args []string, stdout io.Writer) (*ioctlRequest
 	}
 	if req.network == "" {
 		if len(positional) == 0 {
-			return nil, false, errors.New("Error: Missing device name.")
+			return nil, false, cliMessage("Error: Missing device name.")
 		}
-		return nil, false, errors.New("CUSE devices are not supported by vtpmd; use --unix or --tcp")
+		return nil, false, cliMessage("CUSE devices are not supported by vtpmd; use --unix or --tcp")
 	}
 	switch req.action {
 	case "l", "r":
 		n, err := strconv.Atoi(req.arg)
 		if err != nil || n < 0 || n > 4 {
-			return nil, false, errors.New("Locality outside valid range of [0..4].")
+			return nil, false, cliMessage("Locality outside valid range of [0..4].")
 		}
 	case "b":
 		if _, err := strconv.ParseUint(req.arg, 10, 32); err != nil {
-			return nil, false, fmt.Errorf("Could not parse buffersize '%s'.", req.arg)
+			return nil, false, cliMessage(fmt.Sprintf("Could not parse buffersize '%s'.", req.arg))
 		}
 	case "info":
 		if _, err := strconv.ParseUint(req.arg, 0, 64); err != nil {
-			return nil, false, fmt.Errorf("Could not parse info flags '%s'.", req.arg)
+			return nil, false, cliMessage(fmt.Sprintf("Could not parse info flags '%s'.", req.arg))
 		}
 	}
 	return req, false, nil
@@ -223,9 +228,9 @@ func unwrapSyscall(err error) error {
 func resultErr(name string, err error) error {
 	var r socket.Result
 	if errors.As(err, &r) {
-		return fmt.Errorf("TPM result from PTM_%s: 0x%x", name, uint32(r))
+		return cliMessage(fmt.Sprintf("TPM result from PTM_%s: 0x%x", name, uint32(r)))
 	}
-	return fmt.Errorf("PTM_%s failed: %w", name, err)
+	return cliMessage(fmt.Sprintf("PTM_%s failed: %v", name, err))
 }
 
 func runIoctl(c *socket.Client, req *ioctlRequest, out io.Writer, in io.Reader) error {
@@ -305,12 +310,12 @@ func runIoctl(c *socket.Client, req *ioctlRequest, out io.Writer, in io.Reader) 
 			return resultErr("GET_STATEBLOB", err)
 		}
 		if err := os.WriteFile(req.file, b, 0o600); err != nil {
-			return fmt.Errorf("Could not write to file '%s': %w", req.file, err)
+			return cliMessage(fmt.Sprintf("Could not write to file '%s': %v", req.file, err))
 		}
 	case "load":
 		b, err := os.ReadFile(req.file)
 		if err != nil {
-			return fmt.Errorf("Could not read file '%s': %w", req.file, err)
+			return cliMessage(fmt.Sprintf("Could not read file '%s': %v", req.file, err))
 		}
 		if err := c.SetStateBlob(req.blobType, 0, b); err != nil {
 			return resultErr("SET_STATEBLOB", err)
