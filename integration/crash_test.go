@@ -92,8 +92,8 @@ func TestCrashSafety(t *testing.T) {
 	dir := t.TempDir()
 	os.MkdirAll(filepath.Join(dir, "state"), 0o700)
 	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
-	t.Logf("seed-free random kill delays; %d kills", kills)
-	st := &crashState{}
+		st := &crashState{}
+	var roundsWithWrites, resumes int
 	digest := sha256.Sum256([]byte("crash"))
 	for round := 0; round <= kills; round++ {
 		p := startCrashProc(t, bin, dir)
@@ -116,6 +116,9 @@ func TestCrashSafety(t *testing.T) {
 			t.Fatalf("round %d: Startup(STATE) refused after an acknowledged Shutdown(STATE): %v", round, serr)
 		}
 		resumed := serr == nil
+		if resumed {
+			resumes++
+		}
 		if !resumed {
 			if err := tpmclient.Startup(tp); err != nil {
 				t.Fatalf("round %d: Startup(CLEAR): %v", round, err)
@@ -149,6 +152,11 @@ func TestCrashSafety(t *testing.T) {
 		if round == kills {
 			ctrl.Shutdown()
 			p.cmd.Wait()
+			t.Logf("%d kills: %d rounds had acknowledged NV writes (last value %d), %d restarts resumed from Shutdown(STATE)",
+				kills, roundsWithWrites, st.ackedNV, resumes)
+			if roundsWithWrites < kills/2 || resumes == 0 {
+				t.Fatalf("the kills mostly missed the write loop: %d of %d rounds wrote, %d resumes", roundsWithWrites, kills, resumes)
+			}
 			break
 		}
 		// Work until killed: NV write, PCR extend, Shutdown(STATE), TPM reset, Startup(STATE).
@@ -158,6 +166,7 @@ func TestCrashSafety(t *testing.T) {
 			p.cmd.Process.Signal(syscall.SIGKILL)
 			close(killed)
 		})
+		before := st.ackedNV
 		for i := 0; ; i++ {
 			next := st.sentNV + 1
 			st.sentNV = next
@@ -189,6 +198,9 @@ func TestCrashSafety(t *testing.T) {
 			st.shutdownLast = false
 		}
 		<-killed
+		if st.ackedNV > before {
+			roundsWithWrites++
+		}
 		p.cmd.Wait()
 		dataConn.Close()
 		ctrlConn.Close()
