@@ -92,7 +92,7 @@ func TestCrashSafety(t *testing.T) {
 	dir := t.TempDir()
 	os.MkdirAll(filepath.Join(dir, "state"), 0o700)
 	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
-		st := &crashState{}
+	st := &crashState{}
 	var roundsWithWrites, resumes int
 	digest := sha256.Sum256([]byte("crash"))
 	for round := 0; round <= kills; round++ {
