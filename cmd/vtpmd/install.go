@@ -1,13 +1,107 @@
 package main
 
-import "github.com/urfave/cli/v2"
+import (
+	"encoding/json"
+	"fmt"
+	"os"
 
-// installCommand links vtpmd as the host's swtpm. Placeholder until it lands.
-func installCommand() *cli.Command {
-	return &cli.Command{Name: "install", Hidden: true, Action: func(*cli.Context) error { return cli.Exit("not implemented yet", 1) }}
+	"github.com/urfave/cli/v2"
+
+	"github.com/vtpmd/vtpmd/libvirt"
+)
+
+func installFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "bin-dir", Value: libvirt.DefaultBinDir, Usage: "directory before /usr/bin in libvirtd's PATH"},
+		&cli.StringFlag{Name: "hook-dir", Value: libvirt.DefaultHookDir, Usage: "libvirt's qemu hook directory"},
+		&cli.StringFlag{Name: "hook-name", Value: libvirt.DefaultHookName, Usage: "file name of the hook"},
+		&cli.StringFlag{Name: "manifest", Value: libvirt.DefaultManifestPath, Usage: "where install records what it created"},
+		&cli.BoolFlag{Name: "json", Usage: "print the report as JSON"},
+	}
 }
 
-// uninstallCommand undoes install. Placeholder until it lands.
+func installOptions(c *cli.Context) libvirt.InstallOptions {
+	return libvirt.InstallOptions{
+		BinDir:       c.String("bin-dir"),
+		HookDir:      c.String("hook-dir"),
+		HookName:     c.String("hook-name"),
+		ManifestPath: c.String("manifest"),
+	}
+}
+
+func printReport(c *cli.Context, title string, rep *libvirt.Report) {
+	if rep == nil {
+		return
+	}
+	if c.Bool("json") {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(rep)
+		return
+	}
+	fmt.Println(title)
+	for _, a := range rep.Actions {
+		fmt.Println("  " + a)
+	}
+	for _, n := range rep.Notes {
+		fmt.Println("note: " + n)
+	}
+}
+
+// installCommand links vtpmd as the host's swtpm, swtpm_setup and swtpm_ioctl and installs
+// the libvirt qemu hook.
+func installCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "install",
+		Usage: "make vtpmd libvirt's swtpm (links in --bin-dir) and install the qemu hook (root)",
+		Description: "Idempotent. Copies this binary to BIN-DIR/vtpmd, links swtpm, swtpm_ioctl and (when vtpmd's\n" +
+			"setup works, or --setup=vtpmd) swtpm_setup to it, and installs HOOK-DIR/HOOK-NAME, which runs\n" +
+			"`vtpmd hook`. Restart libvirtd afterwards. `vtpmd uninstall` undoes it.",
+		Flags: append(installFlags(),
+			&cli.StringFlag{Name: "setup", Value: libvirt.SetupAuto, Usage: "swtpm_setup: auto, vtpmd (link it to vtpmd) or system (keep " + libvirt.SystemSwtpmSetup + ")"},
+			&cli.StringFlag{Name: "config", Usage: "hook configuration file baked into the hook (default " + libvirt.DefaultConfigPath + ")"},
+			&cli.StringFlag{Name: "registry", Usage: "registry directory baked into the hook"},
+			&cli.BoolFlag{Name: "force", Usage: "move files vtpmd did not create aside (NAME.vtpmd-saved) instead of failing"},
+		),
+		Action: func(c *cli.Context) error {
+			if c.Args().Len() > 0 {
+				return cli.Exit("vtpmd install: unexpected argument "+c.Args().First(), 2)
+			}
+			o := installOptions(c)
+			o.Setup = c.String("setup")
+			o.Force = c.Bool("force")
+			if v := c.String("config"); v != "" {
+				if _, err := libvirt.LoadConfig(v); err != nil {
+					return cli.Exit("vtpmd install: "+err.Error(), 1)
+				}
+				o.HookArgs = append(o.HookArgs, "--config", v)
+			}
+			if v := c.String("registry"); v != "" {
+				o.HookArgs = append(o.HookArgs, "--registry", v)
+			}
+			rep, err := libvirt.Install(c.Context, o)
+			printReport(c, "vtpmd install:", rep)
+			if err != nil {
+				return cli.Exit("vtpmd install: "+err.Error(), 1)
+			}
+			return nil
+		},
+	}
+}
+
+// uninstallCommand undoes install.
 func uninstallCommand() *cli.Command {
-	return &cli.Command{Name: "uninstall", Hidden: true, Action: func(*cli.Context) error { return cli.Exit("not implemented yet", 1) }}
+	return &cli.Command{
+		Name:  "uninstall",
+		Usage: "remove what `vtpmd install` created (root)",
+		Flags: installFlags(),
+		Action: func(c *cli.Context) error {
+			rep, err := libvirt.Uninstall(installOptions(c))
+			printReport(c, "vtpmd uninstall:", rep)
+			if err != nil {
+				return cli.Exit("vtpmd uninstall: "+err.Error(), 1)
+			}
+			return nil
+		},
+	}
 }
