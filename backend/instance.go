@@ -23,6 +23,12 @@ type Storage interface {
 	Locked() bool
 }
 
+// deferredSyncer is a Storage that can batch fsyncs (store.Store).
+type deferredSyncer interface {
+	Defer()
+	Sync() error
+}
+
 // Config describes one instance.
 type Config struct {
 	Version emulator.Version
@@ -115,7 +121,20 @@ func (in *Instance) Init(flags uint32) error {
 			return err
 		}
 	}
-	if err := in.eng.Start(); err != nil {
+	// libtpms may write its state several times while it powers on; nobody is answered in
+	// between, so one fsync at the end keeps the guarantee.
+	ds, deferrable := in.cfg.Store.(deferredSyncer)
+	if deferrable {
+		ds.Defer()
+	}
+	err := in.eng.Start()
+	if deferrable {
+		if serr := ds.Sync(); serr != nil && err == nil {
+			in.eng.Stop()
+			err = fmt.Errorf("make tpm state durable: %w", serr)
+		}
+	}
+	if err != nil {
 		in.log.Error("tpm init failed", "err", err)
 		return toResult(err)
 	}

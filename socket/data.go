@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 )
 
@@ -109,9 +110,10 @@ func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, termin
 	defer stop()
 	defer c.Close()
 	tpm2 := s.tpm.IsTPM2()
+	maxCmd := int(s.tpm.BufferSize())
 	br := bufio.NewReaderSize(c, 4096+16)
 	for {
-		f, err := ReadFrame(br, tpm2, int(s.tpm.BufferSize()))
+		f, err := ReadFrame(br, tpm2, maxCmd)
 		var resp []byte
 		switch {
 		case err != nil && f == nil:
@@ -177,12 +179,17 @@ func (s *Server) process(f *Frame) []byte {
 		}
 		return errorResponse(true, 0)
 	}
-	s.log.Debug("data cmd", "cmd", fmt.Sprintf("%x", cmd))
+	trace := s.log.Enabled(context.Background(), slog.LevelDebug)
+	if trace {
+		s.log.Debug("data cmd", "cmd", fmt.Sprintf("%x", cmd))
+	}
 	resp, err := s.tpm.Process(cmd)
 	if err != nil {
 		s.log.Error("tpm command failed", "err", err)
 		return FatalResponse(tpm2)
 	}
-	s.log.Debug("data rsp", "rsp", fmt.Sprintf("%x", resp))
+	if trace {
+		s.log.Debug("data rsp", "rsp", fmt.Sprintf("%x", resp))
+	}
 	return resp
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 )
@@ -44,7 +45,9 @@ func (s *Server) needRunning(cmd Cmd) bool {
 
 func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) ([]byte, after) {
 	cmd, p := req.cmd, req.payload
-	s.log.Debug("ctrl cmd", "cmd", cmd, "payload", fmt.Sprintf("%x", p))
+	if s.log.Enabled(ctx, slog.LevelDebug) {
+		s.log.Debug("ctrl cmd", "cmd", cmd, "payload", fmt.Sprintf("%x", p))
+	}
 	running := s.tpm.Running()
 	if s.needRunning(cmd) && !running {
 		if cmd == CmdGetTPMEstablished {

@@ -55,6 +55,31 @@ type Store struct {
 	lockFD int // -1 when not locked
 }
 
+// syncer is implemented by backends that can defer fsync to a later Sync.
+type syncer interface {
+	deferSync(on bool)
+	sync() error
+}
+
+// Defer makes writes skip their own fsync until Sync. It is for sequences that answer nobody
+// in between (libtpms writes permall several times while it powers on): they pay for one
+// fsync of each file and the directory instead of one per write. The rename still makes each
+// write atomic; Sync makes them durable.
+func (s *Store) Defer() {
+	if sy, ok := s.be.(syncer); ok {
+		sy.deferSync(true)
+	}
+}
+
+// Sync makes every write since Defer durable and ends the deferral.
+func (s *Store) Sync() error {
+	if sy, ok := s.be.(syncer); ok {
+		defer sy.deferSync(false)
+		return sy.sync()
+	}
+	return nil
+}
+
 // Open opens a state location: "dir://<dir>", "file://<path>", or a bare directory path.
 func Open(uri string, o Options) (*Store, error) {
 	if o.Mode == 0 {
@@ -199,8 +224,44 @@ func (s *Store) Close() error {
 
 // dirBackend is swtpm's directory layout.
 type dirBackend struct {
-	dir  string
-	opts Options
+	dir      string
+	opts     Options
+	deferred bool            // fsync postponed until sync
+	dirty    map[string]bool // files renamed into place while deferred
+}
+
+func (d *dirBackend) deferSync(on bool) {
+	d.deferred = on
+	if on && d.dirty == nil {
+		d.dirty = map[string]bool{}
+	}
+}
+
+func (d *dirBackend) sync() error {
+	if d.opts.NoFsync {
+		return nil
+	}
+	for p := range d.dirty {
+		f, err := os.Open(p)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			return err
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("fsync %s: %w", p, err)
+		}
+	}
+	clear(d.dirty)
+	f, err := os.Open(d.dir)
+	if err != nil {
+		return fmt.Errorf("open state directory: %w", err)
+	}
+	defer f.Close()
+	return f.Sync()
 }
 
 func (d *dirBackend) file(name string) string {
@@ -265,7 +326,7 @@ func (d *dirBackend) write(name string, data []byte) error {
 		os.Remove(tmp)
 		return fmt.Errorf("write %s: %w", tmp, err)
 	}
-	if !d.opts.NoFsync {
+	if !d.opts.NoFsync && !d.deferred {
 		if err := f.Sync(); err != nil {
 			f.Close()
 			os.Remove(tmp)
@@ -280,11 +341,15 @@ func (d *dirBackend) write(name string, data []byte) error {
 		os.Remove(tmp)
 		return fmt.Errorf("rename %s: %w", final, err)
 	}
+	if d.deferred {
+		d.dirty[final] = true
+		return nil
+	}
 	return d.syncDir()
 }
 
 func (d *dirBackend) syncDir() error {
-	if d.opts.NoFsync {
+	if d.opts.NoFsync || d.deferred {
 		return nil
 	}
 	f, err := os.Open(d.dir)

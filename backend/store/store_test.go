@@ -323,3 +323,26 @@ func TestLockAgainstSwtpm(t *testing.T) {
 	}
 	s.Close()
 }
+
+func TestDeferredSync(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := Open(dir, Options{TPM2: true})
+	s.Defer()
+	for i := 0; i < 3; i++ {
+		if err := s.Store(emulator.StatePermanent, []byte{byte(i), 1, 2}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, err := s.Load(emulator.StatePermanent); err != nil || got[0] != 2 {
+		t.Fatalf("deferred write not visible: %v %v", got, err)
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if d := s.be.(*dirBackend); d.deferred || len(d.dirty) != 0 {
+		t.Fatal("Sync did not end the deferral")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "TMP2-00.permall")); !os.IsNotExist(err) {
+		t.Fatal("temporary file left behind")
+	}
+}

@@ -232,7 +232,9 @@ func (cfg *socketConfig) parseState(o *socketOpts) error {
 	if !isDir && (s.Has("backup") || s.Has("fsync")) {
 		return errors.New("tpmstate options backup and fsync apply to dir:// backends only")
 	}
-	cfg.storeOpts = store.Options{TPM2: cfg.tpm2, Mode: mode, ModeSet: s.Has("mode"), Lock: s.Bool("lock", isDir)}
+	// fsync is vtpmd's default; "fsync=false" turns it off (for measurements only).
+	cfg.storeOpts = store.Options{TPM2: cfg.tpm2, Mode: mode, ModeSet: s.Has("mode"), Lock: s.Bool("lock", isDir),
+		NoFsync: s.Has("fsync") && !s.Bool("fsync", true)}
 	return nil
 }
 
