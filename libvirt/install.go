@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -260,7 +261,7 @@ func Install(ctx context.Context, o InstallOptions) (*Report, error) {
 		}
 	}
 
-	if err := os.MkdirAll(o.HookDir, 0o755); err != nil {
+	if err := mkdirRecorded(o.HookDir, m, rep); err != nil {
 		return rep, err
 	}
 	hookPath := filepath.Join(o.HookDir, o.HookName)
@@ -276,6 +277,26 @@ func Install(ctx context.Context, o InstallOptions) (*Report, error) {
 		return rep, fmt.Errorf("write manifest: %w", err)
 	}
 	return rep, nil
+}
+
+// mkdirRecorded creates dir (and parents) and records the directories it created, so that
+// uninstall can remove them again when they are empty.
+func mkdirRecorded(dir string, m *Manifest, rep *Report) error {
+	var missing []string
+	for d := dir; d != "/" && d != "."; d = filepath.Dir(d) {
+		if _, err := os.Lstat(d); err == nil {
+			break
+		}
+		missing = append(missing, d)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	for i := len(missing) - 1; i >= 0; i-- {
+		m.put(ManifestFile{Path: missing[i], Kind: "dir"})
+		rep.did("%s: created", missing[i])
+	}
+	return nil
 }
 
 func installBinary(exe, target string, m *Manifest, rep *Report) error {
@@ -513,9 +534,14 @@ func Uninstall(o InstallOptions) (*Report, error) {
 		m.Files = append(m.Files, ManifestFile{Path: filepath.Join(o.HookDir, o.HookName), Kind: "hook"})
 	}
 	var errs []error
-	// Links first, the binary they point to last.
-	for _, kind := range []string{"link", "hook", "binary", ""} {
-		for _, f := range m.Files {
+	// Links first, the binary they point to later, directories (deepest first) last.
+	for _, kind := range []string{"link", "hook", "binary", "", "dir"} {
+		files := m.Files
+		if kind == "dir" {
+			files = append([]ManifestFile(nil), files...)
+			sort.Slice(files, func(i, j int) bool { return len(files[i].Path) > len(files[j].Path) })
+		}
+		for _, f := range files {
 			if f.Kind != kind {
 				continue
 			}
@@ -538,6 +564,16 @@ func uninstallFile(f ManifestFile, rep *Report) error {
 	exists := err == nil
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
+	}
+	if f.Kind == "dir" {
+		if exists {
+			if err := os.Remove(f.Path); err == nil {
+				rep.did("%s: removed (empty directory created by install)", f.Path)
+			} else {
+				rep.note("%s: left in place (%v)", f.Path, err)
+			}
+		}
+		return nil
 	}
 	ours := false
 	if exists {

@@ -102,6 +102,9 @@ func TestInstallUninstall(t *testing.T) {
 	if _, err := os.Stat(e.o.ManifestPath); !os.IsNotExist(err) {
 		t.Fatal("manifest left")
 	}
+	if _, err := os.Stat(filepath.Join(e.dir, "hooks")); !os.IsNotExist(err) {
+		t.Fatal("hook directories created by install left")
+	}
 	// uninstall twice is harmless
 	if _, err := Uninstall(e.o); err != nil {
 		t.Fatal(err)
