@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -54,7 +55,136 @@ func TestLibvirt(t *testing.T) {
 		d.Metadata = `<vtpmd:policy xmlns:vtpmd="https://vtpmd.dev/xmlns/policy/1"><vtpmd:projection mode="summary" pcr="23"/></vtpmd:policy>`
 		se.persistent(d, filepath.Join(e.w, "A", "state", d.UUID, "tpm2"))
 	})
+	t.Run("EncryptedStateAndPCRBanks", func(t *testing.T) { e.sub(t).encrypted() })
+	t.Run("HookRejectsBadSocket", func(t *testing.T) { e.sub(t).hookRejects() })
+	t.Run("ReconnectAfterDaemonRestart", func(t *testing.T) {
+		se := e.sub(t)
+		se.reconnect(se.domain("lv-reconn-ext", "10", "tpmloop", external("lv-reconn-ext")))
+	})
 	t.Run("Registry", func(t *testing.T) { e.sub(t).registry() })
+}
+
+const lvSecretUUID = "6dd3e4a5-1d76-44ce-961f-f119f5aad935"
+
+// The emulator backend with <encryption secret> and <active_pcr_banks>: libvirt passes the
+// passphrase on fds (swtpm_setup --pwdfile-fd, swtpm --key/--migration-key pwdfd=) and
+// reconfigures the banks; the state on disk is encrypted, and the guest still migrates to B.
+func (e *lvEnv) encrypted() {
+	t := e.t
+	secret := fmt.Sprintf(`<secret ephemeral='no' private='yes'><uuid>%s</uuid><usage type='vtpm'><name>lv-vtpm-secret</name></usage></secret>`, lvSecretUUID)
+	p := filepath.Join(e.w, "secret.xml")
+	os.WriteFile(p, []byte(secret), 0o600)
+	for _, h := range []string{"A", "B"} {
+		e.virsh(h, "secret-define", p)
+		e.virsh(h, "secret-set-value", lvSecretUUID, "--base64", "dnRwbWQtdGVzdC1wYXNzcGhyYXNl") // "vtpmd-test-passphrase"
+		defer e.virshErr(h, "secret-undefine", lvSecretUUID)
+	}
+	d := e.domain("lv-enc-emu", "08", "tpmloop", fmt.Sprintf(`<backend type='emulator' version='2.0'>
+      <encryption secret='%s'/>
+      <active_pcr_banks><sha256/><sha384/></active_pcr_banks>
+    </backend>`, lvSecretUUID))
+	e.virsh("A", "create", d.writeXML())
+	procs := e.vtpmProcs(d.UUID)
+	if len(procs) != 1 {
+		t.Fatalf("vtpmd processes %v", procs)
+	}
+	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", procs[0]))
+	args := strings.ReplaceAll(string(cmdline), "\x00", " ")
+	if !strings.Contains(args, "pwdfd=") || !strings.Contains(args, "--migration-key") {
+		t.Fatalf("libvirt did not pass the key fds: %q", args)
+	}
+	state := filepath.Join("/var/lib/libvirt/swtpm", d.UUID, "tpm2", "tpm2-00.permall")
+	data, err := os.ReadFile(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// libtpms' plain permanent state carries the EK certificate (DER, issuer "swtpm-localca");
+	// encrypted it must not.
+	if strings.Contains(string(data), "swtpm-localca") {
+		t.Fatalf("%s holds plaintext", state)
+	}
+	logData, _ := os.ReadFile("/var/log/swtpm/libvirt/qemu/" + d.Name + "-swtpm.log")
+	if !strings.Contains(string(logData), "sha384") {
+		t.Errorf("swtpm log does not mention the sha384 bank:\n%s", tail(string(logData), 1500))
+	}
+	before := e.waitRows(d.serial("A"), 0, 3, 2*time.Minute)
+	e.virsh("A", "migrate", "--live", d.Name, lvURIB, "--migrateuri", "tcp://127.0.0.1:49308")
+	raw, _ := os.ReadFile(d.serial("A"))
+	before = lvRows(string(raw))
+	after := e.waitRows(d.serial("B"), before[len(before)-1].n, 2, time.Minute)
+	lvCheckChain(t, before, after)
+	e.virsh("B", "destroy", d.Name)
+	if !lvWait(10*time.Second, func() bool { return len(e.vtpmProcs(d.UUID)) == 0 }) {
+		t.Fatalf("vtpmd left: %v", e.vtpmProcs(d.UUID))
+	}
+}
+
+// A socket path outside the hook's roots: the hook refuses at prepare, libvirt shows its
+// message, and nothing is created there.
+func (e *lvEnv) hookRejects() {
+	t := e.t
+	evil := "/etc/lv-vtpmd-evil.sock"
+	d := e.domain("lv-evil", "09", "tpmloop",
+		fmt.Sprintf("<backend type='external'><source type='unix' mode='connect' path='%s'/></backend>", evil))
+	out, err := e.virshErr("A", "create", d.writeXML())
+	if err == nil {
+		e.virshErr("A", "destroy", d.Name)
+		t.Fatal("virsh create succeeded")
+	}
+	if !strings.Contains(out, "outside the allowed roots") || !strings.Contains(out, "vtpmd hook") {
+		t.Fatalf("libvirt's error does not carry the hook's message:\n%s", out)
+	}
+	t.Logf("virsh create failed as expected: %s", strings.TrimSpace(out))
+	if lvExists(evil) {
+		os.Remove(evil)
+		t.Fatal("the hook created the socket outside its roots")
+	}
+}
+
+// libvirtd restarts while an external-backend domain runs: the reconnect hook re-attaches to
+// the running vtpmd, and the guest's chain goes on.
+func (e *lvEnv) reconnect(d *lvDomain) {
+	t := e.t
+	if !e.startedA {
+		t.Skip("libvirtd A was not started by this test")
+	}
+	e.virsh("A", "create", d.writeXML())
+	e.waitRows(d.serial("A"), 0, 2, 2*time.Minute)
+	procs := e.vtpmProcs(d.UUID)
+	if len(procs) != 1 {
+		t.Fatalf("vtpmd processes %v", procs)
+	}
+	pid := lvPidFile("/run/libvirtd.pid")
+	syscall.Kill(pid, syscall.SIGTERM)
+	if !lvWait(15*time.Second, func() bool { return !lvProcAlive(pid) }) {
+		t.Fatal("libvirtd did not stop")
+	}
+	e.startReaper("daemons-A-restarted.log", "libvirtd", "-d", "-p", "/run/libvirtd.pid")
+	if !lvWait(20*time.Second, func() bool { _, err := e.virshErr("A", "version"); return err == nil }) {
+		t.Fatal("libvirtd did not come back")
+	}
+	if st := strings.TrimSpace(e.virsh("A", "domstate", d.Name)); st != "running" {
+		t.Fatalf("domain %s after the restart", st)
+	}
+	raw, _ := os.ReadFile(d.serial("A"))
+	rows := lvRows(string(raw))
+	after := e.waitRows(d.serial("A"), rows[len(rows)-1].n, 2, time.Minute)
+	lvCheckChain(t, rows[:1], after[1:])
+	if p := e.vtpmProcs(d.UUID); len(p) != 1 || p[0] != procs[0] {
+		t.Fatalf("vtpmd processes %v, want the original %d", p, procs[0])
+	}
+	sts := e.status("--config", e.cfgA)
+	s := lvFind(sts, d.Name)
+	if s == nil || !strings.Contains(s.ops(), "reconnect") {
+		t.Fatalf("no reconnect event: %+v", s)
+	}
+	if last := s.History[len(s.History)-1]; last.Op != "reconnect" || !strings.Contains(last.Detail, "re-attached") || last.PID != procs[0] {
+		t.Fatalf("reconnect event %+v", last)
+	}
+	e.virsh("A", "destroy", d.Name)
+	if !lvWait(10*time.Second, func() bool { return len(e.vtpmProcs(d.UUID)) == 0 }) {
+		t.Fatalf("vtpmd left: %v", e.vtpmProcs(d.UUID))
+	}
 }
 
 // sub returns the environment bound to a subtest.
@@ -296,6 +426,9 @@ func (e *lvEnv) registry() {
 		{a, "A", "lv-save-ext", "prepare,start,started,stopped,release,restore,prepare,start,started,stopped,release"},
 		{a, "A", "lv-persist-emu", "prepare,start,started,stopped,release,prepare,start,started,stopped,release"},
 		{a, "A", "lv-persist-ext", "prepare,start,started,stopped,release,prepare,start,started,stopped,release"},
+		{a, "A", "lv-enc-emu", "prepare,start,started,stopped,release"},
+		{b, "B", "lv-enc-emu", "migrate,prepare,start,started,stopped,release"},
+		{a, "A", "lv-reconn-ext", "prepare,start,started,reconnect,stopped,release"},
 	}
 	for _, x := range expect {
 		s := lvFind(x.sts, x.name)
