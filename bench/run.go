@@ -94,6 +94,40 @@ func (in *instance) dial(timeout time.Duration) (net.Conn, error) {
 
 type stats struct{ median, p99, mean time.Duration }
 
+// measureInterleaved runs the functions round-robin, one call each per round, so that load
+// from the rest of the machine falls on all of them alike.
+func measureInterleaved(n int, fs map[string]func() error) (map[string]stats, error) {
+	ds := map[string][]time.Duration{}
+	names := make([]string, 0, len(fs))
+	for name := range fs {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for i := 0; i < n; i++ {
+		for _, name := range names {
+			t0 := time.Now()
+			if err := fs[name](); err != nil {
+				return nil, fmt.Errorf("%s: %w", name, err)
+			}
+			ds[name] = append(ds[name], time.Since(t0))
+		}
+	}
+	out := map[string]stats{}
+	for name, d := range ds {
+		out[name] = summarize(d)
+	}
+	return out, nil
+}
+
+func summarize(ds []time.Duration) stats {
+	sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+	var sum time.Duration
+	for _, d := range ds {
+		sum += d
+	}
+	return stats{median: ds[len(ds)/2], p99: ds[len(ds)*99/100], mean: sum / time.Duration(len(ds))}
+}
+
 func measure(n int, f func() error) (stats, error) {
 	ds := make([]time.Duration, 0, n)
 	for i := 0; i < n; i++ {
@@ -103,12 +137,7 @@ func measure(n int, f func() error) (stats, error) {
 		}
 		ds = append(ds, time.Since(t0))
 	}
-	sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
-	var sum time.Duration
-	for _, d := range ds {
-		sum += d
-	}
-	return stats{median: ds[len(ds)/2], p99: ds[len(ds)*99/100], mean: sum / time.Duration(len(ds))}, nil
+	return summarize(ds), nil
 }
 
 // workload is the set of commands timed over every transport.
@@ -189,9 +218,9 @@ func (r *run) all(counts []int) (string, error) {
 		host, time.Now().UTC().Format("2006-01-02 15:04 UTC"), strings.TrimSpace(string(swver)), emulator.LibraryVersion())
 
 	// start-up to first answer
-	startRow := row{name: "start to first answer", vals: map[string]stats{}}
+	startFns := map[string]func() error{}
 	for _, im := range r.impls {
-		st, err := measure(max(5, r.iters/20), func() error {
+		startFns[im.name] = func() error {
 			in, err := r.start(im)
 			if err != nil {
 				return err
@@ -204,12 +233,13 @@ func (r *run) all(counts []int) (string, error) {
 			defer c.Close()
 			_, err = tpmclient.GetRandom(tpmclient.Stream(c), 8)
 			return err
-		})
-		if err != nil {
-			return "", fmt.Errorf("%s start: %w", im.name, err)
 		}
-		startRow.vals[im.name] = st
 	}
+	startVals, err := measureInterleaved(max(10, r.iters/10), startFns)
+	if err != nil {
+		return "", fmt.Errorf("start: %w", err)
+	}
+	startRow := row{name: "start to first answer", vals: startVals}
 
 	// command latency over the socket and in-process
 	rows := []row{}
@@ -243,17 +273,19 @@ func (r *run) all(counts []int) (string, error) {
 		for name, c := range conns {
 			transports[name] = tpmclient.Stream(c)
 		}
+		fns := map[string]func() error{}
 		for name, t := range transports {
 			f, err := w.fn(t)
 			if err != nil {
 				return "", fmt.Errorf("%s setup on %s: %w", w.name, name, err)
 			}
-			st, err := measure(w.iters(r.iters), f)
-			if err != nil {
-				return "", fmt.Errorf("%s on %s: %w", w.name, name, err)
-			}
-			rw.vals[name] = st
+			fns[name] = f
 		}
+		vals, err := measureInterleaved(w.iters(r.iters), fns)
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", w.name, err)
+		}
+		rw.vals = vals
 		rows = append(rows, rw)
 	}
 
