@@ -468,7 +468,9 @@ type lvDomain struct {
 	Name, UUID string
 	Cmdline    string
 	TPM        string // the <backend> element
-	Metadata   string
+	Metadata   string // content of <metadata> in the XML
+	SetPolicy  string // a policy set with virsh metadata after define
+	PolicyMode string // the projection mode vtpmd status should then report
 	e          *lvEnv
 }
 

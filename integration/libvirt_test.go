@@ -47,12 +47,15 @@ func TestLibvirt(t *testing.T) {
 	t.Run("PersistentStateEmulator", func(t *testing.T) {
 		se := e.sub(t)
 		d := se.domain("lv-persist-emu", "06", "nvmark", "<backend type='emulator' version='2.0' persistent_state='yes'/>")
+		// the policy the way an administrator sets it: virsh metadata on the defined domain
+		d.SetPolicy, d.PolicyMode = `<policy><projection mode="property"/></policy>`, "property"
 		se.persistent(d, filepath.Join("/var/lib/libvirt/swtpm", d.UUID, "tpm2"))
 	})
 	t.Run("PersistentStateExternal", func(t *testing.T) {
 		se := e.sub(t)
 		d := se.domain("lv-persist-ext", "07", "nvmark", external("lv-persist-ext"))
 		d.Metadata = `<vtpmd:policy xmlns:vtpmd="https://vtpmd.dev/xmlns/policy/1"><vtpmd:projection mode="summary" pcr="23"/></vtpmd:policy>`
+		d.PolicyMode = "summary"
 		se.persistent(d, filepath.Join(e.w, "A", "state", d.UUID, "tpm2"))
 	})
 	t.Run("EncryptedStateAndPCRBanks", func(t *testing.T) { e.sub(t).encrypted() })
@@ -369,6 +372,10 @@ var lvNVRE = regexp.MustCompile(`GUEST: nvmark_before=([0-9a-f]{16})\s+GUEST: nv
 func (e *lvEnv) persistent(d *lvDomain, stateDir string) {
 	t := e.t
 	e.virsh("A", "define", d.writeXML())
+	if d.SetPolicy != "" {
+		e.virsh("A", "metadata", d.Name, "--uri", "https://vtpmd.dev/xmlns/policy/1", "--key", "vtpmd", "--set", d.SetPolicy, "--config")
+		t.Logf("metadata as libvirt stores it: %s", strings.TrimSpace(e.virsh("A", "metadata", d.Name, "--uri", "https://vtpmd.dev/xmlns/policy/1", "--config")))
+	}
 	for boot := 1; boot <= 2; boot++ {
 		os.Remove(d.serial("A"))
 		start := time.Now()
@@ -401,7 +408,7 @@ func (e *lvEnv) persistent(d *lvDomain, stateDir string) {
 	if s == nil || !s.Defined || s.Active || s.Running || s.StateDir != stateDir || !s.StateFound {
 		t.Fatalf("vtpmd status of the inactive domain: %+v", s)
 	}
-	if d.Metadata != "" && (s.Policy == nil || s.Policy.Projection == nil || s.Policy.Projection.Mode != "summary") {
+	if d.PolicyMode != "" && (s.Policy == nil || s.Policy.Projection == nil || s.Policy.Projection.Mode != d.PolicyMode) {
 		t.Fatalf("policy not reported: %+v", s.Policy)
 	}
 	e.virsh("A", "undefine", "--tpm", d.Name)

@@ -134,21 +134,15 @@ type xmlMetadata struct {
 }
 
 type xmlPolicy struct {
-	Inner      string          `xml:",innerxml"`
-	Projection []xmlProjection `xml:"https://vtpmd.dev/xmlns/policy/1 projection"`
-	State      []xmlState      `xml:"https://vtpmd.dev/xmlns/policy/1 state"`
-	Unknown    []xmlAny        `xml:",any"`
+	Inner    string           `xml:",innerxml"`
+	Children []xmlPolicyChild `xml:",any"`
 }
 
-type xmlProjection struct {
-	Mode  string     `xml:"mode,attr"`
-	PCR   string     `xml:"pcr,attr"`
-	Attrs []xml.Attr `xml:",any,attr"`
-}
-
-type xmlState struct {
-	Keep  string     `xml:"keep,attr"`
-	Attrs []xml.Attr `xml:",any,attr"`
+// xmlPolicyChild is an element inside <vtpmd:policy>. Children may carry the policy namespace
+// or none: `virsh metadata --set` puts the namespace on the top element only.
+type xmlPolicyChild struct {
+	XMLName xml.Name
+	Attrs   []xml.Attr `xml:",any,attr"`
 }
 
 type xmlAny struct {
@@ -377,64 +371,99 @@ func convertTPM(t xmlTPM) (*TPM, error) {
 var projectionModes = map[string]bool{"off": true, "mirror": true, "summary": true, "property": true}
 
 func convertPolicy(x xmlPolicy) (*Policy, error) {
-	if len(x.Unknown) > 0 {
-		n := x.Unknown[0].XMLName
-		return nil, fmt.Errorf("%w: unknown element <%s> (namespace %q) in <policy>", ErrBadPolicy, truncate(n.Local, 32), truncate(n.Space, 64))
-	}
 	if len(x.Inner) > maxPolicyXML {
 		return nil, fmt.Errorf("%w: policy element larger than %d bytes", ErrBadPolicy, maxPolicyXML)
 	}
 	p := &Policy{XML: strings.TrimSpace(x.Inner)}
-	if len(x.Projection) > 1 || len(x.State) > 1 {
-		return nil, fmt.Errorf("%w: repeated <projection> or <state>", ErrBadPolicy)
-	}
-	if len(x.Projection) == 1 {
-		pr := x.Projection[0]
-		if err := onlyNamespaceAttrs(pr.Attrs, "projection"); err != nil {
+	seen := map[string]bool{}
+	for _, c := range x.Children {
+		n := c.XMLName
+		if n.Space != PolicyNamespace && n.Space != "" {
+			return nil, fmt.Errorf("%w: element <%s> in namespace %q inside <policy>", ErrBadPolicy, truncate(n.Local, 32), truncate(n.Space, 64))
+		}
+		if seen[n.Local] {
+			return nil, fmt.Errorf("%w: repeated <%s>", ErrBadPolicy, truncate(n.Local, 32))
+		}
+		seen[n.Local] = true
+		attrs, err := policyAttrs(c.Attrs, n.Local)
+		if err != nil {
 			return nil, err
 		}
-		if !projectionModes[pr.Mode] {
-			return nil, fmt.Errorf("%w: projection mode %q (want off, mirror, summary or property)", ErrBadPolicy, truncate(pr.Mode, 32))
-		}
-		proj := &Projection{Mode: pr.Mode}
-		if pr.PCR != "" {
-			n, err := strconv.Atoi(pr.PCR)
-			if err != nil || n < 0 || n > 23 {
-				return nil, fmt.Errorf("%w: projection pcr %q (want 0..23)", ErrBadPolicy, truncate(pr.PCR, 32))
+		switch n.Local {
+		case "projection":
+			if err := onlyAttrs(attrs, n.Local, "mode", "pcr"); err != nil {
+				return nil, err
 			}
-			if pr.Mode == "mirror" || pr.Mode == "off" {
-				return nil, fmt.Errorf("%w: projection mode %q takes no pcr", ErrBadPolicy, pr.Mode)
+			if p.Projection, err = convertProjection(attrs["mode"], attrs["pcr"]); err != nil {
+				return nil, err
 			}
-			proj.PCR = &n
-		} else if pr.Mode == "summary" {
-			return nil, fmt.Errorf("%w: projection mode summary needs pcr='N'", ErrBadPolicy)
-		}
-		p.Projection = proj
-	}
-	if len(x.State) == 1 {
-		st := x.State[0]
-		if err := onlyNamespaceAttrs(st.Attrs, "state"); err != nil {
-			return nil, err
-		}
-		var keep bool
-		switch st.Keep {
-		case "yes":
-			keep = true
-		case "no":
+		case "state":
+			if err := onlyAttrs(attrs, n.Local, "keep"); err != nil {
+				return nil, err
+			}
+			var keep bool
+			switch attrs["keep"] {
+			case "yes":
+				keep = true
+			case "no":
+			default:
+				return nil, fmt.Errorf("%w: state keep=%q (want yes or no)", ErrBadPolicy, truncate(attrs["keep"], 32))
+			}
+			p.KeepState = &keep
 		default:
-			return nil, fmt.Errorf("%w: state keep=%q (want yes or no)", ErrBadPolicy, truncate(st.Keep, 32))
+			return nil, fmt.Errorf("%w: unknown element <%s> in <policy>", ErrBadPolicy, truncate(n.Local, 32))
 		}
-		p.KeepState = &keep
 	}
 	return p, nil
 }
 
-func onlyNamespaceAttrs(attrs []xml.Attr, elem string) error {
+func convertProjection(mode, pcr string) (*Projection, error) {
+	if !projectionModes[mode] {
+		return nil, fmt.Errorf("%w: projection mode %q (want off, mirror, summary or property)", ErrBadPolicy, truncate(mode, 32))
+	}
+	proj := &Projection{Mode: mode}
+	if pcr != "" {
+		n, err := strconv.Atoi(pcr)
+		if err != nil || n < 0 || n > 23 {
+			return nil, fmt.Errorf("%w: projection pcr %q (want 0..23)", ErrBadPolicy, truncate(pcr, 32))
+		}
+		if mode == "mirror" || mode == "off" {
+			return nil, fmt.Errorf("%w: projection mode %q takes no pcr", ErrBadPolicy, mode)
+		}
+		proj.PCR = &n
+	} else if mode == "summary" {
+		return nil, fmt.Errorf("%w: projection mode summary needs pcr='N'", ErrBadPolicy)
+	}
+	return proj, nil
+}
+
+// policyAttrs collects a policy element's plain attributes, skipping namespace declarations.
+func policyAttrs(attrs []xml.Attr, elem string) (map[string]string, error) {
+	m := map[string]string{}
 	for _, a := range attrs {
 		if a.Name.Space == "xmlns" || (a.Name.Space == "" && a.Name.Local == "xmlns") {
 			continue
 		}
-		return fmt.Errorf("%w: unknown attribute %q on <%s>", ErrBadPolicy, truncate(a.Name.Local, 32), elem)
+		if a.Name.Space != "" && a.Name.Space != PolicyNamespace {
+			return nil, fmt.Errorf("%w: attribute %q in namespace %q on <%s>", ErrBadPolicy, truncate(a.Name.Local, 32), truncate(a.Name.Space, 64), elem)
+		}
+		if _, dup := m[a.Name.Local]; dup {
+			return nil, fmt.Errorf("%w: repeated attribute %q on <%s>", ErrBadPolicy, truncate(a.Name.Local, 32), elem)
+		}
+		m[a.Name.Local] = a.Value
+	}
+	return m, nil
+}
+
+func onlyAttrs(attrs map[string]string, elem string, allowed ...string) error {
+	for k := range attrs {
+		ok := false
+		for _, a := range allowed {
+			ok = ok || k == a
+		}
+		if !ok {
+			return fmt.Errorf("%w: unknown attribute %q on <%s>", ErrBadPolicy, truncate(k, 32), elem)
+		}
 	}
 	return nil
 }

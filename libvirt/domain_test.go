@@ -79,6 +79,25 @@ func TestParseDomain(t *testing.T) {
 					t.Errorf("got %+v", d.Policy)
 				}
 			}},
+		{name: "policy as virsh metadata --set stores it", xml: domXML(emuTPM, `<vtpmd:policy xmlns:vtpmd="https://vtpmd.dev/xmlns/policy/1"><projection mode="property"/><state keep="no"/></vtpmd:policy>`),
+			check: func(t *testing.T, d *Domain) {
+				p := d.Policy
+				if p == nil || p.Projection == nil || p.Projection.Mode != "property" || p.Projection.PCR != nil || p.Keep() {
+					t.Errorf("got %+v", p)
+				}
+			}},
+		{name: "policy default namespace", xml: domXML(emuTPM, `<policy xmlns="https://vtpmd.dev/xmlns/policy/1"><state keep="yes"/></policy>`),
+			check: func(t *testing.T, d *Domain) {
+				if d.Policy == nil || d.Policy.KeepState == nil || !*d.Policy.KeepState {
+					t.Errorf("got %+v", d.Policy)
+				}
+			}},
+		{name: "empty policy", xml: domXML(emuTPM, `<vtpmd:policy xmlns:vtpmd="https://vtpmd.dev/xmlns/policy/1"/>`),
+			check: func(t *testing.T, d *Domain) {
+				if d.Policy == nil || d.Policy.Projection != nil || !d.Policy.Keep() {
+					t.Errorf("got %+v", d.Policy)
+				}
+			}},
 		{name: "policy in other namespace ignored", xml: domXML(emuTPM, `<x:policy xmlns:x="urn:other"><x:bogus/></x:policy>`),
 			check: func(t *testing.T, d *Domain) {
 				if d.Policy != nil {
@@ -147,6 +166,9 @@ func TestParseDomain(t *testing.T) {
 		{name: "policy summary without pcr", xml: domXML(emuTPM, `<vtpmd:policy xmlns:vtpmd="https://vtpmd.dev/xmlns/policy/1"><vtpmd:projection mode="summary"/></vtpmd:policy>`), wantErr: ErrBadPolicy},
 		{name: "policy mirror with pcr", xml: domXML(emuTPM, `<vtpmd:policy xmlns:vtpmd="https://vtpmd.dev/xmlns/policy/1"><vtpmd:projection mode="mirror" pcr="1"/></vtpmd:policy>`), wantErr: ErrBadPolicy},
 		{name: "policy bad keep", xml: domXML(emuTPM, `<vtpmd:policy xmlns:vtpmd="https://vtpmd.dev/xmlns/policy/1"><vtpmd:state keep="sometimes"/></vtpmd:policy>`), wantErr: ErrBadPolicy},
+		{name: "policy child in foreign namespace", xml: domXML(emuTPM, `<vtpmd:policy xmlns:vtpmd="https://vtpmd.dev/xmlns/policy/1"><x:state xmlns:x="urn:x" keep="no"/></vtpmd:policy>`), wantErr: ErrBadPolicy},
+		{name: "policy repeated element", xml: domXML(emuTPM, `<vtpmd:policy xmlns:vtpmd="https://vtpmd.dev/xmlns/policy/1"><state keep="no"/><vtpmd:state keep="yes"/></vtpmd:policy>`), wantErr: ErrBadPolicy},
+		{name: "policy foreign attribute", xml: domXML(emuTPM, `<vtpmd:policy xmlns:vtpmd="https://vtpmd.dev/xmlns/policy/1"><state xmlns:x="urn:x" x:keep="no" keep="yes"/></vtpmd:policy>`), wantErr: ErrBadPolicy},
 		{name: "two policies", xml: domXML(emuTPM, policy+policy), wantErr: ErrBadPolicy},
 		{name: "two policies in two metadata", xml: strings.Replace(domXML(emuTPM, policy), "<devices>", "<metadata>"+policy+"</metadata><devices>", 1), wantErr: ErrBadPolicy},
 	}
