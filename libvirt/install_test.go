@@ -92,6 +92,9 @@ func TestInstallUninstall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(rep.Actions) == 0 {
+		t.Error("uninstall reported no actions")
+	}
 	left, _ := os.ReadDir(bin)
 	if len(left) != 0 {
 		t.Fatalf("left in bin dir: %v", left)
