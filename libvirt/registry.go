@@ -30,6 +30,12 @@ const maxRecordSize = 4 << 20
 // ErrNotFound is returned when a VM has no registry record.
 var ErrNotFound = errors.New("no registry record")
 
+// ErrLocked is returned when the registry lock cannot be had within lockTimeout.
+var ErrLocked = errors.New("registry busy")
+
+// lockTimeout bounds the wait for the registry lock.
+var lockTimeout = 10 * time.Second
+
 // Record is everything the registry knows about one VM's vTPM.
 type Record struct {
 	UUID     string      `json:"uuid"`
@@ -92,11 +98,23 @@ func (r *Registry) lock() (func(), error) {
 	if err != nil {
 		return nil, fmt.Errorf("registry lock: %w", err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("registry lock: %w", err)
+	// Bounded: a hook must not hang libvirt because another process sits on the lock.
+	deadline := time.Now().Add(lockTimeout)
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("registry lock: %w", err)
+		}
+		if time.Now().After(deadline) {
+			f.Close()
+			return nil, fmt.Errorf("%w: registry %s locked for more than %v", ErrLocked, r.Dir, lockTimeout)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
-	return func() { f.Close() }, nil
 }
 
 // Get reads the record of uuid.

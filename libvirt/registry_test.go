@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 func TestRegistry(t *testing.T) {
@@ -85,5 +86,20 @@ func TestRegistryEnv(t *testing.T) {
 	t.Setenv(RegistryEnv, "")
 	if NewRegistry("").Dir != DefaultRegistryDir {
 		t.Fatal("default")
+	}
+}
+
+func TestRegistryLockTimeout(t *testing.T) {
+	reg := NewRegistry(t.TempDir())
+	unlock, err := reg.lock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	old := lockTimeout
+	lockTimeout = 50 * time.Millisecond
+	defer func() { lockTimeout = old }()
+	if _, err := reg.Append(testUUID, Event{Op: OpStart}, nil); !errors.Is(err, ErrLocked) {
+		t.Fatalf("err = %v", err)
 	}
 }
