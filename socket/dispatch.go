@@ -32,8 +32,8 @@ func resultOf(err error) Result {
 
 func res(r Result) []byte { return putBE32(nil, uint32(r)) }
 
-// stateOK enforces the running/stopped precondition of a command (swtpm checks it before
-// the payload size).
+// needRunning says whether a command needs an initialized TPM (swtpm checks it before the
+// payload size).
 func (s *Server) needRunning(cmd Cmd) bool {
 	switch cmd {
 	case CmdGetTPMEstablished, CmdHashStart, CmdHashData, CmdHashEnd, CmdCancelTPMCmd,
@@ -50,9 +50,6 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 	}
 	running := s.tpm.Running()
 	if s.needRunning(cmd) && !running {
-		if cmd == CmdGetTPMEstablished {
-			return res(ResBadOrdinal), afterNext
-		}
 		return res(ResBadOrdinal), afterNext
 	}
 	exact0 := func(f func() error) ([]byte, after) {
