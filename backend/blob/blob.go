@@ -1,86 +1,114 @@
 package blob
 
 import (
-	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/binary"
 	"errors"
 	"fmt"
 )
 
-// Sentinel errors, each matching one swtpm result code.
+// Sentinel errors. Every error returned by this package wraps exactly one of them; the comment
+// names the swtpm control-channel result a caller answers with.
 var (
-	// ErrKeyNotFound: the blob is encrypted and no matching key is configured (TPM_KEYNOTFOUND).
-	ErrKeyNotFound = errors.New("state blob: encrypted, but no key is configured")
-	// ErrDecrypt: HMAC mismatch or bad padding, i.e. a wrong key or tampered data (TPM_DECRYPT_ERROR).
-	ErrDecrypt = errors.New("state blob: integrity check failed (wrong key or tampered data)")
-	// ErrKeyLength: the blob's 256-bit-key flag does not match the key (TPM_BAD_KEY_PROPERTY).
-	ErrKeyLength = errors.New("state blob: key length does not match the blob")
-	// ErrHeaderSize: header size field is not 10 (TPM_BAD_DATASIZE).
-	ErrHeaderSize = errors.New("state blob: bad header size")
-	// ErrVersion: the blob needs a newer reader (TPM_BAD_VERSION).
-	ErrVersion = errors.New("state blob: unsupported format version")
-	// ErrMalformed: truncated, wrong total length, missing or bad TLVs (TPM_BAD_PARAMETER).
-	ErrMalformed = errors.New("state blob: malformed")
+	// ErrKeyNotFound: the data is encrypted and the key it needs is not configured
+	// (TPM_KEYNOTFOUND, 0x0d).
+	ErrKeyNotFound = errors.New("key not found")
+	// ErrDecrypt: HMAC mismatch, bad padding or a bad IV, i.e. a wrong key or tampered data;
+	// also unencrypted data where a state key is configured (TPM_DECRYPT_ERROR, 0x21).
+	ErrDecrypt = errors.New("decryption failed")
+	// ErrKeyLength: the header's 256-bit-key flag does not match the configured key
+	// (TPM_BAD_KEY_PROPERTY, 0x28).
+	ErrKeyLength = errors.New("wrong key length")
+	// ErrHeaderSize: the header's size field is not 10 (TPM_BAD_DATASIZE, 0x2b).
+	ErrHeaderSize = errors.New("bad header size")
+	// ErrVersion: the blob's min_version is above 2, or its version is neither 1 nor 2
+	// (TPM_BAD_VERSION, 0x2e).
+	ErrVersion = errors.New("unsupported version")
+	// ErrMalformed: truncated, total length mismatch, missing or truncated TLVs, bad sizes
+	// (TPM_BAD_PARAMETER, 0x03).
+	ErrMalformed = errors.New("malformed")
 )
 
-// Header flags.
+// fail builds an error that says what was wrong and wraps the sentinel.
+func fail(sentinel error, format string, a ...any) error {
+	return fmt.Errorf("state blob: "+format+": %w", append(a, sentinel)...)
+}
+
+// Header flags (swtpm's BLOB_FLAG_*).
 const (
-	FlagEncrypted          = 0x01 // BLOB_FLAG_ENCRYPTED
-	FlagMigrationEncrypted = 0x02 // BLOB_FLAG_MIGRATION_ENCRYPTED
-	FlagMigrationData      = 0x04 // BLOB_FLAG_MIGRATION_DATA
-	FlagEncrypted256       = 0x08 // BLOB_FLAG_ENCRYPTED_256BIT_KEY
-	FlagMigration256       = 0x10 // BLOB_FLAG_MIGRATION_256BIT_KEY
+	FlagEncrypted          = 0x01 // data encrypted with the state key
+	FlagMigrationEncrypted = 0x02 // data encrypted with the migration key
+	FlagMigrationData      = 0x04 // a migration blob (GET/SET_STATEBLOB)
+	FlagEncrypted256       = 0x08 // the state key is 256 bits
+	FlagMigration256       = 0x10 // the migration key is 256 bits
 )
 
-// TLV tags.
+// TLV tags (swtpm's TAG_*).
 const (
-	tagData                   = 1
-	tagEncryptedData          = 2
-	tagHMAC                   = 3
-	tagMigrationData          = 4
-	tagEncryptedMigrationData = 5
-	tagIVEncryptedData        = 6
-	tagIVEncryptedMigration   = 7
+	TagData                   = 1
+	TagEncryptedData          = 2
+	TagHMAC                   = 3
+	TagMigrationData          = 4
+	TagEncryptedMigrationData = 5
+	TagIVEncryptedData        = 6
+	TagIVEncryptedMigration   = 7
 )
 
 const (
-	headerSize     = 10
-	blobVersion    = 2
-	blobMinVersion = 1
+	// HeaderSize is the size of the blob header.
+	HeaderSize = 10
+	// Version is the header version written; MinVersion the min_version written.
+	Version    = 2
+	MinVersion = 1
+
+	tlvHeaderSize = 6
+	hmacSize      = sha256.Size
+	// maxPlain bounds what Seal and WrapMigration accept. libtpms blobs are below 128 KiB
+	// (TPM_ALLOC_MAX); anything near the u32 TLV length limit is a caller bug.
+	maxPlain = 64 << 20
 )
 
 // Header is a parsed blob header.
 type Header struct {
 	Version, MinVersion uint8
+	HeaderSize          uint16
 	Flags               uint16
+	TotalLength         uint32
 }
 
-// ParseHeader checks a blob's header against its length and returns it with the body.
+// ParseHeader checks a blob's header against the blob's length, in swtpm's order (length,
+// total length, min_version, header size), and returns it with the body that follows it.
 func ParseHeader(b []byte) (Header, []byte, error) {
-	if len(b) < headerSize {
-		return Header{}, nil, fmt.Errorf("%w: %d bytes is shorter than the %d-byte header", ErrMalformed, len(b), headerSize)
+	if len(b) < HeaderSize {
+		return Header{}, nil, fail(ErrMalformed, "%d bytes is shorter than the %d-byte header", len(b), HeaderSize)
 	}
-	h := Header{Version: b[0], MinVersion: b[1], Flags: binary.BigEndian.Uint16(b[4:6])}
-	if tot := binary.BigEndian.Uint32(b[6:10]); uint64(tot) != uint64(len(b)) {
-		return Header{}, nil, fmt.Errorf("%w: header total length %d != blob length %d", ErrMalformed, tot, len(b))
+	h := Header{
+		Version:     b[0],
+		MinVersion:  b[1],
+		HeaderSize:  binary.BigEndian.Uint16(b[2:4]),
+		Flags:       binary.BigEndian.Uint16(b[4:6]),
+		TotalLength: binary.BigEndian.Uint32(b[6:10]),
 	}
-	if h.MinVersion > blobVersion {
-		return Header{}, nil, fmt.Errorf("%w: needs version %d, this reader has %d", ErrVersion, h.MinVersion, blobVersion)
+	if uint64(h.TotalLength) != uint64(len(b)) {
+		return Header{}, nil, fail(ErrMalformed, "totlen %d != length %d", h.TotalLength, len(b))
 	}
-	if hs := binary.BigEndian.Uint16(b[2:4]); hs != headerSize {
-		return Header{}, nil, fmt.Errorf("%w: %d", ErrHeaderSize, hs)
+	if h.MinVersion > Version {
+		return Header{}, nil, fail(ErrVersion, "min_version %d > %d (written by a newer swtpm)", h.MinVersion, Version)
 	}
-	return h, b[headerSize:], nil
+	if h.HeaderSize != HeaderSize {
+		return Header{}, nil, fail(ErrHeaderSize, "hdrsize %d != %d", h.HeaderSize, HeaderSize)
+	}
+	return h, b[HeaderSize:], nil
 }
 
 func appendHeader(dst []byte, flags uint16, total int) []byte {
-	dst = append(dst, blobVersion, blobMinVersion)
-	dst = binary.BigEndian.AppendUint16(dst, headerSize)
+	dst = append(dst, Version, MinVersion)
+	dst = binary.BigEndian.AppendUint16(dst, HeaderSize)
 	dst = binary.BigEndian.AppendUint16(dst, flags)
 	return binary.BigEndian.AppendUint32(dst, uint32(total))
 }
@@ -91,18 +119,19 @@ func appendTLV(dst []byte, tag uint16, v []byte) []byte {
 	return append(dst, v...)
 }
 
-// parseTLVs splits a TLV stream; the first occurrence of a tag wins.
+// parseTLVs splits a TLV stream and indexes it by tag; the first occurrence of a tag wins, as
+// in swtpm's tlv_data_find_tag. Unlike swtpm, the whole stream must be well formed.
 func parseTLVs(b []byte) (map[uint16][]byte, error) {
 	m := map[uint16][]byte{}
 	for off := 0; off < len(b); {
-		if len(b)-off < 6 {
-			return nil, fmt.Errorf("%w: truncated TLV header at offset %d", ErrMalformed, off)
+		if len(b)-off < tlvHeaderSize {
+			return nil, fail(ErrMalformed, "truncated TLV header at body offset %d (%d bytes left)", off, len(b)-off)
 		}
 		tag := binary.BigEndian.Uint16(b[off:])
 		n := binary.BigEndian.Uint32(b[off+2:])
-		off += 6
+		off += tlvHeaderSize
 		if uint64(n) > uint64(len(b)-off) {
-			return nil, fmt.Errorf("%w: TLV %d claims %d bytes, %d remain", ErrMalformed, tag, n, len(b)-off)
+			return nil, fail(ErrMalformed, "TLV tag %d claims %d bytes, %d remain", tag, n, len(b)-off)
 		}
 		if _, dup := m[tag]; !dup {
 			m[tag] = b[off : off+int(n)]
@@ -113,22 +142,26 @@ func parseTLVs(b []byte) (map[uint16][]byte, error) {
 }
 
 func finish(flags uint16, body []byte) []byte {
-	out := make([]byte, 0, headerSize+len(body))
-	out = appendHeader(out, flags, headerSize+len(body))
+	out := make([]byte, 0, HeaderSize+len(body))
+	out = appendHeader(out, flags, HeaderSize+len(body))
 	return append(out, body...)
 }
 
-// encryptTLVs returns ct, hmac and iv TLVs (tags given) for plain under k.
+// encryptTLVs returns TLV(ctTag, ciphertext) TLV(3, HMAC) TLV(ivTag, IV) for plain under k.
+// As swtpm does, it pads PKCS#7-style to a multiple of the key length (not the AES block
+// size), draws a fresh key-length IV of which the first 16 bytes are the CBC IV, and keys an
+// HMAC-SHA256 over ciphertext||IV with the AES key itself.
 func encryptTLVs(k *Key, plain []byte, ctTag, ivTag uint16) ([]byte, error) {
-	iv := make([]byte, len(k.b))
+	kl := len(k.b)
+	iv := make([]byte, kl)
 	if _, err := rand.Read(iv); err != nil {
 		return nil, fmt.Errorf("state blob: random IV: %w", err)
 	}
 	block, err := aes.NewCipher(k.b)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("state blob: %w", err)
 	}
-	pad := len(k.b) - len(plain)%len(k.b)
+	pad := kl - len(plain)%kl
 	ct := make([]byte, len(plain)+pad)
 	copy(ct, plain)
 	for i := len(plain); i < len(ct); i++ {
@@ -138,56 +171,162 @@ func encryptTLVs(k *Key, plain []byte, ctTag, ivTag uint16) ([]byte, error) {
 	mac := hmac.New(sha256.New, k.b)
 	mac.Write(ct)
 	mac.Write(iv)
-	var out []byte
+	out := make([]byte, 0, 3*tlvHeaderSize+len(ct)+hmacSize+kl)
 	out = appendTLV(out, ctTag, ct)
-	out = appendTLV(out, tagHMAC, mac.Sum(nil))
+	out = appendTLV(out, TagHMAC, mac.Sum(nil))
 	return appendTLV(out, ivTag, iv), nil
 }
 
-// decryptTLVs verifies and decrypts the ciphertext in tlvs.
-func decryptTLVs(k *Key, tlvs map[uint16][]byte, ctTag, ivTag uint16) ([]byte, error) {
-	ct, ok1 := tlvs[ctTag]
-	sum, ok2 := tlvs[tagHMAC]
-	iv, ok3 := tlvs[ivTag]
-	if !ok1 || !ok2 {
-		return nil, fmt.Errorf("%w: encrypted data or HMAC TLV missing", ErrMalformed)
+// layer names the key a decryption step uses, for error messages.
+type layer struct {
+	key              string // "state key" or "migration key"
+	ctTag, ivTag     uint16
+	dataTag, flag256 uint16
+}
+
+var (
+	stateLayer     = layer{"state key", TagEncryptedData, TagIVEncryptedData, TagData, FlagEncrypted256}
+	migrationLayer = layer{"migration key", TagEncryptedMigrationData, TagIVEncryptedMigration, TagMigrationData, FlagMigration256}
+)
+
+func bits(n int) int { return 8 * n }
+
+// decrypt verifies and decrypts body (a TLV stream for header version 2, raw ciphertext for
+// version 1) with k, following swtpm's SWTPM_NVRAM_DecryptData.
+func decrypt(k *Key, body []byte, h Header, l layer) ([]byte, error) {
+	switch h.Version {
+	case 1:
+		return decryptLegacy(k, body, l)
+	case 2:
+	default:
+		return nil, fail(ErrVersion, "header version %d is neither 1 nor 2", h.Version)
 	}
-	if !ok3 {
-		iv = make([]byte, aes.BlockSize) // very old writers used an all-zero IV and no IV TLV
-	}
-	if len(iv) < aes.BlockSize {
-		return nil, fmt.Errorf("%w: IV of %d bytes", ErrMalformed, len(iv))
-	}
-	mac := hmac.New(sha256.New, k.b)
-	mac.Write(ct)
-	if ok3 {
-		mac.Write(iv)
-	}
-	if !hmac.Equal(mac.Sum(nil), sum) {
-		return nil, ErrDecrypt
-	}
-	if len(ct) == 0 || len(ct)%aes.BlockSize != 0 {
-		return nil, fmt.Errorf("%w: ciphertext of %d bytes", ErrMalformed, len(ct))
-	}
-	block, err := aes.NewCipher(k.b)
+	tl, err := parseTLVs(body)
 	if err != nil {
 		return nil, err
 	}
+	ct, okCT := tl[l.ctTag]
+	sum, okMAC := tl[TagHMAC]
+	if _, plain := tl[l.dataTag]; plain && !okCT {
+		return nil, fail(ErrDecrypt, "the data is not encrypted (TLV %d), but a %s is configured", l.dataTag, l.key)
+	}
+	want := 16
+	if h.Flags&l.flag256 != 0 {
+		want = 32
+	}
+	if want != len(k.b) {
+		return nil, fail(ErrKeyLength, "the data needs a %d-bit %s, the configured one has %d bits", bits(want), l.key, bits(len(k.b)))
+	}
+	if !okCT || !okMAC {
+		return nil, fail(ErrMalformed, "encrypted data (TLV %d) or HMAC (TLV %d) missing", l.ctTag, TagHMAC)
+	}
+	if len(sum) < hmacSize {
+		return nil, fail(ErrMalformed, "HMAC TLV of %d bytes, need %d", len(sum), hmacSize)
+	}
+	iv, hasIV := tl[l.ivTag] // writers before swtpm 0.5 had no IV TLV: zero IV, HMAC over ct only
+	mac := hmac.New(sha256.New, k.b)
+	mac.Write(ct)
+	if hasIV {
+		mac.Write(iv)
+	}
+	// swtpm compares the first 32 bytes of the HMAC TLV; so do we, in constant time.
+	if subtle.ConstantTimeCompare(mac.Sum(nil), sum[:hmacSize]) != 1 {
+		return nil, fail(ErrDecrypt, "HMAC mismatch: wrong %s or tampered data", l.key)
+	}
+	if !hasIV {
+		iv = nil
+	}
+	return cbcDecrypt(k, ct, iv, l)
+}
+
+// cbcDecrypt undoes encryptTLVs' AES-CBC and key-length padding. iv nil means a zero IV.
+func cbcDecrypt(k *Key, ct, iv []byte, l layer) ([]byte, error) {
+	kl := len(k.b)
+	if len(ct) < kl {
+		return nil, fail(ErrDecrypt, "ciphertext of %d bytes is shorter than the %d-bit %s", len(ct), bits(kl), l.key)
+	}
+	if iv != nil && len(iv) != kl {
+		return nil, fail(ErrDecrypt, "IV of %d bytes, the %d-bit %s needs %d", len(iv), bits(kl), l.key, kl)
+	}
+	if len(ct)%aes.BlockSize != 0 {
+		return nil, fail(ErrMalformed, "ciphertext of %d bytes is not a multiple of the AES block size", len(ct))
+	}
+	block, err := aes.NewCipher(k.b)
+	if err != nil {
+		return nil, fmt.Errorf("state blob: %w", err)
+	}
+	ivb := make([]byte, aes.BlockSize)
+	if iv != nil {
+		copy(ivb, iv)
+	}
 	plain := make([]byte, len(ct))
-	cipher.NewCBCDecrypter(block, iv[:aes.BlockSize]).CryptBlocks(plain, ct)
+	cipher.NewCBCDecrypter(block, ivb).CryptBlocks(plain, ct)
 	pad := int(plain[len(plain)-1])
-	if pad < 1 || pad > len(k.b) || pad > len(plain) || !bytes.Equal(plain[len(plain)-pad:], bytes.Repeat([]byte{byte(pad)}, pad)) {
-		return nil, fmt.Errorf("%w: bad padding", ErrDecrypt)
+	if pad == 0 || pad > kl {
+		return nil, fail(ErrDecrypt, "bad padding length %d after decryption with the %s", pad, l.key)
+	}
+	for _, c := range plain[len(plain)-pad:] {
+		if int(c) != pad {
+			return nil, fail(ErrDecrypt, "bad padding after decryption with the %s", l.key)
+		}
 	}
 	return plain[:len(plain)-pad], nil
 }
 
+// decryptLegacy reads a version-1 encrypted body: AES-CBC with a zero IV over
+// SHA256(data) || data, padded like version 2. No key-length flag exists in version 1.
+func decryptLegacy(k *Key, body []byte, l layer) ([]byte, error) {
+	plain, err := cbcDecrypt(k, body, nil, l)
+	if err != nil {
+		return nil, err
+	}
+	if len(plain) < sha256.Size {
+		return nil, fail(ErrDecrypt, "version-1 data of %d bytes has no room for its hash (wrong %s?)", len(plain), l.key)
+	}
+	sum := sha256.Sum256(plain[sha256.Size:])
+	if subtle.ConstantTimeCompare(sum[:], plain[:sha256.Size]) != 1 {
+		return nil, fail(ErrDecrypt, "version-1 hash mismatch: wrong %s or tampered data", l.key)
+	}
+	return plain[sha256.Size:], nil
+}
+
+// plainData extracts unencrypted data: the whole body for version 1, the dataTag TLV for 2.
+// haveKey says whether the layer's key is configured (for the error when the data turns out
+// to be encrypted).
+func plainData(body []byte, h Header, l layer, haveKey bool) ([]byte, error) {
+	switch h.Version {
+	case 1:
+		return append([]byte(nil), body...), nil
+	case 2:
+	default:
+		return nil, fail(ErrVersion, "header version %d is neither 1 nor 2", h.Version)
+	}
+	tl, err := parseTLVs(body)
+	if err != nil {
+		return nil, err
+	}
+	d, ok := tl[l.dataTag]
+	if !ok {
+		if _, enc := tl[l.ctTag]; enc {
+			if haveKey {
+				return nil, fail(ErrMalformed, "the data is encrypted (TLV %d), but the header flags 0x%02x say it is not", l.ctTag, h.Flags)
+			}
+			return nil, fail(ErrKeyNotFound, "the data is encrypted with a %s (TLV %d), but none is configured", l.key, l.ctTag)
+		}
+		return nil, fail(ErrMalformed, "no data TLV (tag %d)", l.dataTag)
+	}
+	return append([]byte(nil), d...), nil
+}
+
 // innerTLVs is the stored form's TLV stream: plain, or encrypted with stateKey.
 func innerTLVs(plain []byte, stateKey *Key) ([]byte, uint16, error) {
-	if stateKey == nil {
-		return appendTLV(nil, tagData, plain), 0, nil
+	if len(plain) > maxPlain {
+		return nil, 0, fail(ErrMalformed, "%d bytes of state is more than the %d this format is used for", len(plain), maxPlain)
 	}
-	tl, err := encryptTLVs(stateKey, plain, tagEncryptedData, tagIVEncryptedData)
+	if stateKey == nil {
+		return appendTLV(make([]byte, 0, tlvHeaderSize+len(plain)), TagData, plain), 0, nil
+	}
+	tl, err := encryptTLVs(stateKey, plain, TagEncryptedData, TagIVEncryptedData)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -198,32 +337,8 @@ func innerTLVs(plain []byte, stateKey *Key) ([]byte, uint16, error) {
 	return tl, flags, nil
 }
 
-// openInner decodes the stored form's TLV stream.
-func openInner(body []byte, flags uint16, encrypted bool, stateKey *Key) ([]byte, error) {
-	tlvs, err := parseTLVs(body)
-	if err != nil {
-		return nil, err
-	}
-	if !encrypted {
-		d, ok := tlvs[tagData]
-		if !ok {
-			if _, enc := tlvs[tagEncryptedData]; enc {
-				return nil, ErrKeyNotFound
-			}
-			return nil, fmt.Errorf("%w: no data TLV", ErrMalformed)
-		}
-		return append([]byte(nil), d...), nil
-	}
-	if stateKey == nil {
-		return nil, ErrKeyNotFound
-	}
-	if (flags&FlagEncrypted256 != 0) != stateKey.Is256() {
-		return nil, fmt.Errorf("%w: blob needs a %d-bit key, got %d-bit", ErrKeyLength, map[bool]int{true: 256, false: 128}[flags&FlagEncrypted256 != 0], 8*len(stateKey.b))
-	}
-	return decryptTLVs(stateKey, tlvs, tagEncryptedData, tagIVEncryptedData)
-}
-
-// Seal encodes a libtpms blob as a stored state file.
+// Seal encodes a libtpms blob as swtpm stores it in a file: header + TLV(1, plain), or with a
+// state key header(flags 0x01, |0x08 for AES-256) + TLV(2) TLV(3) TLV(6).
 func Seal(plain []byte, stateKey *Key) ([]byte, error) {
 	body, flags, err := innerTLVs(plain, stateKey)
 	if err != nil {
@@ -232,56 +347,28 @@ func Seal(plain []byte, stateKey *Key) ([]byte, error) {
 	return finish(flags, body), nil
 }
 
-// Open decodes a stored state file. When stateKey is set the file must be encrypted with it,
-// as swtpm assumes.
+// Open decodes a stored state file to the libtpms blob. As swtpm does, when stateKey is set
+// the data must be encrypted with it (the header's encrypted flag is not consulted); when it
+// is nil the data must be plain. Version-1 (legacy) bodies are read too.
 func Open(data []byte, stateKey *Key) ([]byte, error) {
 	h, body, err := ParseHeader(data)
 	if err != nil {
 		return nil, err
 	}
-	if h.Version == 1 {
-		return openLegacy(body, stateKey)
-	}
-	if stateKey == nil && h.Flags&FlagEncrypted != 0 {
-		return nil, ErrKeyNotFound
-	}
-	if stateKey != nil && h.Flags&FlagEncrypted == 0 {
-		return nil, fmt.Errorf("%w: the state is not encrypted, but a state key is configured", ErrDecrypt)
-	}
-	return openInner(body, h.Flags, stateKey != nil, stateKey)
-}
-
-// openLegacy reads version-1 bodies: the raw blob, or AES-CBC (zero IV) of SHA256(data)||data.
-func openLegacy(body []byte, stateKey *Key) ([]byte, error) {
 	if stateKey == nil {
-		return append([]byte(nil), body...), nil
+		if h.Flags&FlagEncrypted != 0 {
+			return nil, fail(ErrKeyNotFound, "the data is encrypted (flags 0x%02x), but no state key is configured", h.Flags)
+		}
+		return plainData(body, h, stateLayer, false)
 	}
-	if len(body) == 0 || len(body)%aes.BlockSize != 0 {
-		return nil, fmt.Errorf("%w: legacy ciphertext of %d bytes", ErrMalformed, len(body))
-	}
-	block, err := aes.NewCipher(stateKey.b)
-	if err != nil {
-		return nil, err
-	}
-	plain := make([]byte, len(body))
-	cipher.NewCBCDecrypter(block, make([]byte, aes.BlockSize)).CryptBlocks(plain, body)
-	if pad := int(plain[len(plain)-1]); pad >= 1 && pad <= aes.BlockSize && pad <= len(plain) {
-		plain = plain[:len(plain)-pad]
-	}
-	if len(plain) < sha256.Size {
-		return nil, ErrDecrypt
-	}
-	sum := sha256.Sum256(plain[sha256.Size:])
-	if !hmac.Equal(sum[:], plain[:sha256.Size]) {
-		return nil, ErrDecrypt
-	}
-	return plain[sha256.Size:], nil
+	return decrypt(stateKey, body, h, stateLayer)
 }
 
-// WrapMigration builds the GET_STATEBLOB form of a libtpms blob. Unless decrypt is set the
-// inner data stays encrypted with stateKey (innerEncrypted reports it); with migKey the whole
-// inner stream is encrypted with it.
-func WrapMigration(plain []byte, stateKey, migKey *Key, decrypt bool) ([]byte, bool, error) {
+// WrapMigration builds the GET_STATEBLOB form of a libtpms blob: header(flags |0x04) around
+// TLV(4, inner), or with migKey TLV(5) TLV(3) TLV(7) encrypting inner. inner is the stored
+// form's TLV stream: re-encrypted with stateKey unless decrypt is set (innerEncrypted reports
+// it; the caller answers PTM_STATE_FLAG_ENCRYPTED), plain otherwise.
+func WrapMigration(plain []byte, stateKey, migKey *Key, decrypt bool) (blob []byte, innerEncrypted bool, err error) {
 	sk := stateKey
 	if decrypt {
 		sk = nil
@@ -293,8 +380,7 @@ func WrapMigration(plain []byte, stateKey, migKey *Key, decrypt bool) ([]byte, b
 	flags |= FlagMigrationData
 	var body []byte
 	if migKey != nil {
-		body, err = encryptTLVs(migKey, inner, tagEncryptedMigrationData, tagIVEncryptedMigration)
-		if err != nil {
+		if body, err = encryptTLVs(migKey, inner, TagEncryptedMigrationData, TagIVEncryptedMigration); err != nil {
 			return nil, false, err
 		}
 		flags |= FlagMigrationEncrypted
@@ -302,47 +388,41 @@ func WrapMigration(plain []byte, stateKey, migKey *Key, decrypt bool) ([]byte, b
 			flags |= FlagMigration256
 		}
 	} else {
-		body = appendTLV(nil, tagMigrationData, inner)
+		body = appendTLV(make([]byte, 0, tlvHeaderSize+len(inner)), TagMigrationData, inner)
 	}
 	return finish(flags, body), sk != nil, nil
 }
 
-// UnwrapMigration decodes a SET_STATEBLOB blob to the libtpms blob. innerEncrypted is the
-// request's PTM_STATE_FLAG_ENCRYPTED. An empty body (header only) yields nil.
-func UnwrapMigration(b []byte, innerEncrypted bool, stateKey, migKey *Key) ([]byte, error) {
-	h, body, err := ParseHeader(b)
+// UnwrapMigration decodes a SET_STATEBLOB blob to the libtpms blob, following swtpm's
+// SWTPM_NVRAM_SetStateBlob: with flag 0x02 the migration key decrypts TLV 5 (ErrKeyNotFound
+// without one), else TLV 4 is taken, so a plain blob is accepted even when a migration key is
+// configured; then, if innerEncrypted (the request's PTM_STATE_FLAG_ENCRYPTED) or flag 0x01 is
+// set, the state key decrypts TLV 2, else TLV 1 is taken. A blob with an empty body (only a
+// header) yields nil, nil: the caller clears the cached state as for a zero-length blob.
+func UnwrapMigration(blob []byte, innerEncrypted bool, stateKey, migKey *Key) ([]byte, error) {
+	h, body, err := ParseHeader(blob)
 	if err != nil {
 		return nil, err
 	}
 	if len(body) == 0 {
 		return nil, nil
 	}
-	if h.Version == 1 {
-		return openLegacy(body, stateKey)
-	}
-	tlvs, err := parseTLVs(body)
-	if err != nil {
+	var inner []byte
+	if h.Flags&FlagMigrationEncrypted != 0 {
+		if migKey == nil {
+			return nil, fail(ErrKeyNotFound, "the blob is encrypted with a migration key (flags 0x%02x), but none is configured", h.Flags)
+		}
+		if inner, err = decrypt(migKey, body, h, migrationLayer); err != nil {
+			return nil, err
+		}
+	} else if inner, err = plainData(body, h, migrationLayer, migKey != nil); err != nil {
 		return nil, err
 	}
-	var inner []byte
-	switch {
-	case h.Flags&FlagMigrationEncrypted != 0:
-		if migKey == nil {
-			return nil, fmt.Errorf("%w: blob is encrypted with a migration key", ErrKeyNotFound)
+	if innerEncrypted || h.Flags&FlagEncrypted != 0 {
+		if stateKey == nil {
+			return nil, fail(ErrKeyNotFound, "the inner data is encrypted with a state key (flags 0x%02x), but none is configured", h.Flags)
 		}
-		if (h.Flags&FlagMigration256 != 0) != migKey.Is256() {
-			return nil, fmt.Errorf("%w: migration key", ErrKeyLength)
-		}
-		if inner, err = decryptTLVs(migKey, tlvs, tagEncryptedMigrationData, tagIVEncryptedMigration); err != nil {
-			return nil, fmt.Errorf("migration key: %w", err)
-		}
-	default:
-		var ok bool
-		if inner, ok = tlvs[tagMigrationData]; !ok {
-			// a stored-file blob (no migration wrapping) is accepted as is
-			inner = body
-		}
+		return decrypt(stateKey, inner, h, stateLayer)
 	}
-	enc := innerEncrypted || h.Flags&FlagEncrypted != 0
-	return openInner(inner, h.Flags, enc, stateKey)
+	return plainData(inner, h, stateLayer, stateKey != nil)
 }

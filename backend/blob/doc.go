@@ -1,16 +1,45 @@
-// Package blob reads and writes swtpm's state blob format byte for byte, so that state moves
-// between swtpm and vtpmd in both directions.
+// Package blob reads and writes swtpm's state blob format byte for byte, so that state files
+// and migration blobs move between swtpm and vtpmd in both directions.
 //
-// A blob is a 10-byte big-endian header (version 2, min_version 1, hdrsize 10, flags, total
-// length) followed by TLVs (u16 tag, u32 length, value). Stored files carry the libtpms blob in
-// TLV 1, or, with a state key (--key), AES-CBC ciphertext (TLV 2), an HMAC-SHA256 over
-// ciphertext||IV keyed with the same AES key (TLV 3) and the IV (TLV 6). As in swtpm, padding is
-// PKCS#7-style to a multiple of the key length (16 or 32 bytes), and the IV TLV is key-length
-// long (its first 16 bytes are the CBC IV). Migration blobs (GET/SET_STATEBLOB) set flag 0x04
-// and wrap that inner TLV stream in TLV 4, or encrypt it with the migration key into TLVs 5, 3
-// and 7.
+// # Format
 //
-// Every decoder checks lengths before it slices, verifies the HMAC (in constant time) before it
-// decrypts, and reports what was wrong with a sentinel error callers map to swtpm's result
-// codes. Nothing here panics on any input.
+// A blob is a 10-byte big-endian header followed by a body:
+//
+//	u8 version (2)  u8 min_version (1)  u16 hdrsize (10)  u16 flags  u32 totlen (whole blob)
+//
+// Flags: 0x01 encrypted with the state key, 0x02 encrypted with the migration key, 0x04
+// migration data, 0x08 the state key is 256 bits, 0x10 the migration key is 256 bits. A
+// version-2 body is a stream of TLVs (u16 tag, u32 length, value): 1 data, 2 encrypted data,
+// 3 HMAC, 4 migration data, 5 encrypted migration data, 6 and 7 the IVs of 2 and 5.
+//
+//   - Stored file (Seal, Open): header + TLV(1, libtpms blob); with a state key (--key)
+//     header(0x01, |0x08) + TLV(2, ciphertext) TLV(3, HMAC) TLV(6, IV).
+//   - Migration blob (WrapMigration, UnwrapMigration; GET/SET_STATEBLOB): header(|0x04) +
+//     TLV(4, inner), or with a migration key (--migration-key) header(|0x02, |0x10) + TLV(5)
+//     TLV(3) TLV(7) encrypting inner, where inner is the stored form's TLV stream.
+//
+// Encryption is swtpm's: AES-CBC with a 16- or 32-byte key, PKCS#7-style padding to a multiple
+// of the key length (16 or 32 bytes, not the AES block size), a fresh random IV as long as the
+// key of which the first 16 bytes are the CBC IV, and HMAC-SHA256 keyed with the AES key over
+// ciphertext || IV. Version-1 (legacy) bodies are read: the raw blob, or AES-CBC with a zero
+// IV over SHA256(data) || data.
+//
+// Keys come from --key / --migration-key option strings (ParseKeyOption, LoadKey): raw keys
+// in hex or binary, or passphrases turned into keys with PBKDF2-HMAC-SHA512 (salt "swtpm",
+// 1000 iterations) or SHA-512, exactly as swtpm derives them.
+//
+// # Guarantees
+//
+// Decoders check every length before slicing, verify the HMAC in constant time before they
+// decrypt, never panic on any input, and return errors that say what was wrong and wrap one
+// sentinel, which callers map to swtpm's control-channel results: ErrKeyNotFound (0x0d),
+// ErrDecrypt (0x21), ErrKeyLength (0x28), ErrHeaderSize (0x2b), ErrVersion (0x2e),
+// ErrMalformed (0x03). Where swtpm answers TPM_FAIL for a structural problem (a missing TLV,
+// a ciphertext that is not whole AES blocks) this package says ErrMalformed. Decoding is
+// stricter than swtpm in one way: the whole TLV stream must be well formed, not only the TLVs
+// up to the one looked for.
+//
+// As in swtpm, Open with a state key assumes the data is encrypted (it does not trust the
+// header's 0x01 flag), and UnwrapMigration accepts plain blobs even when keys are configured
+// ("upgrade to encryption"), never the reverse.
 package blob

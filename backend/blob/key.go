@@ -3,6 +3,7 @@ package blob
 import (
 	"crypto/pbkdf2"
 	"crypto/sha512"
+	"crypto/subtle"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -13,34 +14,69 @@ import (
 	"github.com/vtpmd/vtpmd/internal/opts"
 )
 
-// Key is an AES key: 16 bytes (aes-128-cbc) or 32 bytes (aes-256-cbc).
+// Key is an AES key: 16 bytes (aes-cbc, aes-128-cbc) or 32 bytes (aes-256-cbc). Its String
+// and GoString never show the key bytes.
 type Key struct{ b []byte }
 
-// NewKey wraps raw key bytes.
+// NewKey copies raw key bytes into a Key.
 func NewKey(b []byte) (*Key, error) {
 	if len(b) != 16 && len(b) != 32 {
-		return nil, fmt.Errorf("key of %d bytes: must be 16 or 32", len(b))
+		return nil, fmt.Errorf("key of %d bytes: an AES key has 16 or 32", len(b))
 	}
 	return &Key{b: append([]byte(nil), b...)}, nil
 }
 
+// Len is the key length in bytes (0 for a nil Key).
+func (k *Key) Len() int {
+	if k == nil {
+		return 0
+	}
+	return len(k.b)
+}
+
 // Is256 reports an AES-256 key.
-func (k *Key) Is256() bool { return k != nil && len(k.b) == 32 }
+func (k *Key) Is256() bool { return k.Len() == 32 }
 
 // Bytes returns a copy of the key.
-func (k *Key) Bytes() []byte { return append([]byte(nil), k.b...) }
+func (k *Key) Bytes() []byte {
+	if k == nil {
+		return nil
+	}
+	return append([]byte(nil), k.b...)
+}
+
+// Equal reports whether two keys are the same, in constant time for equal lengths.
+func (k *Key) Equal(o *Key) bool {
+	if k == nil || o == nil {
+		return k == o
+	}
+	return subtle.ConstantTimeCompare(k.b, o.b) == 1
+}
+
+// String describes the key without revealing it.
+func (k *Key) String() string {
+	if k == nil {
+		return "no key"
+	}
+	return fmt.Sprintf("AES-%d key", bits(len(k.b)))
+}
+
+// GoString describes the key without revealing it (%#v).
+func (k *Key) GoString() string { return "blob.Key(" + k.String() + ")" }
 
 // KeySpec is a parsed --key / --migration-key option.
 type KeySpec struct {
-	File, PwdFile string
-	FD, PwdFD     int    // -1 when absent
-	Format        string // hex (default) or binary
-	Mode          string // aes-cbc, aes-128-cbc (default) or aes-256-cbc
-	KDF           string // pbkdf2 (default) or sha512
-	Remove        bool
+	File    string // file= : raw key file
+	FD      int    // fd= : raw key from a file descriptor; -1 = none
+	PwdFile string // pwdfile= : passphrase file
+	PwdFD   int    // pwdfd= : passphrase from a file descriptor; -1 = none
+	Format  string // format= of a raw key: hex (default) or binary
+	Mode    string // mode=: aes-cbc, aes-128-cbc (default) or aes-256-cbc
+	KDF     string // kdf= for a passphrase: pbkdf2 (default) or sha512
+	Remove  bool   // remove: unlink file= / pwdfile= after reading it
 }
 
-// KeyLen is the key length the mode asks for.
+// KeyLen is the key length in bytes the mode asks for.
 func (s *KeySpec) KeyLen() int {
 	if s.Mode == "aes-256-cbc" {
 		return 32
@@ -48,126 +84,219 @@ func (s *KeySpec) KeyLen() int {
 	return 16
 }
 
-// ParseKeyOption parses a --key or --migration-key option string.
-func ParseKeyOption(raw string) (*KeySpec, error) {
-	set, err := opts.Parse(raw, "file", "fd", "pwdfile", "pwdfd", "format", "mode", "kdf", "remove")
+// passphrase reports whether the key is derived from a passphrase.
+func (s *KeySpec) passphrase() bool { return s.File == "" && s.FD < 0 }
+
+// ParseKeyOption parses a --key or --migration-key option string such as
+// "pwdfd=7,mode=aes-256-cbc" or "file=/k,format=binary,remove". Exactly one of file=, fd=,
+// pwdfile= and pwdfd= must be given (swtpm accepts several and takes the first of that list).
+// format= and mode= are always checked, kdf= only for a passphrase, as swtpm does.
+func ParseKeyOption(s string) (*KeySpec, error) {
+	set, err := opts.Parse(s, "file", "fd", "pwdfile", "pwdfd", "format", "mode", "kdf", "remove")
 	if err != nil {
+		return nil, fmt.Errorf("key option: %w", err)
+	}
+	spec := &KeySpec{
+		File:    set.String("file", ""),
+		PwdFile: set.String("pwdfile", ""),
+		Format:  set.String("format", "hex"),
+		Mode:    set.String("mode", "aes-128-cbc"),
+		KDF:     set.String("kdf", "pbkdf2"),
+		Remove:  set.Bool("remove", false),
+	}
+	if spec.FD, err = fdOption(set, "fd"); err != nil {
 		return nil, err
 	}
-	s := &KeySpec{File: set.String("file", ""), PwdFile: set.String("pwdfile", ""),
-		Format: set.String("format", "hex"), Mode: set.String("mode", "aes-128-cbc"),
-		KDF: set.String("kdf", "pbkdf2"), Remove: set.Bool("remove", false)}
-	if s.FD, err = set.Int("fd", -1); err != nil {
+	if spec.PwdFD, err = fdOption(set, "pwdfd"); err != nil {
 		return nil, err
 	}
-	if s.PwdFD, err = set.Int("pwdfd", -1); err != nil {
-		return nil, err
+	for _, name := range []string{"file", "pwdfile"} {
+		if set.Has(name) && set.String(name, "") == "" {
+			return nil, fmt.Errorf("key option: %s= needs a file name", name)
+		}
 	}
 	n := 0
-	for _, given := range []bool{s.File != "", s.FD >= 0, s.PwdFile != "", s.PwdFD >= 0} {
+	for _, given := range []bool{spec.File != "", spec.FD >= 0, spec.PwdFile != "", spec.PwdFD >= 0} {
 		if given {
 			n++
 		}
 	}
-	if n != 1 {
-		return nil, errors.New("exactly one of file=, fd=, pwdfile= or pwdfd= is required")
+	switch {
+	case n == 0:
+		return nil, errors.New("key option: either file=, fd=, pwdfile=, or pwdfd= is required")
+	case n > 1:
+		return nil, errors.New("key option: give only one of file=, fd=, pwdfile= and pwdfd=")
 	}
-	switch s.Mode {
-	case "aes-cbc", "aes-128-cbc", "aes-256-cbc":
-	default:
-		return nil, fmt.Errorf("unsupported cipher mode '%s'", s.Mode)
-	}
-	switch s.Format {
+	switch spec.Format {
 	case "hex", "binary":
 	default:
-		return nil, fmt.Errorf("unsupported key format '%s'", s.Format)
+		return nil, fmt.Errorf("key option: unknown key format '%s'", spec.Format)
 	}
-	switch s.KDF {
-	case "pbkdf2", "sha512":
+	switch spec.Mode {
+	case "aes-cbc", "aes-128-cbc", "aes-256-cbc":
 	default:
-		return nil, fmt.Errorf("unsupported key derivation function '%s'", s.KDF)
+		return nil, fmt.Errorf("key option: unknown encryption mode '%s'", spec.Mode)
 	}
-	return s, nil
+	if spec.passphrase() {
+		switch spec.KDF {
+		case "pbkdf2", "sha512":
+		default:
+			return nil, fmt.Errorf("key option: unknown kdf '%s'", spec.KDF)
+		}
+	}
+	return spec, nil
 }
 
-// maxKeyInput bounds how much of a key or passphrase source is read.
-const maxKeyInput = 64 << 10
+func fdOption(set *opts.Set, name string) (int, error) {
+	if !set.Has(name) {
+		return -1, nil
+	}
+	fd, err := set.Int(name, -1)
+	if err != nil {
+		return 0, fmt.Errorf("key option: %w", err)
+	}
+	if fd < 0 {
+		return 0, fmt.Errorf("key option: %s=%d is not a file descriptor", name, fd)
+	}
+	return fd, nil
+}
 
-func readSource(path string, fd int) ([]byte, error) {
+// maxRawKeyInput is how much of a raw key source swtpm reads: "0x", 64 hex digits and one
+// more character.
+const maxRawKeyInput = 2 + 64 + 1
+
+// maxPassphrase bounds a passphrase source (swtpm reads to EOF without a bound).
+const maxPassphrase = 1 << 20
+
+// readSource reads up to limit bytes from the file or the descriptor (which it closes, as
+// swtpm does). tooLong reports that the source had more than limit bytes.
+func readSource(path string, fd int, limit int) (b []byte, tooLong bool, err error) {
 	var f *os.File
 	if path != "" {
-		var err error
 		if f, err = os.Open(path); err != nil {
-			return nil, fmt.Errorf("could not open key file: %w", err)
+			return nil, false, fmt.Errorf("key: %w", err)
 		}
 	} else {
-		f = os.NewFile(uintptr(fd), "key")
-		if f == nil {
-			return nil, fmt.Errorf("invalid file descriptor %d", fd)
+		if f = os.NewFile(uintptr(fd), fmt.Sprintf("fd %d", fd)); f == nil {
+			return nil, false, fmt.Errorf("key: invalid file descriptor %d", fd)
 		}
 	}
 	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxKeyInput+1))
+	b, err = io.ReadAll(io.LimitReader(f, int64(limit)+1))
 	if err != nil {
-		return nil, fmt.Errorf("read key material: %w", err)
+		return nil, false, fmt.Errorf("key: read %s: %w", f.Name(), err)
 	}
-	if len(b) > maxKeyInput {
-		return nil, fmt.Errorf("key material larger than %d bytes", maxKeyInput)
+	if len(b) > limit {
+		return b[:limit], true, nil
 	}
-	return b, nil
+	return b, false, nil
 }
 
-// LoadKey reads the key a spec describes: a raw key (hex or binary) or a passphrase turned
-// into a key with PBKDF2-HMAC-SHA512 (salt "swtpm", 1000 iterations) or SHA-512.
-func LoadKey(s *KeySpec) (*Key, error) {
-	keylen := s.KeyLen()
-	if s.PwdFile != "" || s.PwdFD >= 0 {
-		pass, err := readSource(s.PwdFile, s.PwdFD)
+// LoadKey reads the key a spec describes, the way swtpm does:
+//   - format=hex: up to 67 bytes are read; an optional "0x", then 32 or 64 hex digits that end
+//     at the first whitespace or the end of the data (what follows whitespace is ignored); the
+//     digit count must match mode= (a 128-bit key with aes-256-cbc is refused).
+//   - format=binary: up to 67 bytes are read; more than mode='s key length is refused, and the
+//     key is the bytes as read, which must be 16 or 32 (so, as in swtpm, a 16-byte binary key
+//     with aes-256-cbc gives AES-128).
+//   - pwdfile=/pwdfd=: the whole content up to EOF, a trailing newline included, is the
+//     passphrase; kdf=pbkdf2 is PBKDF2-HMAC-SHA512 with salt "swtpm" and 1000 iterations,
+//     kdf=sha512 the first bytes of SHA-512(passphrase).
+//
+// Descriptors are closed after reading. With remove, file= or pwdfile= is unlinked once the
+// key was loaded successfully.
+func LoadKey(spec *KeySpec) (*Key, error) {
+	keylen := spec.KeyLen()
+	var k *Key
+	var err error
+	switch {
+	case spec.passphrase():
+		var pass []byte
+		var tooLong bool
+		if pass, tooLong, err = readSource(spec.PwdFile, spec.PwdFD, maxPassphrase); err != nil {
+			return nil, err
+		}
+		if tooLong {
+			return nil, fmt.Errorf("key: passphrase longer than %d bytes", maxPassphrase)
+		}
+		if k, err = DeriveKey(pass, keylen, spec.KDF); err != nil {
+			return nil, err
+		}
+	default:
+		var raw []byte
+		if raw, _, err = readSource(spec.File, spec.FD, maxRawKeyInput); err != nil {
+			return nil, err
+		}
+		if spec.Format == "binary" {
+			k, err = binaryKey(raw, keylen)
+		} else {
+			k, err = hexKey(raw, keylen, spec.Mode)
+		}
 		if err != nil {
 			return nil, err
 		}
-		if s.Remove && s.PwdFile != "" {
-			os.Remove(s.PwdFile)
+	}
+	if spec.Remove {
+		for _, p := range []string{spec.File, spec.PwdFile} {
+			if p == "" {
+				continue
+			}
+			if err := os.Remove(p); err != nil {
+				return nil, fmt.Errorf("key: remove= : %w", err)
+			}
 		}
-		return DeriveKey(pass, keylen, s.KDF)
 	}
-	raw, err := readSource(s.File, s.FD)
+	return k, nil
+}
+
+func binaryKey(raw []byte, keylen int) (*Key, error) {
+	if len(raw) > keylen {
+		return nil, fmt.Errorf("key: binary key of %d or more bytes is larger than the %d the mode allows", len(raw), keylen)
+	}
+	if len(raw) != 16 && len(raw) != 32 {
+		return nil, fmt.Errorf("key: binary key of %d bytes; it must have 16 or 32", len(raw))
+	}
+	return NewKey(raw)
+}
+
+func hexKey(raw []byte, keylen int, mode string) (*Key, error) {
+	s := string(raw)
+	if i := strings.IndexByte(s, 0); i >= 0 {
+		s = s[:i]
+	}
+	s = strings.TrimPrefix(s, "0x")
+	if i := strings.IndexAny(s, " \t\n\v\f\r"); i >= 0 {
+		s = s[:i]
+	}
+	if len(s) != 32 && len(s) != 64 {
+		return nil, fmt.Errorf("key: a hex key has 32 or 64 hex digits (optionally after 0x), found %d characters", len(s))
+	}
+	b, err := hex.DecodeString(s)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("key: not a hex key: %w", err)
 	}
-	if s.Remove && s.File != "" {
-		os.Remove(s.File)
-	}
-	if s.Format == "binary" {
-		if len(raw) < keylen {
-			return nil, fmt.Errorf("binary key has %d bytes, %s needs %d", len(raw), s.Mode, keylen)
-		}
-		return NewKey(raw[:keylen])
-	}
-	h := strings.TrimRight(string(raw), " \t\r\n")
-	h = strings.TrimPrefix(strings.TrimPrefix(h, "0x"), "0X")
-	if len(h) != 32 && len(h) != 64 {
-		return nil, fmt.Errorf("hex key must have 32 or 64 hex digits, found %d characters", len(h))
-	}
-	if len(h) != 2*keylen {
-		return nil, fmt.Errorf("a %d-bit key was given, but mode %s needs %d bits", len(h)*4, s.Mode, keylen*8)
-	}
-	b, err := hex.DecodeString(h)
-	if err != nil {
-		return nil, fmt.Errorf("key is not valid hex: %w", err)
+	if len(b) != keylen {
+		return nil, fmt.Errorf("key: a %d-bit key was given, but mode %s needs %d bits", bits(len(b)), mode, bits(keylen))
 	}
 	return NewKey(b)
 }
 
-// DeriveKey turns a passphrase (taken whole, newline included, as swtpm does) into a key.
+// DeriveKey turns a passphrase (taken whole, newline included, as swtpm does) into a keylen-byte
+// key with kdf "pbkdf2" (PBKDF2-HMAC-SHA512, salt "swtpm", 1000 iterations) or "sha512".
 func DeriveKey(pass []byte, keylen int, kdf string) (*Key, error) {
-	if kdf == "sha512" {
+	if keylen != 16 && keylen != 32 {
+		return nil, fmt.Errorf("key: derive a %d-byte key: must be 16 or 32", keylen)
+	}
+	switch kdf {
+	case "sha512":
 		sum := sha512.Sum512(pass)
 		return NewKey(sum[:keylen])
+	case "pbkdf2", "":
+		k, err := pbkdf2.Key(sha512.New, string(pass), []byte("swtpm"), 1000, keylen)
+		if err != nil {
+			return nil, fmt.Errorf("key: pbkdf2: %w", err)
+		}
+		return NewKey(k)
 	}
-	k, err := pbkdf2.Key(sha512.New, string(pass), []byte("swtpm"), 1000, keylen)
-	if err != nil {
-		return nil, fmt.Errorf("derive key: %w", err)
-	}
-	return NewKey(k)
+	return nil, fmt.Errorf("key: unknown kdf '%s'", kdf)
 }
