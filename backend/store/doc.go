@@ -1,19 +1,56 @@
 // Package store keeps a vTPM's state where swtpm keeps it, in swtpm's formats, so a state
-// directory or file moves between swtpm and vtpmd in both directions:
+// directory or linear file moves between swtpm and vtpmd in both directions. Store implements
+// emulator.Store; each blob is sealed and opened with package blob (and the --key state key).
 //
-//   - dir://<dir>: files tpm2-00.permall, tpm2-00.volatilestate, tpm2-00.savestate (tpm-00.*
-//     for TPM 1.2), each a blob in package blob's format, plus a .lock file;
-//   - file://<path>: swtpm's linear store, one regular file or block device with a 192-byte
-//     little-endian header ("nilmptws") indexing the blobs.
+// # Locations
 //
-// Writes are durable before Store returns: a temporary file (swtpm's TMP2-00.<name>) is
-// written and fsynced, renamed over the target, and the directory is fsynced, so a crash at
-// any instant leaves the previous or the new blob, never a torn one. The linear store writes a
-// whole new image the same way when it is a regular file, and in place with fsync on a block
-// device.
+//   - dir://<dir> (or a bare path): files tpm2-00.permall, tpm2-00.volatilestate and
+//     tpm2-00.savestate (tpm-00.* for TPM 1.2), each one blob, plus the lock file .lock.
+//   - file://<path>: swtpm's linear store, one regular file or block device: a 192-byte
+//     little-endian header (magic "nilmptws", version 1, header size 192, 15 entries of
+//     offset, data length, section length; entries 0-2 are permall, volatilestate,
+//     savestate) followed by the blobs, each in a section of the next power of two. Blobs
+//     are placed, moved and compacted exactly as swtpm does. A file or device without the
+//     magic is a new, empty store (swtpm formats it; vtpmd formats it at the first write).
+//     Regular files are resized to the image; block devices never are.
 //
-// The lock is an open-file-description (OFD) write lock on <dir>/.lock, which conflicts with
-// the classic fcntl lock swtpm takes on the same file, so vtpmd and swtpm exclude each other.
-// Corrupt, truncated, tampered or wrongly keyed state is refused with an error wrapping one of
-// package blob's sentinels; nothing on disk is changed by a failed load.
+// # Durability and atomicity
+//
+// A write is durable before Store or Delete returns.
+//
+//   - dir://: the blob is written to TMP2-00.<name> (opened O_NOFOLLOW), fsynced, renamed
+//     over the target, and the directory is fsynced. A crash at any instant leaves the previous
+//     or the new blob, never a torn one.
+//   - file://, regular file, lock off (the default): the whole new image is written to
+//     <path>.tmp with the store's mode and owner, fsynced, renamed over the store, and the
+//     directory fsynced: the same guarantee as dir://. (If the owner cannot be kept, the
+//     image is written in place as below.)
+//   - file://, block device, or regular file with lock on (the lock lives on the file itself,
+//     so it must not be replaced): the image is updated in place like swtpm does, the changed
+//     sections first, fsync, then the header, fsync. The write is durable when Store returns,
+//     but a crash during it can leave a torn blob. Torn encrypted blobs, and torn headers or
+//     lengths, are detected on load (HMAC, totlen, TLV and header checks) and refused; a torn
+//     unencrypted blob of unchanged length may not be.
+//
+// Defer and Sync batch a sequence of writes (libtpms writing permall several times while it
+// powers on): nothing reaches the disk before Sync, which then writes each blob once with the
+// guarantees above, so a crash during the sequence leaves the previous state.
+//
+// File modes follow swtpm: created files get Options.Mode (default 0640) subject to the umask;
+// with an explicit mode (ModeSet) files get exactly that mode and a successful Load chmods the
+// file to it; otherwise a successful Load only gives the owner write permission back.
+//
+// # Lock
+//
+// The lock is an open-file-description (OFD) write lock on <dir>/.lock (file://: on the store
+// file itself), opened O_WRONLY|O_CREAT|O_NOFOLLOW (mode 0660) and never deleted. OFD locks
+// conflict with the classic fcntl lock swtpm takes on the same file, so vtpmd and swtpm exclude
+// each other, and unlike classic locks they are not dropped when this process closes some
+// other descriptor of the file.
+//
+// # Bad state
+//
+// Corrupt, truncated, tampered or wrongly keyed state is refused with an error that names the
+// file and wraps one of package blob's sentinels (or ErrLinearHeader); a failed Load changes
+// nothing on disk, not even file modes.
 package store

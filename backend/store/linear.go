@@ -1,71 +1,163 @@
 package store
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
+	"slices"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
 
-// Linear store layout (swtpm's file:// backend), all little endian.
+// Linear store layout (swtpm's file:// backend), all little endian: u64 magic, u8 version,
+// u8 pad, u16 header size, then 15 entries {u32 offset, u32 data length, u32 section
+// length}; entry 0 is permall, 1 volatilestate, 2 savestate; offset 0 means absent.
 const (
 	linearMagic      = 0x737774706d6c696e // "nilmptws" on disk
 	linearVersion    = 1
 	linearHeaderSize = 192
 	linearEntries    = 15
+	linearEntryBase  = 12
+	// maxLinearImage bounds how much of a linear store is read.
+	maxLinearImage = 64 << 20
 )
 
-var linearNames = []string{"permall", "volatilestate", "savestate"}
-
 // ErrLinearHeader is wrapped when a linear store's header is inconsistent.
-var ErrLinearHeader = errors.New("store: bad linear store header")
+var ErrLinearHeader = errors.New("bad linear store header")
 
-type linearEntry struct{ offset, length, section uint32 }
-
-// LinearImage is a parsed linear store.
-type LinearImage struct {
-	blobs map[string][]byte
+// LinearEntry is one header entry.
+type LinearEntry struct {
+	Offset, DataLength, SectionLength uint32
 }
 
-// ParseLinear parses a linear store image. An image without the magic (or empty) is a new,
-// empty store, as swtpm formats it.
-func ParseLinear(img []byte) (*LinearImage, error) {
-	li := &LinearImage{blobs: map[string][]byte{}}
-	if len(img) < 8 || binary.LittleEndian.Uint64(img) != linearMagic {
-		return li, nil
+func (e LinearEntry) end() uint64 { return uint64(e.Offset) + uint64(e.SectionLength) }
+
+// LinearImage is a linear store held in memory and changed the way swtpm changes it: a new
+// blob is appended after the last section in a section of the next power of two, a blob that
+// outgrows its section is removed and appended again, and removing a blob moves the following
+// sections forward. Regular files are resized to the image; a fixed-size image (a block
+// device) never is.
+type LinearImage struct {
+	data     []byte // the image from offset 0; for a fixed-size store only up to the used end
+	capacity int64  // size of a fixed-size store, 0 for a resizable one
+	fresh    bool   // the magic was missing: formatted in memory, not yet on disk
+}
+
+// linearIndex maps a blob name to its entry, as swtpm's SWTPM_NVRAM_Linear_GetFileNr.
+func linearIndex(name string) (int, error) {
+	if i := slices.Index(blobNames, name); i >= 0 {
+		return i, nil
 	}
-	if len(img) < linearHeaderSize {
-		return nil, fmt.Errorf("%w: %d bytes, header needs %d", ErrLinearHeader, len(img), linearHeaderSize)
+	return 0, fmt.Errorf("store: no linear store entry for %q", name)
+}
+
+func newLinearHeader(dst []byte) {
+	clear(dst[:linearHeaderSize])
+	binary.LittleEndian.PutUint64(dst, linearMagic)
+	dst[8] = linearVersion
+	binary.LittleEndian.PutUint16(dst[10:], linearHeaderSize)
+}
+
+// ParseLinearHeader checks the first bytes of a store of size bytes (size is the file or
+// device size; hdr holds at least its first min(size, 192) bytes). A store without the magic
+// (an empty or new file, a zeroed device) reports fresh: swtpm formats it. Entries must lie
+// inside the store, after the header, without overlapping.
+func ParseLinearHeader(hdr []byte, size int64) (entries [linearEntries]LinearEntry, fresh bool, err error) {
+	if len(hdr) < 8 || binary.LittleEndian.Uint64(hdr) != linearMagic {
+		return entries, true, nil
 	}
-	if v := img[8]; v != linearVersion {
-		return nil, fmt.Errorf("%w: version %d", ErrLinearHeader, v)
+	if len(hdr) < linearHeaderSize || size < linearHeaderSize {
+		return entries, false, fmt.Errorf("%w: the magic is there, but the store has only %d bytes (header needs %d)", ErrLinearHeader, min(int64(len(hdr)), size), linearHeaderSize)
 	}
-	if hs := binary.LittleEndian.Uint16(img[10:]); hs != linearHeaderSize {
-		return nil, fmt.Errorf("%w: header size %d", ErrLinearHeader, hs)
+	if v := hdr[8]; v > linearVersion {
+		return entries, false, fmt.Errorf("%w: format version %d is newer than %d", ErrLinearHeader, v, linearVersion)
 	}
-	for i := 0; i < linearEntries; i++ {
-		off := 12 + 12*i
-		e := linearEntry{binary.LittleEndian.Uint32(img[off:]), binary.LittleEndian.Uint32(img[off+4:]), binary.LittleEndian.Uint32(img[off+8:])}
-		if e.offset == 0 {
+	if hs := binary.LittleEndian.Uint16(hdr[10:]); hs != linearHeaderSize {
+		return entries, false, fmt.Errorf("%w: header size %d != %d", ErrLinearHeader, hs, linearHeaderSize)
+	}
+	var used []LinearEntry
+	for i := range entries {
+		off := linearEntryBase + 12*i
+		e := LinearEntry{binary.LittleEndian.Uint32(hdr[off:]), binary.LittleEndian.Uint32(hdr[off+4:]), binary.LittleEndian.Uint32(hdr[off+8:])}
+		entries[i] = e
+		if e.Offset == 0 {
 			continue
 		}
-		if e.offset < linearHeaderSize || e.length > e.section || uint64(e.offset)+uint64(e.length) > uint64(len(img)) {
-			return nil, fmt.Errorf("%w: entry %d (offset %d, length %d, section %d) outside the %d-byte store",
-				ErrLinearHeader, i, e.offset, e.length, e.section, len(img))
+		if e.Offset < linearHeaderSize || e.DataLength > e.SectionLength || e.end() > uint64(size) {
+			return entries, false, fmt.Errorf("%w: entry %d (offset %d, data %d, section %d) does not fit a %d-byte store after its header",
+				ErrLinearHeader, i, e.Offset, e.DataLength, e.SectionLength, size)
 		}
-		if i < len(linearNames) {
-			li.blobs[linearNames[i]] = append([]byte(nil), img[e.offset:e.offset+e.length]...)
+		used = append(used, e)
+	}
+	slices.SortFunc(used, func(a, b LinearEntry) int { return int(a.Offset) - int(b.Offset) })
+	for i := 1; i < len(used); i++ {
+		if used[i-1].end() > uint64(used[i].Offset) {
+			return entries, false, fmt.Errorf("%w: sections at %d and %d overlap", ErrLinearHeader, used[i-1].Offset, used[i].Offset)
 		}
+	}
+	return entries, false, nil
+}
+
+// ParseLinear parses a whole resizable (regular file) store image. An image without the magic
+// is a new, empty store.
+func ParseLinear(img []byte) (*LinearImage, error) {
+	_, fresh, err := ParseLinearHeader(img, int64(len(img)))
+	if err != nil {
+		return nil, err
+	}
+	li := &LinearImage{data: bytes.Clone(img), fresh: fresh}
+	if fresh {
+		li.format()
 	}
 	return li, nil
 }
 
-func roundPow2(n uint32) uint32 {
+// format writes a new header over the image, keeping its size, as swtpm does.
+func (li *LinearImage) format() {
+	if len(li.data) < linearHeaderSize {
+		li.data = append(li.data, make([]byte, linearHeaderSize-len(li.data))...)
+	}
+	newLinearHeader(li.data)
+	li.fresh = true
+}
+
+// Bytes returns the image (for a fixed-size store: up to its used end).
+func (li *LinearImage) Bytes() []byte { return li.data }
+
+// Entry returns header entry i (0 permall, 1 volatilestate, 2 savestate).
+func (li *LinearImage) Entry(i int) LinearEntry {
+	off := linearEntryBase + 12*i
+	return LinearEntry{binary.LittleEndian.Uint32(li.data[off:]), binary.LittleEndian.Uint32(li.data[off+4:]), binary.LittleEndian.Uint32(li.data[off+8:])}
+}
+
+func (li *LinearImage) setEntry(i int, e LinearEntry) {
+	off := linearEntryBase + 12*i
+	binary.LittleEndian.PutUint32(li.data[off:], e.Offset)
+	binary.LittleEndian.PutUint32(li.data[off+4:], e.DataLength)
+	binary.LittleEndian.PutUint32(li.data[off+8:], e.SectionLength)
+}
+
+// Get returns a copy of the blob of entry i.
+func (li *LinearImage) Get(i int) ([]byte, bool) {
+	e := li.Entry(i)
+	if e.Offset == 0 {
+		return nil, false
+	}
+	return bytes.Clone(li.data[e.Offset : e.Offset+e.DataLength]), true
+}
+
+// pow2 rounds up to a power of two, 0 staying 0 (swtpm's ROUND_TO_NEXT_POWER_OF_2_32).
+func pow2(n uint32) uint32 {
+	if n == 0 {
+		return 0
+	}
 	p := uint32(1)
 	for p < n {
 		p <<= 1
@@ -73,175 +165,412 @@ func roundPow2(n uint32) uint32 {
 	return p
 }
 
-// Marshal lays the blobs out compactly after the header.
-func (li *LinearImage) Marshal() []byte {
-	hdr := make([]byte, linearHeaderSize)
-	binary.LittleEndian.PutUint64(hdr, linearMagic)
-	hdr[8] = linearVersion
-	binary.LittleEndian.PutUint16(hdr[10:], linearHeaderSize)
-	img := hdr
-	for i, name := range linearNames {
-		b, ok := li.blobs[name]
-		if !ok {
-			continue
+// resize makes the image newSize bytes long; a fixed-size store only checks it fits.
+func (li *LinearImage) resize(newSize uint64) error {
+	if li.capacity > 0 {
+		if newSize > uint64(li.capacity) {
+			return fmt.Errorf("store: the linear store needs %d bytes, the block device has %d and cannot grow", newSize, li.capacity)
 		}
-		sec := roundPow2(uint32(max(len(b), 1)))
-		off := 12 + 12*i
-		binary.LittleEndian.PutUint32(img[off:], uint32(len(img)))
-		binary.LittleEndian.PutUint32(img[off+4:], uint32(len(b)))
-		binary.LittleEndian.PutUint32(img[off+8:], sec)
-		section := make([]byte, sec)
-		copy(section, b)
-		img = append(img, section...)
+		if newSize > uint64(len(li.data)) {
+			li.data = append(li.data, make([]byte, newSize-uint64(len(li.data)))...)
+		}
+		return nil
 	}
-	return img
+	if newSize > maxLinearImage {
+		return fmt.Errorf("store: a linear store of %d bytes is larger than any TPM state needs", newSize)
+	}
+	if newSize <= uint64(len(li.data)) {
+		li.data = li.data[:newSize]
+	} else {
+		li.data = append(li.data, make([]byte, newSize-uint64(len(li.data)))...)
+	}
+	return nil
 }
 
-// linearBackend keeps the store in one file or block device.
+// alloc places entry i at the end of the used sections (swtpm's AllocFile).
+func (li *LinearImage) alloc(i int, size uint32) error {
+	section := pow2(size)
+	newOff := uint64(linearHeaderSize)
+	for j := range linearEntries {
+		if e := li.Entry(j); e.Offset != 0 {
+			newOff = max(newOff, e.end())
+		}
+	}
+	end := newOff + uint64(section)
+	if end > math.MaxUint32 {
+		return fmt.Errorf("store: linear store offset %d overflows", end)
+	}
+	if err := li.resize(end); err != nil {
+		return err
+	}
+	li.setEntry(i, LinearEntry{Offset: uint32(newOff), DataLength: size, SectionLength: section})
+	return nil
+}
+
+// remove drops entry i and moves the following sections forward (swtpm's RemoveFile).
+func (li *LinearImage) remove(i int, shrink bool) error {
+	old := li.Entry(i)
+	if old.Offset == 0 {
+		return nil
+	}
+	li.setEntry(i, LinearEntry{})
+	next, stateEnd := uint64(math.MaxUint32), uint64(0)
+	for j := range linearEntries {
+		e := li.Entry(j)
+		if e.Offset == 0 || e.Offset <= old.Offset {
+			continue
+		}
+		next = min(next, uint64(e.Offset))
+		stateEnd = max(stateEnd, e.end())
+		e.Offset -= old.SectionLength
+		li.setEntry(j, e)
+	}
+	if next != math.MaxUint32 {
+		copy(li.data[old.Offset:], li.data[next:stateEnd])
+	}
+	if shrink && li.capacity == 0 {
+		return li.resize(uint64(len(li.data)) - uint64(old.SectionLength))
+	}
+	return nil
+}
+
+// Put stores blob b as entry i (swtpm's StoreData_Linear).
+func (li *LinearImage) Put(i int, b []byte) error {
+	if uint64(len(b)) > maxLinearImage {
+		return fmt.Errorf("store: blob of %d bytes is too large for a linear store", len(b))
+	}
+	e := li.Entry(i)
+	switch {
+	case e.Offset == 0:
+		if err := li.alloc(i, uint32(len(b))); err != nil {
+			return err
+		}
+	case uint32(len(b)) > e.SectionLength:
+		if err := li.remove(i, false); err != nil {
+			return err
+		}
+		if err := li.alloc(i, uint32(len(b))); err != nil {
+			return err
+		}
+	}
+	e = li.Entry(i)
+	e.DataLength = uint32(len(b))
+	li.setEntry(i, e)
+	copy(li.data[e.Offset:], b)
+	return nil
+}
+
+// Remove deletes entry i, compacting and shrinking the store (swtpm's DeleteName_Linear).
+func (li *LinearImage) Remove(i int) error { return li.remove(i, true) }
+
+// linearBackend keeps the store in one regular file or block device.
 type linearBackend struct {
-	path  string
-	opts  Options
-	block bool
+	path string
+	opts Options
+	// fixed is the size of a store that cannot be resized (a block device); tests set it on
+	// a regular file to exercise the block-device path.
+	fixed int64
 }
 
 func openLinear(path string, o Options) (*linearBackend, error) {
 	if path == "" {
 		return nil, errors.New("store: empty file:// path")
 	}
-	st, err := os.Stat(path)
+	lb := &linearBackend{path: path, opts: o}
+	st, err := os.Lstat(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		if _, err := os.Stat(filepath.Dir(path)); err != nil {
-			return nil, fmt.Errorf("store: directory of %s: %w", path, err)
+		if st, err := os.Stat(filepath.Dir(path)); err != nil || !st.IsDir() {
+			return nil, fmt.Errorf("store: directory of %s: %w", path, errors.Join(err, fs.ErrNotExist))
 		}
-		return &linearBackend{path: path, opts: o}, nil
+		return lb, nil
 	case err != nil:
-		return nil, fmt.Errorf("store: %s: %w", path, err)
+		return nil, fmt.Errorf("store: %w", err)
+	case st.Mode()&fs.ModeSymlink != 0:
+		return nil, fmt.Errorf("store: %s is a symbolic link (refused, as swtpm opens it O_NOFOLLOW)", path)
+	case st.Mode().IsRegular():
+		return lb, nil
+	case st.Mode()&fs.ModeDevice != 0 && st.Mode()&fs.ModeCharDevice == 0:
+		f, err := os.Open(path)
+		if err != nil {
+			return nil, fmt.Errorf("store: %w", err)
+		}
+		defer f.Close()
+		n, err := f.Seek(0, io.SeekEnd)
+		if err != nil {
+			return nil, fmt.Errorf("store: size of block device %s: %w", path, err)
+		}
+		if n < linearHeaderSize {
+			return nil, fmt.Errorf("store: block device %s has %d bytes, too small for the %d-byte header", path, n, linearHeaderSize)
+		}
+		lb.fixed = n
+		return lb, nil
 	}
-	lb := &linearBackend{path: path, opts: o, block: st.Mode()&fs.ModeDevice != 0}
-	if !st.Mode().IsRegular() && !lb.block {
-		return nil, fmt.Errorf("store: %s is neither a regular file nor a block device", path)
-	}
-	return lb, nil
+	return nil, fmt.Errorf("store: %s is neither a regular file nor a block device", path)
 }
 
-func (l *linearBackend) lockPath() string { return l.path }
-func (l *linearBackend) close() error     { return nil }
+func (l *linearBackend) String() string { return "file://" + l.path }
 
+func (l *linearBackend) lockFile() (string, int, uint32) { return l.path, unix.O_RDWR, l.opts.Mode }
+
+// image reads the store. A missing or empty file, or one without the magic, is a new store.
 func (l *linearBackend) image() (*LinearImage, error) {
-	f, err := os.Open(l.path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return &LinearImage{blobs: map[string][]byte{}}, nil
+	f, err := os.OpenFile(l.path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, fs.ErrNotExist) && l.fixed == 0 {
+		li := &LinearImage{}
+		li.format()
+		return li, nil
 	}
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	img, err := io.ReadAll(io.LimitReader(f, maxBlob*4))
-	if err != nil {
+	if l.fixed == 0 {
+		st, err := f.Stat()
+		if err != nil {
+			return nil, err
+		}
+		if !st.Mode().IsRegular() {
+			return nil, fmt.Errorf("%s is no longer a regular file", l.path)
+		}
+		if st.Size() > maxLinearImage {
+			return nil, fmt.Errorf("%s: %d bytes is larger than any linear TPM store (%d)", l.path, st.Size(), maxLinearImage)
+		}
+		img, err := io.ReadAll(io.LimitReader(f, maxLinearImage+1))
+		if err != nil {
+			return nil, fmt.Errorf("read %s: %w", l.path, err)
+		}
+		li, err := ParseLinear(img)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", l.path, err)
+		}
+		return li, nil
+	}
+	// fixed size: read the header, then only the used sections
+	hdr := make([]byte, linearHeaderSize)
+	if _, err := io.ReadFull(f, hdr); err != nil {
 		return nil, fmt.Errorf("read %s: %w", l.path, err)
 	}
-	li, err := ParseLinear(img)
+	entries, fresh, err := ParseLinearHeader(hdr, l.fixed)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", l.path, err)
+	}
+	li := &LinearImage{data: hdr, capacity: l.fixed}
+	if fresh {
+		li.format()
+		return li, nil
+	}
+	used := uint64(linearHeaderSize)
+	for _, e := range entries {
+		if e.Offset != 0 {
+			used = max(used, e.end())
+		}
+	}
+	if used > maxLinearImage {
+		return nil, fmt.Errorf("%s: %d used bytes is more than any linear TPM store (%d)", l.path, used, maxLinearImage)
+	}
+	li.data = make([]byte, used)
+	copy(li.data, hdr)
+	if _, err := f.ReadAt(li.data[linearHeaderSize:], linearHeaderSize); err != nil {
+		return nil, fmt.Errorf("read %s: %w", l.path, err)
 	}
 	return li, nil
 }
 
 func (l *linearBackend) read(name string) ([]byte, error) {
+	i, err := linearIndex(name)
+	if err != nil {
+		return nil, err
+	}
 	li, err := l.image()
 	if err != nil {
 		return nil, err
 	}
-	b, ok := li.blobs[name]
+	b, ok := li.Get(i)
 	if !ok {
 		return nil, fs.ErrNotExist
 	}
 	return b, nil
 }
 
-func (l *linearBackend) update(f func(*LinearImage) error) error {
+func (l *linearBackend) size(name string) (int64, error) {
+	i, err := linearIndex(name)
+	if err != nil {
+		return 0, err
+	}
+	li, err := l.image()
+	if err != nil {
+		return 0, err
+	}
+	e := li.Entry(i)
+	if e.Offset == 0 {
+		return 0, fs.ErrNotExist
+	}
+	return int64(e.DataLength), nil
+}
+
+// loaded applies an explicit mode to a regular file, as swtpm does when it opens the store.
+func (l *linearBackend) loaded(string) error {
+	if !l.opts.ModeSet || l.fixed != 0 {
+		return nil
+	}
+	f, err := os.OpenFile(l.path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if uint32(st.Mode().Perm()) != l.opts.Mode {
+		if err := f.Chmod(os.FileMode(l.opts.Mode)); err != nil {
+			return fmt.Errorf("chmod %s: %w", l.path, err)
+		}
+	}
+	return nil
+}
+
+func (l *linearBackend) apply(changes []change) error {
 	li, err := l.image()
 	if err != nil {
 		return err
 	}
-	if err := f(li); err != nil {
-		return err
-	}
-	return l.writeImage(li.Marshal())
-}
-
-func (l *linearBackend) write(name string, data []byte) error {
-	return l.update(func(li *LinearImage) error { li.blobs[name] = data; return nil })
-}
-
-func (l *linearBackend) remove(name string) error {
-	return l.update(func(li *LinearImage) error {
-		if _, ok := li.blobs[name]; !ok {
-			return fs.ErrNotExist
+	orig := bytes.Clone(li.data)
+	wasFresh := li.fresh
+	for _, c := range changes {
+		i, err := linearIndex(c.name)
+		if err != nil {
+			return err
 		}
-		delete(li.blobs, name)
+		if c.del {
+			err = li.Remove(i)
+		} else {
+			err = li.Put(i, c.data)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if !wasFresh && bytes.Equal(orig, li.data) {
 		return nil
-	})
+	}
+	if l.fixed == 0 && !l.opts.Lock {
+		done, err := l.replace(li.data)
+		if done || err != nil {
+			return err
+		}
+	}
+	return l.writeInPlace(orig, li.data)
 }
 
-// writeImage replaces the store durably: temp file + rename for regular files (so a crash
-// leaves the old or the new image), in place + fsync for block devices.
-func (l *linearBackend) writeImage(img []byte) error {
-	if l.block {
-		f, err := os.OpenFile(l.path, os.O_WRONLY, 0)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if _, err := f.WriteAt(img, 0); err != nil {
-			return fmt.Errorf("write %s: %w", l.path, err)
-		}
-		if l.opts.NoFsync {
-			return nil
-		}
-		return f.Sync()
-	}
-	if l.opts.Lock {
-		// The lock lives on the file itself, so it must not be replaced: write in place.
-		f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_CREATE, os.FileMode(l.opts.Mode))
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if _, err := f.WriteAt(img, 0); err != nil {
-			return fmt.Errorf("write %s: %w", l.path, err)
-		}
-		if err := f.Truncate(int64(len(img))); err != nil {
-			return err
-		}
-		if l.opts.NoFsync {
-			return nil
-		}
-		return f.Sync()
-	}
-	d := &dirBackend{dir: filepath.Dir(l.path), opts: l.opts}
+// replace writes a regular file's new image to <path>.tmp, fsyncs it, renames it over the
+// store and fsyncs the directory, keeping the store's mode (or the explicit one) and owner.
+// It reports done=false, and changes nothing, when the owner cannot be kept.
+func (l *linearBackend) replace(img []byte) (done bool, err error) {
 	tmp := l.path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW, os.FileMode(l.opts.Mode))
+	perm := os.FileMode(l.opts.Mode)
+	exact := l.opts.ModeSet
+	var owner *syscall.Stat_t
+	if st, err := os.Lstat(l.path); err == nil {
+		if !st.Mode().IsRegular() {
+			return false, fmt.Errorf("%s is no longer a regular file", l.path)
+		}
+		if !exact {
+			perm, exact = st.Mode().Perm(), true
+		}
+		owner, _ = st.Sys().(*syscall.Stat_t)
+	}
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, perm)
+	if err != nil {
+		return false, fmt.Errorf("create %s: %w", tmp, err)
+	}
+	err = func() error {
+		if owner != nil && (int(owner.Uid) != os.Geteuid() || int(owner.Gid) != os.Getegid()) {
+			if err := f.Chown(int(owner.Uid), int(owner.Gid)); err != nil {
+				return errKeepOwner
+			}
+		}
+		if exact {
+			if err := f.Chmod(perm); err != nil {
+				return fmt.Errorf("chmod %s: %w", tmp, err)
+			}
+		}
+		if _, err := f.Write(img); err != nil {
+			return fmt.Errorf("write %s: %w", tmp, err)
+		}
+		return fsyncFile(f, l.opts.NoFsync)
+	}()
+	if cerr := f.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("close %s: %w", tmp, cerr)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		if errors.Is(err, errKeepOwner) {
+			return false, nil
+		}
+		return false, err
+	}
+	hook("rename", l.path)
+	if err := os.Rename(tmp, l.path); err != nil {
+		os.Remove(tmp)
+		return false, fmt.Errorf("rename %s: %w", tmp, err)
+	}
+	return true, fsyncDir(filepath.Dir(l.path), l.opts.NoFsync)
+}
+
+var errKeepOwner = errors.New("cannot keep the owner")
+
+// writeInPlace updates the store where it is (block devices, and regular files whose lock is
+// on the file itself): the changed data after the header first, fsync, then the header,
+// the new length of a regular file, fsync.
+func (l *linearBackend) writeInPlace(orig, img []byte) error {
+	flags := os.O_WRONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
+	if l.fixed == 0 {
+		flags |= os.O_CREATE
+	}
+	f, err := os.OpenFile(l.path, flags, os.FileMode(l.opts.Mode))
 	if err != nil {
 		return err
 	}
-	if _, err := f.Write(img); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
+	defer f.Close()
+	if l.fixed == 0 && l.opts.ModeSet {
+		if st, err := f.Stat(); err == nil && uint32(st.Mode().Perm()) != l.opts.Mode {
+			if err := f.Chmod(os.FileMode(l.opts.Mode)); err != nil {
+				return fmt.Errorf("chmod %s: %w", l.path, err)
+			}
+		}
 	}
-	if !l.opts.NoFsync {
-		if err := f.Sync(); err != nil {
-			f.Close()
-			os.Remove(tmp)
+	hook("write-in-place", l.path)
+	if lo, hi, ok := changedSpan(orig, img, linearHeaderSize); ok {
+		if _, err := f.WriteAt(img[lo:hi], int64(lo)); err != nil {
+			return fmt.Errorf("write %s: %w", l.path, err)
+		}
+		if err := fsyncFile(f, l.opts.NoFsync); err != nil {
 			return err
 		}
 	}
-	f.Close()
-	if err := os.Rename(tmp, l.path); err != nil {
-		os.Remove(tmp)
-		return err
+	if _, err := f.WriteAt(img[:linearHeaderSize], 0); err != nil {
+		return fmt.Errorf("write %s: %w", l.path, err)
 	}
-	return d.syncDir()
+	if l.fixed == 0 {
+		if err := f.Truncate(int64(len(img))); err != nil {
+			return fmt.Errorf("resize %s: %w", l.path, err)
+		}
+	}
+	return fsyncFile(f, l.opts.NoFsync)
+}
+
+// changedSpan finds the bytes from start on where img differs from orig (or extends it).
+func changedSpan(orig, img []byte, start int) (lo, hi int, ok bool) {
+	lo, hi = -1, -1
+	for i := start; i < len(img); i++ {
+		if i >= len(orig) || orig[i] != img[i] {
+			if lo < 0 {
+				lo = i
+			}
+			hi = i + 1
+		}
+	}
+	return lo, hi, lo >= 0
 }

@@ -1,12 +1,13 @@
 package store
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -15,179 +16,326 @@ import (
 	"github.com/vtpmd/vtpmd/emulator"
 )
 
-// ErrLocked means another process (vtpmd or swtpm) holds the state lock.
-var ErrLocked = errors.New("store: state is locked by another process")
+var (
+	// ErrLocked is wrapped when another process (vtpmd or swtpm) holds the state lock.
+	ErrLocked = errors.New("state is locked by another process")
+	// ErrClosed is returned by every method after Close.
+	ErrClosed = errors.New("store closed")
+)
+
+// DefaultMode is the state file mode when Options.Mode is 0 (swtpm's default).
+const DefaultMode = 0o640
 
 // Options configure a Store.
 type Options struct {
+	// TPM2 selects the TPM 2 file names (tpm2-00.*); otherwise TPM 1.2's (tpm-00.*).
 	TPM2 bool
-	// Mode is the state file mode; with ModeSet it is applied exactly (umask ignored) and
-	// existing files are chmod'ed on load, as swtpm's explicit mode= does.
+	// Mode is the mode of created state files (0 means DefaultMode), subject to the umask.
+	// With ModeSet it is applied exactly (swtpm's explicit mode=): created files get it
+	// regardless of the umask and loaded files are chmod'ed to it.
 	Mode    uint32
 	ModeSet bool
 	// Lock enables the state lock (swtpm: on by default for dir://, off for file://).
 	Lock bool
-	// StateKey encrypts stored blobs (--key).
+	// StateKey encrypts stored blobs (--key); nil stores them in the clear.
 	StateKey *blob.Key
-	// NoFsync skips fsync (benchmarks only; --tpmstate ...,fsync=false).
+	// NoFsync skips every fsync (benchmarks and tests only; a crash may then lose writes).
 	NoFsync bool
 }
 
 // State is one stored blob, for --print-states.
 type State struct {
 	Name string
-	Size int64
+	Size int64 // stored size, swtpm header included
 }
 
 // backend is where the blobs physically live.
 type backend interface {
 	read(name string) ([]byte, error) // fs.ErrNotExist when absent
-	write(name string, data []byte) error
-	remove(name string) error
-	lockPath() string
-	close() error
+	size(name string) (int64, error)  // stored size; fs.ErrNotExist when absent
+	// apply makes the changes, in order, atomically per blob and durably as a whole before
+	// it returns (one fsync per file and directory touched). Deleting a missing blob is not
+	// an error.
+	apply(changes []change) error
+	loaded(name string) error // called after a successful Load (file mode fix-ups)
+	lockFile() (path string, flags int, perm uint32)
+	String() string
 }
 
-// Store is a vTPM's state store. It implements emulator.Store.
+// change is one blob write (data) or deletion (del).
+type change struct {
+	name string
+	data []byte
+	del  bool
+}
+
+// Store is a vTPM's state store in swtpm's layout and formats. It implements emulator.Store
+// and is safe for concurrent use.
 type Store struct {
-	opts   Options
-	be     backend
-	lockFD int // -1 when not locked
+	mu      sync.Mutex
+	opts    Options
+	be      backend
+	lockFD  int // -1 when not locked
+	closed  bool
+	pending map[string]change // writes held back between Defer and Sync; nil when not deferred
 }
 
-// syncer is implemented by backends that can defer fsync to a later Sync.
-type syncer interface {
-	deferSync(on bool)
-	sync() error
-}
-
-// Defer makes writes skip their own fsync until Sync. It is for sequences that answer nobody
-// in between (libtpms writes permall several times while it powers on): they pay for one
-// fsync of each file and the directory instead of one per write. The rename still makes each
-// write atomic; Sync makes them durable.
-func (s *Store) Defer() {
-	if sy, ok := s.be.(syncer); ok {
-		sy.deferSync(true)
-	}
-}
-
-// Sync makes every write since Defer durable and ends the deferral.
-func (s *Store) Sync() error {
-	if sy, ok := s.be.(syncer); ok {
-		defer sy.deferSync(false)
-		return sy.sync()
-	}
-	return nil
-}
-
-// Open opens a state location: "dir://<dir>", "file://<path>", or a bare directory path.
+// Open opens a state location: "dir://<dir>", "file://<file-or-block-device>", or a bare
+// directory path. The directory (or the file's directory) must exist. Open neither takes the
+// lock nor changes anything on disk.
 func Open(uri string, o Options) (*Store, error) {
 	if o.Mode == 0 {
-		o.Mode = 0o640
+		o.Mode = DefaultMode
+	}
+	if o.Mode > 0o777 {
+		return nil, fmt.Errorf("store: mode %#o is not a permission mode", o.Mode)
 	}
 	s := &Store{opts: o, lockFD: -1}
+	var err error
 	switch {
 	case strings.HasPrefix(uri, "file://"):
-		be, err := openLinear(strings.TrimPrefix(uri, "file://"), o)
-		if err != nil {
-			return nil, err
-		}
-		s.be = be
+		s.be, err = openLinear(strings.TrimPrefix(uri, "file://"), o)
+	case strings.Contains(uri, "://") && !strings.HasPrefix(uri, "dir://"):
+		err = fmt.Errorf("store: unsupported backend URI %q (want dir:// or file://)", uri)
 	default:
-		dir := strings.TrimPrefix(uri, "dir://")
-		if dir == "" {
-			return nil, errors.New("store: empty state directory")
-		}
-		st, err := os.Stat(dir)
-		if err != nil {
-			return nil, fmt.Errorf("store: state directory %s: %w", dir, err)
-		}
-		if !st.IsDir() {
-			return nil, fmt.Errorf("store: %s is not a directory", dir)
-		}
-		s.be = &dirBackend{dir: dir, opts: o}
+		s.be, err = openDir(strings.TrimPrefix(uri, "dir://"), o)
+	}
+	if err != nil {
+		return nil, err
 	}
 	return s, nil
 }
 
-func (s *Store) name(t emulator.StateType) string { return t.Name() }
+// String names the location, e.g. "dir:///var/lib/swtpm/x".
+func (s *Store) String() string { return s.be.String() }
 
-// Load returns the decoded libtpms blob.
-func (s *Store) Load(t emulator.StateType) ([]byte, error) {
-	raw, err := s.be.read(s.name(t))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("load %s: %w", t.Name(), emulator.ErrNotExist)
+func blobName(t emulator.StateType) (string, error) {
+	switch t {
+	case emulator.StatePermanent, emulator.StateVolatile, emulator.StateSave:
+		return t.Name(), nil
 	}
+	return "", fmt.Errorf("store: unknown state type %d", int(t))
+}
+
+func (s *Store) begin(t emulator.StateType) (string, error) {
+	if s.closed {
+		return "", ErrClosed
+	}
+	return blobName(t)
+}
+
+// Load returns the libtpms blob (blob.Open of the stored bytes with Options.StateKey). A
+// missing blob gives an error wrapping emulator.ErrNotExist; bad data an error wrapping one of
+// package blob's sentinels. A failed Load changes nothing on disk; a successful one applies
+// swtpm's mode fix-ups (chmod to an explicit mode; owner write added).
+func (s *Store) Load(t emulator.StateType) ([]byte, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	name, err := s.begin(t)
 	if err != nil {
-		return nil, fmt.Errorf("load %s: %w", t.Name(), err)
+		return nil, err
+	}
+	raw, fromDisk, err := s.readLocked(name)
+	if err != nil {
+		return nil, err
 	}
 	plain, err := blob.Open(raw, s.opts.StateKey)
 	if err != nil {
-		return nil, fmt.Errorf("load %s state: %w", t.Name(), err)
+		return nil, fmt.Errorf("load %s from %s: %w", name, s.be, err)
+	}
+	if fromDisk {
+		if err := s.be.loaded(name); err != nil {
+			return nil, fmt.Errorf("load %s from %s: %w", name, s.be, err)
+		}
 	}
 	return plain, nil
 }
 
-// LoadRaw returns the blob as stored (header and TLVs).
-func (s *Store) LoadRaw(t emulator.StateType) ([]byte, error) {
-	raw, err := s.be.read(s.name(t))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("load %s: %w", t.Name(), emulator.ErrNotExist)
+// readLocked returns the stored bytes, from the pending writes while deferred.
+func (s *Store) readLocked(name string) (raw []byte, fromDisk bool, err error) {
+	if c, ok := s.pending[name]; ok {
+		if c.del {
+			return nil, false, fmt.Errorf("load %s from %s: deleted: %w", name, s.be, emulator.ErrNotExist)
+		}
+		return bytes.Clone(c.data), false, nil
 	}
+	raw, err = s.be.read(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, false, fmt.Errorf("load %s from %s: %w", name, s.be, emulator.ErrNotExist)
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("load %s: %w", name, err)
+	}
+	return raw, true, nil
+}
+
+// existsLocked reports whether a blob is stored (or pending).
+func (s *Store) existsLocked(name string) (bool, error) {
+	if c, ok := s.pending[name]; ok {
+		return !c.del, nil
+	}
+	_, err := s.be.size(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// LoadRaw returns the blob as stored (swtpm header and TLVs), without decoding it.
+func (s *Store) LoadRaw(t emulator.StateType) ([]byte, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	name, err := s.begin(t)
+	if err != nil {
+		return nil, err
+	}
+	raw, _, err := s.readLocked(name)
 	return raw, err
 }
 
-// Store seals and durably writes a blob.
+// Store seals the libtpms blob (blob.Seal with Options.StateKey) and writes it durably: when
+// Store returns nil the new blob survives a crash (unless NoFsync or Defer is in effect), and
+// a crash before that leaves the previous blob (see the package comment for file://).
 func (s *Store) Store(t emulator.StateType, plain []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	name, err := s.begin(t)
+	if err != nil {
+		return err
+	}
 	sealed, err := blob.Seal(plain, s.opts.StateKey)
 	if err != nil {
-		return fmt.Errorf("seal %s: %w", t.Name(), err)
+		return fmt.Errorf("store %s: %w", name, err)
 	}
-	if err := s.be.write(s.name(t), sealed); err != nil {
-		return fmt.Errorf("store %s: %w", t.Name(), err)
+	c := change{name: name, data: sealed}
+	if s.pending != nil {
+		s.pending[name] = c
+		return nil
+	}
+	if err := s.be.apply([]change{c}); err != nil {
+		return fmt.Errorf("store %s: %w", name, err)
 	}
 	return nil
 }
 
-// Delete removes a blob; a missing one is an error only when mustExist.
+// Delete removes a blob; a missing one is an error (wrapping emulator.ErrNotExist) only when
+// mustExist.
 func (s *Store) Delete(t emulator.StateType, mustExist bool) error {
-	err := s.be.remove(s.name(t))
-	if errors.Is(err, fs.ErrNotExist) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	name, err := s.begin(t)
+	if err != nil {
+		return err
+	}
+	exists, err := s.existsLocked(name)
+	if err != nil {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	if !exists {
 		if mustExist {
-			return fmt.Errorf("delete %s: %w", t.Name(), emulator.ErrNotExist)
+			return fmt.Errorf("delete %s from %s: %w", name, s.be, emulator.ErrNotExist)
 		}
 		return nil
 	}
-	return err
+	c := change{name: name, del: true}
+	if s.pending != nil {
+		s.pending[name] = c
+		return nil
+	}
+	if err := s.be.apply([]change{c}); err != nil {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	return nil
 }
 
-// States lists the stored blobs with their sizes, in swtpm's order.
+// States lists the stored blobs with their stored sizes, in swtpm's order (permall,
+// volatilestate, savestate), for --print-states. It needs no lock and changes nothing.
 func (s *Store) States() ([]State, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
 	var out []State
-	for _, t := range []emulator.StateType{emulator.StatePermanent, emulator.StateVolatile, emulator.StateSave} {
-		raw, err := s.be.read(s.name(t))
+	for _, name := range blobNames {
+		if c, ok := s.pending[name]; ok {
+			if !c.del {
+				out = append(out, State{Name: name, Size: int64(len(c.data))})
+			}
+			continue
+		}
+		n, err := s.be.size(name)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("states of %s: %w", s.be, err)
 		}
-		out = append(out, State{Name: t.Name(), Size: int64(len(raw))})
+		out = append(out, State{Name: name, Size: n})
 	}
 	return out, nil
 }
 
-// Lock takes the state lock, retrying every 10 ms up to retries times. Without Options.Lock
-// it does nothing.
+// blobNames are the blobs in swtpm's order.
+var blobNames = []string{"permall", "volatilestate", "savestate"}
+
+// Defer holds writes and deletions back until Sync, for sequences that answer nobody in
+// between (libtpms may write permall several times while it powers on). Load, LoadRaw, Delete
+// and States see the held-back changes. Nothing reaches the disk before Sync, so a crash
+// during the sequence leaves the previous state intact; Sync then writes each blob once, with
+// the usual atomic, durable replacement.
+func (s *Store) Defer() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pending == nil {
+		s.pending = map[string]change{}
+	}
+}
+
+// Sync writes the changes held back since Defer (atomically per blob, durably before it
+// returns) and ends the deferral. On error the changes not yet written are dropped, so a
+// later Load sees what is on disk.
+func (s *Store) Sync() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	pending := s.pending
+	s.pending = nil
+	if s.closed {
+		return ErrClosed
+	}
+	var changes []change
+	for _, name := range blobNames {
+		if c, ok := pending[name]; ok {
+			changes = append(changes, c)
+		}
+	}
+	if len(changes) == 0 {
+		return nil
+	}
+	if err := s.be.apply(changes); err != nil {
+		return fmt.Errorf("sync %s: %w", s.be, err)
+	}
+	return nil
+}
+
+// Lock takes the state lock, trying retries more times 10 ms apart. The lock is an
+// open-file-description (OFD) write lock on <dir>/.lock (file://: on the file itself), which
+// conflicts with the classic fcntl lock swtpm takes there. The lock file is created (mode
+// 0660, subject to the umask) and never deleted. Without Options.Lock, Lock does nothing.
+// When another process holds the lock the error wraps ErrLocked and names the lock file.
 func (s *Store) Lock(retries int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
 	if !s.opts.Lock || s.lockFD >= 0 {
 		return nil
 	}
-	path := s.be.lockPath()
-	flags := unix.O_WRONLY | unix.O_CREAT | unix.O_NOFOLLOW | unix.O_CLOEXEC
-	fd, err := unix.Open(path, flags, 0o660)
+	path, flags, perm := s.be.lockFile()
+	fd, err := unix.Open(path, flags|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC, perm)
 	if err != nil {
-		return fmt.Errorf("could not open lockfile %s: %w", path, err)
+		return fmt.Errorf("store: could not open lock file %s: %w", path, err)
 	}
 	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 0, Len: 0}
 	for i := 0; ; i++ {
@@ -196,17 +344,32 @@ func (s *Store) Lock(retries int) error {
 			s.lockFD = fd
 			return nil
 		}
-		if i >= retries || (!errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EACCES)) {
-			break
+		busy := errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES)
+		if !busy || i >= retries {
+			unix.Close(fd)
+			if busy {
+				return fmt.Errorf("store: could not lock %s after %d retries: %w", path, retries, ErrLocked)
+			}
+			return fmt.Errorf("store: could not lock %s: %w", path, err)
 		}
+		s.mu.Unlock()
 		time.Sleep(10 * time.Millisecond)
+		s.mu.Lock()
+		if s.closed {
+			unix.Close(fd)
+			return ErrClosed
+		}
 	}
-	unix.Close(fd)
-	return fmt.Errorf("%w: could not lock %s: %v", ErrLocked, path, err)
 }
 
-// Unlock releases the state lock.
+// Unlock releases the state lock (the lock file stays).
 func (s *Store) Unlock() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.unlockLocked()
+}
+
+func (s *Store) unlockLocked() {
 	if s.lockFD >= 0 {
 		unix.Close(s.lockFD)
 		s.lockFD = -1
@@ -214,158 +377,56 @@ func (s *Store) Unlock() {
 }
 
 // Locked reports whether the lock is held (always true when locking is off).
-func (s *Store) Locked() bool { return !s.opts.Lock || s.lockFD >= 0 }
+func (s *Store) Locked() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !s.opts.Lock || s.lockFD >= 0
+}
 
-// Close releases the lock and the backend.
+// Close releases the lock. Further calls fail with ErrClosed; Close itself may be repeated.
 func (s *Store) Close() error {
-	s.Unlock()
-	return s.be.close()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.unlockLocked()
+	s.closed = true
+	return nil
 }
 
-// dirBackend is swtpm's directory layout.
-type dirBackend struct {
-	dir      string
-	opts     Options
-	deferred bool            // fsync postponed until sync
-	dirty    map[string]bool // files renamed into place while deferred
-}
+// testHook, when set by tests, is told about each durability step ("fsync", "rename",
+// "fsync-dir", "write-in-place") with the path concerned.
+var testHook func(op, path string)
 
-func (d *dirBackend) deferSync(on bool) {
-	d.deferred = on
-	if on && d.dirty == nil {
-		d.dirty = map[string]bool{}
+func hook(op, path string) {
+	if testHook != nil {
+		testHook(op, path)
 	}
 }
 
-func (d *dirBackend) sync() error {
-	if d.opts.NoFsync {
+// fsyncFile fsyncs f unless fsync is off.
+func fsyncFile(f *os.File, noFsync bool) error {
+	if noFsync {
 		return nil
 	}
-	for p := range d.dirty {
-		f, err := os.Open(p)
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				continue
-			}
-			return err
-		}
-		err = f.Sync()
-		f.Close()
-		if err != nil {
-			return fmt.Errorf("fsync %s: %w", p, err)
-		}
-	}
-	clear(d.dirty)
-	f, err := os.Open(d.dir)
-	if err != nil {
-		return fmt.Errorf("open state directory: %w", err)
-	}
-	defer f.Close()
-	return f.Sync()
-}
-
-func (d *dirBackend) file(name string) string {
-	if d.opts.TPM2 {
-		return filepath.Join(d.dir, "tpm2-00."+name)
-	}
-	return filepath.Join(d.dir, "tpm-00."+name)
-}
-
-func (d *dirBackend) tmp(name string) string {
-	if d.opts.TPM2 {
-		return filepath.Join(d.dir, "TMP2-00."+name)
-	}
-	return filepath.Join(d.dir, "TMP-00."+name)
-}
-
-func (d *dirBackend) lockPath() string { return filepath.Join(d.dir, ".lock") }
-func (d *dirBackend) close() error     { return nil }
-
-func (d *dirBackend) read(name string) ([]byte, error) {
-	p := d.file(name)
-	f, err := os.OpenFile(p, os.O_RDONLY|unix.O_NOFOLLOW, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", p)
-	}
-	if st.Size() > maxBlob {
-		return nil, fmt.Errorf("%s: %d bytes is larger than any TPM state (%d)", p, st.Size(), maxBlob)
-	}
-	if d.opts.ModeSet && uint32(st.Mode().Perm()) != d.opts.Mode {
-		_ = f.Chmod(os.FileMode(d.opts.Mode))
-	}
-	b := make([]byte, st.Size())
-	if _, err := f.ReadAt(b, 0); err != nil && st.Size() > 0 {
-		return nil, fmt.Errorf("read %s: %w", p, err)
-	}
-	return b, nil
-}
-
-// maxBlob bounds what is read as one state blob.
-const maxBlob = 16 << 20
-
-func (d *dirBackend) write(name string, data []byte) error {
-	tmp, final := d.tmp(name), d.file(name)
-	if d.opts.ModeSet {
-		old := unix.Umask(0)
-		defer unix.Umask(old)
-	}
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW, os.FileMode(d.opts.Mode))
-	if err != nil {
-		return fmt.Errorf("create %s: %w", tmp, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", tmp, err)
-	}
-	if !d.opts.NoFsync && !d.deferred {
-		if err := f.Sync(); err != nil {
-			f.Close()
-			os.Remove(tmp)
-			return fmt.Errorf("fsync %s: %w", tmp, err)
-		}
-	}
-	if err := f.Close(); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("close %s: %w", tmp, err)
-	}
-	if err := os.Rename(tmp, final); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("rename %s: %w", final, err)
-	}
-	if d.deferred {
-		d.dirty[final] = true
-		return nil
-	}
-	return d.syncDir()
-}
-
-func (d *dirBackend) syncDir() error {
-	if d.opts.NoFsync || d.deferred {
-		return nil
-	}
-	f, err := os.Open(d.dir)
-	if err != nil {
-		return fmt.Errorf("open state directory: %w", err)
-	}
-	defer f.Close()
+	hook("fsync", f.Name())
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("fsync state directory %s: %w", d.dir, err)
+		return fmt.Errorf("fsync %s: %w", f.Name(), err)
 	}
 	return nil
 }
 
-func (d *dirBackend) remove(name string) error {
-	if err := os.Remove(d.file(name)); err != nil {
-		return err
+// fsyncDir fsyncs a directory, making renames in it durable.
+func fsyncDir(dir string, noFsync bool) error {
+	if noFsync {
+		return nil
 	}
-	return d.syncDir()
+	f, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("open directory for fsync: %w", err)
+	}
+	defer f.Close()
+	hook("fsync-dir", dir)
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync directory %s: %w", dir, err)
+	}
+	return nil
 }

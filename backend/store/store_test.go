@@ -3,346 +3,525 @@ package store
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vtpmd/vtpmd/backend/blob"
 	"github.com/vtpmd/vtpmd/emulator"
 )
 
-func mustKey(t testing.TB, n int) *blob.Key {
-	k, err := blob.NewKey(bytes.Repeat([]byte{0x42}, n))
+func mustKey(t testing.TB, n int, fill byte) *blob.Key {
+	t.Helper()
+	k, err := blob.NewKey(bytes.Repeat([]byte{fill}, n))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return k
 }
 
-func hashDir(t *testing.T, dir string) string {
+func mustOpen(t testing.TB, uri string, o Options) *Store {
 	t.Helper()
-	h := sha256.New()
-	ents, _ := os.ReadDir(dir)
-	for _, e := range ents {
-		b, _ := os.ReadFile(filepath.Join(dir, e.Name()))
-		h.Write([]byte(e.Name()))
-		h.Write(b)
+	s, err := Open(uri, o)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return string(h.Sum(nil))
+	t.Cleanup(func() { s.Close() })
+	return s
 }
 
-func TestDirStoreRoundTrip(t *testing.T) {
-	for _, k := range []*blob.Key{nil, mustKey(t, 16), mustKey(t, 32)} {
-		dir := t.TempDir()
-		s, err := Open("dir://"+dir, Options{TPM2: true, Mode: 0o600, ModeSet: true, Lock: true, StateKey: k})
+// hashDir hashes names, contents and modes of everything in dir.
+func hashDir(t testing.TB, dir string) string {
+	t.Helper()
+	h := sha256.New()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		p := filepath.Join(dir, e.Name())
+		st, err := os.Lstat(p)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.Load(emulator.StatePermanent); !errors.Is(err, emulator.ErrNotExist) {
-			t.Fatalf("empty load: %v", err)
+		fmt.Fprintf(h, "%s %v %d\n", e.Name(), st.Mode(), st.Size())
+		if st.Mode().IsRegular() {
+			b, _ := os.ReadFile(p)
+			h.Write(b)
 		}
-		data := bytes.Repeat([]byte{1, 2, 3}, 500)
-		if err := s.Store(emulator.StatePermanent, data); err != nil {
-			t.Fatal(err)
+	}
+	return fmt.Sprintf("%x", h.Sum(nil))
+}
+
+var testBlob = func() []byte {
+	b := make([]byte, 1299)
+	for i := range b {
+		b[i] = byte(i * 13)
+	}
+	return b
+}()
+
+func TestOpenURIs(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct {
+		uri, want string
+		ok        bool
+	}{
+		{dir, "dir://" + dir, true},
+		{"dir://" + dir, "dir://" + dir, true},
+		{"file://" + filepath.Join(dir, "img"), "file://" + filepath.Join(dir, "img"), true},
+		{"dir://" + filepath.Join(dir, "missing"), "", false},
+		{"file://" + filepath.Join(dir, "missing", "img"), "", false},
+		{"dir://", "", false},
+		{"file://", "", false},
+		{"nbd://host/x", "", false},
+	} {
+		s, err := Open(c.uri, Options{TPM2: true})
+		if (err == nil) != c.ok {
+			t.Fatalf("Open(%q) = %v", c.uri, err)
 		}
-		got, err := s.Load(emulator.StatePermanent)
-		if err != nil || !bytes.Equal(got, data) {
-			t.Fatalf("load: %v", err)
+		if err == nil && s.String() != c.want {
+			t.Fatalf("Open(%q).String() = %q", c.uri, s.String())
 		}
-		st, _ := os.Stat(filepath.Join(dir, "tpm2-00.permall"))
-		if st.Mode().Perm() != 0o600 {
-			t.Fatalf("mode %o", st.Mode().Perm())
-		}
-		if _, err := os.Stat(filepath.Join(dir, "TMP2-00.permall")); !os.IsNotExist(err) {
-			t.Fatal("temporary file left behind")
-		}
-		states, _ := s.States()
-		if len(states) != 1 || states[0].Name != "permall" || states[0].Size != st.Size() {
-			t.Fatalf("States = %+v", states)
-		}
-		if err := s.Delete(emulator.StateVolatile, false); err != nil {
-			t.Fatal(err)
-		}
-		if err := s.Delete(emulator.StateVolatile, true); !errors.Is(err, emulator.ErrNotExist) {
-			t.Fatalf("mustExist delete: %v", err)
-		}
-		s.Close()
+	}
+	os.WriteFile(filepath.Join(dir, "afile"), nil, 0o600)
+	if _, err := Open("dir://"+filepath.Join(dir, "afile"), Options{}); err == nil {
+		t.Fatal("a file opened as a state directory")
+	}
+	os.Symlink(filepath.Join(dir, "afile"), filepath.Join(dir, "link"))
+	if _, err := Open("file://"+filepath.Join(dir, "link"), Options{}); err == nil || !strings.Contains(err.Error(), "symbolic link") {
+		t.Fatalf("symlinked linear store: %v", err)
+	}
+	if _, err := Open("file:///dev/null", Options{}); err == nil {
+		t.Fatal("a character device opened as a linear store")
 	}
 }
 
-func TestBadStateLeavesFilesUnchanged(t *testing.T) {
-	dir := t.TempDir()
-	k := mustKey(t, 32)
-	s, _ := Open(dir, Options{TPM2: true, StateKey: k})
-	s.Store(emulator.StatePermanent, bytes.Repeat([]byte{9}, 1000))
-	path := filepath.Join(dir, "tpm2-00.permall")
-	good, _ := os.ReadFile(path)
-	cases := map[string]func([]byte) []byte{
-		"truncated": func(b []byte) []byte { return b[:len(b)/2] },
-		"bit flip":  func(b []byte) []byte { b = bytes.Clone(b); b[len(b)/2] ^= 1; return b },
-		"oversized": func(b []byte) []byte { return append(bytes.Clone(b), 0) },
-		"empty":     func(b []byte) []byte { return nil },
+func TestDirRoundTrip(t *testing.T) {
+	for _, tpm2 := range []bool{true, false} {
+		for _, k := range []*blob.Key{nil, mustKey(t, 16, 1), mustKey(t, 32, 2)} {
+			t.Run(fmt.Sprintf("tpm2=%v %v", tpm2, k), func(t *testing.T) {
+				dir := t.TempDir()
+				s := mustOpen(t, "dir://"+dir, Options{TPM2: tpm2, StateKey: k})
+				prefix := map[bool]string{true: "tpm2-00.", false: "tpm-00."}[tpm2]
+				if _, err := s.Load(emulator.StatePermanent); !errors.Is(err, emulator.ErrNotExist) {
+					t.Fatalf("empty load: %v", err)
+				}
+				for _, st := range []emulator.StateType{emulator.StatePermanent, emulator.StateVolatile, emulator.StateSave} {
+					data := append([]byte(st.Name()), testBlob...)
+					if err := s.Store(st, data); err != nil {
+						t.Fatal(err)
+					}
+					got, err := s.Load(st)
+					if err != nil || !bytes.Equal(got, data) {
+						t.Fatalf("load %s: %v", st.Name(), err)
+					}
+					raw, err := os.ReadFile(filepath.Join(dir, prefix+st.Name()))
+					if err != nil {
+						t.Fatal(err)
+					}
+					if plain, err := blob.Open(raw, k); err != nil || !bytes.Equal(plain, data) {
+						t.Fatalf("file is not a blob.Seal of the data: %v", err)
+					}
+					if lr, _ := s.LoadRaw(st); !bytes.Equal(lr, raw) {
+						t.Fatal("LoadRaw differs from the file")
+					}
+				}
+				states, err := s.States()
+				if err != nil || len(states) != 3 {
+					t.Fatalf("States = %v, %v", states, err)
+				}
+				for i, name := range []string{"permall", "volatilestate", "savestate"} {
+					st, _ := os.Stat(filepath.Join(dir, prefix+name))
+					if states[i].Name != name || states[i].Size != st.Size() {
+						t.Fatalf("States[%d] = %+v, file has %d bytes", i, states[i], st.Size())
+					}
+				}
+				if err := s.Delete(emulator.StateVolatile, true); err != nil {
+					t.Fatal(err)
+				}
+				if err := s.Delete(emulator.StateVolatile, false); err != nil {
+					t.Fatal(err)
+				}
+				if err := s.Delete(emulator.StateVolatile, true); !errors.Is(err, emulator.ErrNotExist) {
+					t.Fatalf("mustExist delete of a missing blob: %v", err)
+				}
+				ents, _ := os.ReadDir(dir)
+				var names []string
+				for _, e := range ents {
+					names = append(names, e.Name())
+				}
+				if want := fmt.Sprint([]string{prefix + "permall", prefix + "savestate"}); fmt.Sprint(names) != want {
+					t.Fatalf("directory holds %v, want %s (no temporary files)", names, want)
+				}
+			})
+		}
 	}
-	for name, mutate := range cases {
-		t.Run(name, func(t *testing.T) {
-			os.WriteFile(path, mutate(good), 0o640)
-			before := hashDir(t, dir)
-			if _, err := s.Load(emulator.StatePermanent); err == nil {
-				t.Fatal("bad state accepted")
+	s := mustOpen(t, t.TempDir(), Options{TPM2: true})
+	if _, err := s.Load(emulator.StateType(9)); err == nil {
+		t.Fatal("unknown state type accepted")
+	}
+	s.Close()
+	if _, err := s.Load(emulator.StatePermanent); !errors.Is(err, ErrClosed) {
+		t.Fatalf("after Close: %v", err)
+	}
+}
+
+// TestBadStateRefusedAndUntouched truncates a stored file at every length and flips a bit in
+// every byte; each load must fail with the right sentinel and leave the directory as it was.
+func TestBadStateRefusedAndUntouched(t *testing.T) {
+	for _, k := range []*blob.Key{nil, mustKey(t, 16, 3), mustKey(t, 32, 4)} {
+		t.Run(fmt.Sprint(k), func(t *testing.T) {
+			dir := t.TempDir()
+			s := mustOpen(t, dir, Options{TPM2: true, StateKey: k, Mode: 0o600, ModeSet: true})
+			if err := s.Store(emulator.StatePermanent, testBlob); err != nil {
+				t.Fatal(err)
 			}
-			if hashDir(t, dir) != before {
-				t.Fatal("a failed load changed the state directory")
+			path := filepath.Join(dir, "tpm2-00.permall")
+			good, _ := os.ReadFile(path)
+			try := func(what string, bad []byte, want ...error) {
+				t.Helper()
+				if err := os.WriteFile(path, bad, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				os.Chmod(path, 0o644) // a wrong mode that a successful load would fix
+				before := hashDir(t, dir)
+				got, err := s.Load(emulator.StatePermanent)
+				after := hashDir(t, dir)
+				if before != after {
+					t.Fatalf("%s: a failed load changed the state directory", what)
+				}
+				if err == nil {
+					if len(want) > 0 {
+						t.Fatalf("%s: accepted (same data: %v)", what, bytes.Equal(got, testBlob))
+					}
+					return
+				}
+				for _, w := range want {
+					if errors.Is(err, w) {
+						return
+					}
+				}
+				t.Fatalf("%s: %v, want one of %v", what, err, want)
+			}
+			for n := 0; n < len(good); n++ {
+				try(fmt.Sprintf("truncated to %d", n), good[:n], blob.ErrMalformed)
+			}
+			for i := range good {
+				b := bytes.Clone(good)
+				b[i] ^= 1 << (i % 8)
+				switch {
+				case i == 4 || i == 5:
+					continue // this bit of the flags is not consulted (see package blob's tests)
+				case i < 10:
+					try(fmt.Sprintf("header byte %d flipped", i), b, blob.ErrMalformed, blob.ErrVersion, blob.ErrHeaderSize)
+				case k == nil && i >= 16:
+					continue // plain data: no integrity protection, as in swtpm
+				case k == nil:
+					try(fmt.Sprintf("TLV header byte %d flipped", i), b, blob.ErrMalformed)
+				default:
+					try(fmt.Sprintf("byte %d flipped", i), b, blob.ErrMalformed, blob.ErrDecrypt)
+				}
+			}
+			// wrong keys
+			if err := os.WriteFile(path, good, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			for _, wrong := range []struct {
+				k    *blob.Key
+				want error
+			}{{mustKey(t, 16, 9), blob.ErrDecrypt}, {mustKey(t, 32, 9), blob.ErrDecrypt}, {nil, blob.ErrKeyNotFound}} {
+				if wrong.k.Len() != k.Len() && k != nil && wrong.k != nil {
+					wrong.want = blob.ErrKeyLength
+				}
+				if k == nil {
+					if wrong.k == nil {
+						continue
+					}
+					wrong.want = blob.ErrDecrypt
+				}
+				before := hashDir(t, dir)
+				s2 := mustOpen(t, dir, Options{TPM2: true, StateKey: wrong.k, Mode: 0o600, ModeSet: true})
+				if _, err := s2.Load(emulator.StatePermanent); !errors.Is(err, wrong.want) {
+					t.Fatalf("key %v: %v, want %v", wrong.k, err, wrong.want)
+				}
+				if hashDir(t, dir) != before {
+					t.Fatal("a wrongly keyed load changed the state directory")
+				}
+			}
+			// and the good file loads and gets its explicit mode back
+			if got, err := s.Load(emulator.StatePermanent); err != nil || !bytes.Equal(got, testBlob) {
+				t.Fatalf("good state: %v", err)
+			}
+			if st, _ := os.Stat(path); st.Mode().Perm() != 0o600 {
+				t.Fatalf("mode %o after a successful load, want 600", st.Mode().Perm())
 			}
 		})
 	}
-	os.WriteFile(path, good, 0o640)
-	wrong, _ := Open(dir, Options{TPM2: true, StateKey: mustKey(t, 16)})
-	if _, err := wrong.Load(emulator.StatePermanent); !errors.Is(err, blob.ErrKeyLength) {
-		t.Fatalf("wrong key length: %v", err)
+}
+
+func TestModes(t *testing.T) {
+	old := unix.Umask(0o077)
+	defer unix.Umask(old)
+	perm := func(p string) os.FileMode {
+		st, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Mode().Perm()
 	}
-	nokey, _ := Open(dir, Options{TPM2: true})
-	if _, err := nokey.Load(emulator.StatePermanent); !errors.Is(err, blob.ErrKeyNotFound) {
-		t.Fatalf("no key: %v", err)
+	dir := t.TempDir()
+	s := mustOpen(t, dir, Options{TPM2: true})
+	s.Store(emulator.StatePermanent, testBlob)
+	p := filepath.Join(dir, "tpm2-00.permall")
+	if m := perm(p); m != 0o600 { // 0640 under umask 077
+		t.Fatalf("default mode under umask 077: %o", m)
+	}
+	os.Chmod(p, 0o440)
+	if _, err := s.Load(emulator.StatePermanent); err != nil {
+		t.Fatal(err)
+	}
+	if m := perm(p); m != 0o640 { // owner write given back
+		t.Fatalf("mode after load: %o, want 640", m)
+	}
+	dir2 := t.TempDir()
+	s2 := mustOpen(t, dir2, Options{TPM2: true, Mode: 0o664, ModeSet: true})
+	s2.Store(emulator.StatePermanent, testBlob)
+	p2 := filepath.Join(dir2, "tpm2-00.permall")
+	if m := perm(p2); m != 0o664 { // explicit mode: umask ignored
+		t.Fatalf("explicit mode under umask 077: %o", m)
+	}
+	os.Chmod(p2, 0o600)
+	s2.Load(emulator.StatePermanent)
+	if m := perm(p2); m != 0o664 {
+		t.Fatalf("explicit mode after load: %o", m)
+	}
+	if _, err := Open(dir, Options{Mode: 0o1777}); err == nil {
+		t.Fatal("mode with sticky bit accepted")
+	}
+}
+
+// TestDurableWriteOrder checks each write is fsynced before the rename that publishes it and
+// the directory after, all before Store returns.
+func TestDurableWriteOrder(t *testing.T) {
+	var ops []string
+	testHook = func(op, path string) { ops = append(ops, op+" "+filepath.Base(path)) }
+	defer func() { testHook = nil }()
+	dir := t.TempDir()
+	s := mustOpen(t, dir, Options{TPM2: true})
+	s.Store(emulator.StatePermanent, testBlob)
+	want := "[fsync TMP2-00.permall rename tpm2-00.permall fsync-dir " + filepath.Base(dir) + "]"
+	if fmt.Sprint(ops) != want {
+		t.Fatalf("dir store: %v, want %s", ops, want)
+	}
+	ops = nil
+	s.Delete(emulator.StatePermanent, true)
+	if fmt.Sprint(ops) != "[fsync-dir "+filepath.Base(dir)+"]" {
+		t.Fatalf("delete: %v", ops)
+	}
+	ops = nil
+	img := filepath.Join(dir, "tpm.img")
+	l := mustOpen(t, "file://"+img, Options{TPM2: true})
+	l.Store(emulator.StatePermanent, testBlob)
+	if want := "[fsync tpm.img.tmp rename tpm.img fsync-dir " + filepath.Base(dir) + "]"; fmt.Sprint(ops) != want {
+		t.Fatalf("linear store: %v, want %s", ops, want)
+	}
+	ops = nil
+	ll := mustOpen(t, "file://"+img, Options{TPM2: true, Lock: true})
+	ll.Store(emulator.StateVolatile, testBlob)
+	if want := "[write-in-place tpm.img fsync tpm.img fsync tpm.img]"; fmt.Sprint(ops) != want {
+		t.Fatalf("linear store with lock: %v, want %s", ops, want)
+	}
+	ops = nil
+	n := mustOpen(t, dir, Options{TPM2: true, NoFsync: true})
+	n.Store(emulator.StatePermanent, testBlob)
+	if fmt.Sprint(ops) != "[rename tpm2-00.permall]" {
+		t.Fatalf("NoFsync: %v", ops)
+	}
+}
+
+func TestFailedWriteKeepsOldBlob(t *testing.T) {
+	dir := t.TempDir()
+	s := mustOpen(t, dir, Options{TPM2: true})
+	if err := s.Store(emulator.StatePermanent, testBlob); err != nil {
+		t.Fatal(err)
+	}
+	// a directory where the temporary file goes makes the write fail
+	if err := os.Mkdir(filepath.Join(dir, "TMP2-00.permall"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	before := hashDir(t, dir)
+	if err := s.Store(emulator.StatePermanent, []byte("new")); err == nil {
+		t.Fatal("write through a directory succeeded")
+	}
+	if hashDir(t, dir) != before {
+		t.Fatal("failed write changed the state")
+	}
+	if got, err := s.Load(emulator.StatePermanent); err != nil || !bytes.Equal(got, testBlob) {
+		t.Fatalf("old blob: %v", err)
+	}
+	// a symlink planted as the temporary file is not followed
+	os.Remove(filepath.Join(dir, "TMP2-00.permall"))
+	victim := filepath.Join(t.TempDir(), "victim")
+	os.WriteFile(victim, []byte("keep"), 0o600)
+	os.Symlink(victim, filepath.Join(dir, "TMP2-00.permall"))
+	if err := s.Store(emulator.StatePermanent, []byte("new")); err == nil {
+		t.Fatal("write through a symlinked temporary file succeeded")
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "keep" {
+		t.Fatal("symlink target overwritten")
+	}
+	// symlinked state files are refused on load
+	os.Remove(filepath.Join(dir, "TMP2-00.permall"))
+	os.Rename(filepath.Join(dir, "tpm2-00.permall"), filepath.Join(dir, "real"))
+	os.Symlink("real", filepath.Join(dir, "tpm2-00.permall"))
+	if _, err := s.Load(emulator.StatePermanent); err == nil || !strings.Contains(err.Error(), "symbolic link") {
+		t.Fatalf("symlinked permall: %v", err)
+	}
+}
+
+func TestDeferSync(t *testing.T) {
+	for _, uri := range []string{"dir", "file"} {
+		t.Run(uri, func(t *testing.T) {
+			dir := t.TempDir()
+			u := "dir://" + dir
+			if uri == "file" {
+				u = "file://" + filepath.Join(dir, "tpm.img")
+			}
+			s := mustOpen(t, u, Options{TPM2: true})
+			s.Store(emulator.StatePermanent, []byte("v0"))
+			s.Store(emulator.StateVolatile, []byte("vol"))
+			before := hashDir(t, dir)
+			var ops []string
+			testHook = func(op, path string) { ops = append(ops, op) }
+			defer func() { testHook = nil }()
+			s.Defer()
+			for i := 1; i <= 3; i++ {
+				if err := s.Store(emulator.StatePermanent, []byte(fmt.Sprintf("v%d", i))); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.Delete(emulator.StateVolatile, true); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Delete(emulator.StateVolatile, true); !errors.Is(err, emulator.ErrNotExist) {
+				t.Fatalf("pending delete not seen: %v", err)
+			}
+			if got, err := s.Load(emulator.StatePermanent); err != nil || string(got) != "v3" {
+				t.Fatalf("pending write not visible: %q %v", got, err)
+			}
+			if _, err := s.Load(emulator.StateVolatile); !errors.Is(err, emulator.ErrNotExist) {
+				t.Fatalf("pending delete not visible: %v", err)
+			}
+			if st, _ := s.States(); len(st) != 1 || st[0].Name != "permall" {
+				t.Fatalf("States while deferred: %v", st)
+			}
+			if hashDir(t, dir) != before || len(ops) != 0 {
+				t.Fatalf("deferred writes reached the disk (%v)", ops)
+			}
+			if err := s.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			if uri == "dir" && fmt.Sprint(ops) != "[fsync rename fsync-dir]" {
+				t.Fatalf("Sync: %v, want one write and one directory fsync", ops)
+			}
+			s2 := mustOpen(t, u, Options{TPM2: true})
+			if got, err := s2.Load(emulator.StatePermanent); err != nil || string(got) != "v3" {
+				t.Fatalf("after Sync: %q %v", got, err)
+			}
+			if _, err := s2.Load(emulator.StateVolatile); !errors.Is(err, emulator.ErrNotExist) {
+				t.Fatalf("delete after Sync: %v", err)
+			}
+			// not deferred any more
+			ops = nil
+			s.Store(emulator.StatePermanent, []byte("v4"))
+			if len(ops) == 0 {
+				t.Fatal("write after Sync was deferred")
+			}
+		})
 	}
 }
 
 func TestLockExcludesSecondStore(t *testing.T) {
 	dir := t.TempDir()
-	a, _ := Open(dir, Options{TPM2: true, Lock: true})
-	b, _ := Open(dir, Options{TPM2: true, Lock: true})
-	if err := a.Lock(0); err != nil {
+	a := mustOpen(t, dir, Options{TPM2: true, Lock: true})
+	b := mustOpen(t, dir, Options{TPM2: true, Lock: true})
+	if a.Locked() || b.Locked() {
+		t.Fatal("locked before Lock")
+	}
+	if err := a.Lock(0); err != nil || !a.Locked() {
+		t.Fatal(err)
+	}
+	if err := a.Lock(0); err != nil { // idempotent
 		t.Fatal(err)
 	}
 	start := time.Now()
-	if err := b.Lock(5); !errors.Is(err, ErrLocked) {
+	err := b.Lock(5)
+	if !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), filepath.Join(dir, ".lock")) {
 		t.Fatalf("second lock: %v", err)
 	}
-	if time.Since(start) < 40*time.Millisecond {
-		t.Fatal("retries were not waited for")
+	if d := time.Since(start); d < 50*time.Millisecond {
+		t.Fatalf("5 retries took %v, want >= 50ms", d)
 	}
 	a.Unlock()
 	if err := b.Lock(0); err != nil {
 		t.Fatalf("lock after hand-off: %v", err)
 	}
+	// the holder reopening and closing other descriptors of the lock file keeps the lock
+	// (classic fcntl locks would be dropped)
+	f, _ := os.Open(filepath.Join(dir, ".lock"))
+	f.Close()
+	if err := a.Lock(0); !errors.Is(err, ErrLocked) {
+		t.Fatalf("lock lost after another descriptor was closed: %v", err)
+	}
 	b.Close()
+	if err := a.Lock(0); err != nil {
+		t.Fatalf("lock after Close: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, ".lock")); err != nil {
+		t.Fatal("lock file removed")
+	}
+	// locking off: Lock does nothing and Locked is true
+	c := mustOpen(t, dir, Options{TPM2: true})
+	if err := c.Lock(0); err != nil || !c.Locked() {
+		t.Fatalf("lock off: %v %v", err, c.Locked())
+	}
 }
 
-func TestLinearStore(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "tpm.img")
-	s, err := Open("file://"+path, Options{TPM2: true})
-	if err != nil {
+func TestLockedLinearStore(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "tpm.img")
+	a := mustOpen(t, "file://"+img, Options{TPM2: true, Lock: true})
+	b := mustOpen(t, "file://"+img, Options{TPM2: true, Lock: true})
+	if err := a.Lock(0); err != nil {
 		t.Fatal(err)
 	}
-	perm, vol := bytes.Repeat([]byte{1}, 1315), bytes.Repeat([]byte{2}, 8900)
-	s.Store(emulator.StatePermanent, perm)
-	s.Store(emulator.StateVolatile, vol)
-	img, _ := os.ReadFile(path)
-	if !bytes.Equal(img[:8], []byte("nilmptws")) || len(img) != 192+2048+16384 {
-		t.Fatalf("image %d bytes, magic %q", len(img), img[:8])
+	if err := b.Lock(1); !errors.Is(err, ErrLocked) {
+		t.Fatalf("second lock on the linear file: %v", err)
 	}
-	for typ, want := range map[emulator.StateType][]byte{emulator.StatePermanent: perm, emulator.StateVolatile: vol} {
-		if got, err := s.Load(typ); err != nil || !bytes.Equal(got, want) {
-			t.Fatalf("load %v: %v", typ, err)
-		}
-	}
-	s.Delete(emulator.StatePermanent, true)
-	if _, err := s.Load(emulator.StatePermanent); !errors.Is(err, emulator.ErrNotExist) {
-		t.Fatal("deleted blob still there")
-	}
-	if got, err := s.Load(emulator.StateVolatile); err != nil || !bytes.Equal(got, vol) {
-		t.Fatal("compaction lost the volatile blob")
-	}
-}
-
-func FuzzParseLinear(f *testing.F) {
-	li := &LinearImage{blobs: map[string][]byte{"permall": {1, 2, 3}, "volatilestate": bytes.Repeat([]byte{4}, 100)}}
-	f.Add(li.Marshal())
-	f.Add([]byte("nilmptws"))
-	f.Fuzz(func(t *testing.T, img []byte) {
-		p, err := ParseLinear(img)
-		if err != nil {
-			return
-		}
-		q, err := ParseLinear(p.Marshal())
-		if err != nil {
-			t.Fatal(err)
-		}
-		for k, v := range p.blobs {
-			if !bytes.Equal(q.blobs[k], v) {
-				t.Fatalf("round trip changed %s", k)
-			}
-		}
-	})
-}
-
-// --- interoperability with Debian's swtpm --------------------------------------------------
-
-func needSwtpm(t *testing.T) {
-	t.Helper()
-	for _, p := range []string{"swtpm", "swtpm_ioctl"} {
-		if _, err := exec.LookPath(p); err != nil {
-			if os.Getenv("CI") == "true" {
-				t.Fatalf("%s missing (CI=true)", p)
-			}
-			t.Skipf("%s not installed", p)
-		}
-	}
-}
-
-// runSwtpm starts swtpm on dir with extra args and returns its control socket and a stop func.
-func runSwtpm(t *testing.T, dir string, args ...string) (string, func()) {
-	t.Helper()
-	ctrl := filepath.Join(t.TempDir(), "c.sock")
-	all := append([]string{"socket", "--tpm2", "--tpmstate", "dir=" + dir, "--ctrl", "type=unixio,path=" + ctrl}, args...)
-	cmd := exec.Command("swtpm", all...)
-	out := &bytes.Buffer{}
-	cmd.Stderr = out
-	if err := cmd.Start(); err != nil {
+	// writes keep the inode (in place), so the lock stays meaningful
+	st0, _ := os.Stat(img)
+	if err := a.Store(emulator.StatePermanent, testBlob); err != nil {
 		t.Fatal(err)
 	}
-	for i := 0; i < 200; i++ {
-		if _, err := os.Stat(ctrl); err == nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
+	st1, _ := os.Stat(img)
+	if !os.SameFile(st0, st1) {
+		t.Fatal("locked linear store was replaced by another file")
 	}
-	return ctrl, func() {
-		exec.Command("swtpm_ioctl", "--unix", ctrl, "-s").Run()
-		cmd.Wait()
+	if err := b.Lock(0); !errors.Is(err, ErrLocked) {
+		t.Fatalf("lock lost by a write: %v", err)
 	}
-}
-
-func ioctl(t *testing.T, ctrl string, args ...string) error {
-	out, err := exec.Command("swtpm_ioctl", append([]string{"--unix", ctrl}, args...)...).CombinedOutput()
-	if err != nil {
-		return errors.New(string(out))
+	if got, err := b.Load(emulator.StatePermanent); err != nil || !bytes.Equal(got, testBlob) {
+		t.Fatalf("load: %v", err)
 	}
-	return nil
-}
-
-// TestInteropWithSwtpm: state written by swtpm 0.7.1 (plain, AES-128/256 key file, passphrase)
-// loads in vtpmd's store and libtpms; state written by vtpmd's store starts in swtpm.
-func TestInteropWithSwtpm(t *testing.T) {
-	needSwtpm(t)
-	kdir := t.TempDir()
-	hex128 := filepath.Join(kdir, "k128")
-	os.WriteFile(hex128, []byte("00112233445566778899aabbccddeeff\n"), 0o600)
-	hex256 := filepath.Join(kdir, "k256")
-	os.WriteFile(hex256, []byte("00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"), 0o600)
-	pwd := filepath.Join(kdir, "pwd")
-	os.WriteFile(pwd, []byte("correct horse\n"), 0o600)
-	for _, c := range []struct{ name, keyOpt string }{
-		{"plain", ""},
-		{"aes-128 key file", "file=" + hex128},
-		{"aes-256 key file", "file=" + hex256 + ",mode=aes-256-cbc"},
-		{"passphrase", "pwdfile=" + pwd + ",mode=aes-256-cbc"},
-	} {
-		t.Run(c.name, func(t *testing.T) {
-			var key *blob.Key
-			var args []string
-			if c.keyOpt != "" {
-				spec, err := blob.ParseKeyOption(c.keyOpt)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if key, err = blob.LoadKey(spec); err != nil {
-					t.Fatal(err)
-				}
-				args = []string{"--key", c.keyOpt}
-			}
-			// swtpm -> vtpmd
-			dir := t.TempDir()
-			ctrl, stop := runSwtpm(t, dir, append(args, "--flags", "not-need-init,startup-clear")...)
-			if err := ioctl(t, ctrl, "-v"); err != nil { // store volatile state too
-				t.Fatal(err)
-			}
-			stop()
-			s, _ := Open(dir, Options{TPM2: true, StateKey: key})
-			perm, err := s.Load(emulator.StatePermanent)
-			if err != nil {
-				t.Fatalf("swtpm's permall: %v", err)
-			}
-			if _, err := s.Load(emulator.StateVolatile); err != nil {
-				t.Fatalf("swtpm's volatilestate: %v", err)
-			}
-			e, err := emulator.Open(emulator.TPM2, s, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := e.Start(); err != nil {
-				e.Close()
-				t.Fatalf("libtpms refused swtpm's state: %v", err)
-			}
-			e.Close()
-			// vtpmd -> swtpm: write the state through our store, then swtpm must INIT on it
-			dir2 := t.TempDir()
-			s2, _ := Open(dir2, Options{TPM2: true, StateKey: key})
-			if err := s2.Store(emulator.StatePermanent, perm); err != nil {
-				t.Fatal(err)
-			}
-			ctrl2, stop2 := runSwtpm(t, dir2, args...)
-			defer stop2()
-			if err := ioctl(t, ctrl2, "-i"); err != nil {
-				t.Fatalf("swtpm cannot INIT on vtpmd-written state: %v", err)
-			}
-			// and a wrong key is refused by swtpm too: proves the files really are encrypted
-			if key != nil {
-				stop2()
-				bad := filepath.Join(kdir, "bad")
-				os.WriteFile(bad, []byte("ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff"), 0o600)
-				ctrl3, stop3 := runSwtpm(t, dir2, "--key", "file="+bad+",mode=aes-256-cbc")
-				defer stop3()
-				if err := ioctl(t, ctrl3, "-i"); err == nil {
-					t.Fatal("swtpm accepted the state with a wrong key")
-				}
-			}
-		})
-	}
-}
-
-// TestLockAgainstSwtpm: vtpmd's OFD lock and swtpm's fcntl lock exclude each other.
-func TestLockAgainstSwtpm(t *testing.T) {
-	needSwtpm(t)
-	dir := t.TempDir()
-	_, stop := runSwtpm(t, dir, "--flags", "not-need-init,startup-clear")
-	s, _ := Open(dir, Options{TPM2: true, Lock: true})
-	if err := s.Lock(2); !errors.Is(err, ErrLocked) {
-		t.Fatalf("lock while swtpm runs: %v", err)
-	}
-	stop()
-	if err := s.Lock(0); err != nil {
-		t.Fatalf("lock after swtpm exited: %v", err)
-	}
-	ctrl, stop2 := runSwtpm(t, dir)
-	defer stop2()
-	if err := ioctl(t, ctrl, "-i"); err == nil {
-		t.Fatal("swtpm initialized while vtpmd holds the lock")
-	}
-	s.Close()
-}
-
-func TestDeferredSync(t *testing.T) {
-	dir := t.TempDir()
-	s, _ := Open(dir, Options{TPM2: true})
-	s.Defer()
-	for i := 0; i < 3; i++ {
-		if err := s.Store(emulator.StatePermanent, []byte{byte(i), 1, 2}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if got, err := s.Load(emulator.StatePermanent); err != nil || got[0] != 2 {
-		t.Fatalf("deferred write not visible: %v %v", got, err)
-	}
-	if err := s.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	if d := s.be.(*dirBackend); d.deferred || len(d.dirty) != 0 {
-		t.Fatal("Sync did not end the deferral")
-	}
-	if _, err := os.Stat(filepath.Join(dir, "TMP2-00.permall")); !os.IsNotExist(err) {
-		t.Fatal("temporary file left behind")
+	raw, _ := os.ReadFile(img)
+	if binary.LittleEndian.Uint64(raw) != linearMagic {
+		t.Fatal("no magic")
 	}
 }

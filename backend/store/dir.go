@@ -1,0 +1,181 @@
+package store
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxBlob bounds what is read as one stored blob; libtpms blobs are below 128 KiB.
+const maxBlob = 16 << 20
+
+// dirBackend is swtpm's directory layout: one file per blob.
+type dirBackend struct {
+	dir  string
+	opts Options
+}
+
+func openDir(dir string, o Options) (*dirBackend, error) {
+	if dir == "" {
+		return nil, errors.New("store: empty state directory")
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("store: state directory: %w", err)
+	}
+	if !st.IsDir() {
+		return nil, fmt.Errorf("store: %s is not a directory", dir)
+	}
+	return &dirBackend{dir: dir, opts: o}, nil
+}
+
+func (d *dirBackend) String() string { return "dir://" + d.dir }
+
+// file is swtpm's name: tpm2-00.<name> (TPM 2) or tpm-00.<name> (TPM 1.2).
+func (d *dirBackend) file(name string) string {
+	if d.opts.TPM2 {
+		return filepath.Join(d.dir, "tpm2-00."+name)
+	}
+	return filepath.Join(d.dir, "tpm-00."+name)
+}
+
+// tmp is swtpm's temporary name: TMP2-00.<name> or TMP-00.<name>.
+func (d *dirBackend) tmp(name string) string {
+	if d.opts.TPM2 {
+		return filepath.Join(d.dir, "TMP2-00."+name)
+	}
+	return filepath.Join(d.dir, "TMP-00."+name)
+}
+
+func (d *dirBackend) lockFile() (string, int, uint32) {
+	return filepath.Join(d.dir, ".lock"), unix.O_WRONLY, 0o660
+}
+
+// openBlob opens a blob file for reading, refusing symlinks and anything but regular files.
+func (d *dirBackend) openBlob(name string) (*os.File, fs.FileInfo, error) {
+	p := d.file(name)
+	f, err := os.OpenFile(p, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) {
+			return nil, nil, fmt.Errorf("%s is a symbolic link: %w", p, err)
+		}
+		return nil, nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, nil, fmt.Errorf("%s is not a regular file", p)
+	}
+	return f, st, nil
+}
+
+func (d *dirBackend) read(name string) ([]byte, error) {
+	f, st, err := d.openBlob(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if st.Size() > maxBlob {
+		return nil, fmt.Errorf("%s: %d bytes is larger than any TPM state (%d)", f.Name(), st.Size(), maxBlob)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxBlob+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", f.Name(), err)
+	}
+	if len(b) > maxBlob {
+		return nil, fmt.Errorf("%s grew beyond %d bytes while being read", f.Name(), maxBlob)
+	}
+	return b, nil
+}
+
+func (d *dirBackend) size(name string) (int64, error) {
+	st, err := os.Lstat(d.file(name))
+	if err != nil {
+		return 0, err
+	}
+	if !st.Mode().IsRegular() {
+		return 0, fmt.Errorf("%s is not a regular file", d.file(name))
+	}
+	return st.Size(), nil
+}
+
+// loaded applies swtpm's mode handling to a file that was just loaded: an explicit mode is
+// set exactly; otherwise the owner keeps write permission.
+func (d *dirBackend) loaded(name string) error {
+	f, st, err := d.openBlob(name)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	perm := uint32(st.Mode().Perm())
+	want := perm | 0o200
+	if d.opts.ModeSet {
+		want = d.opts.Mode
+	}
+	if want == perm {
+		return nil
+	}
+	if err := f.Chmod(os.FileMode(want)); err != nil {
+		return fmt.Errorf("chmod %s: %w", f.Name(), err)
+	}
+	return nil
+}
+
+// apply replaces blobs atomically and durably, as swtpm writes them: each blob goes to
+// TMP2-00.<name> (O_NOFOLLOW), is fsynced and renamed over tpm2-00.<name>; deletions remove
+// the file; then the directory is fsynced once.
+func (d *dirBackend) apply(changes []change) error {
+	for _, c := range changes {
+		if c.del {
+			if err := os.Remove(d.file(c.name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return err
+			}
+			continue
+		}
+		if err := d.writeFile(c.name, c.data); err != nil {
+			return err
+		}
+	}
+	return fsyncDir(d.dir, d.opts.NoFsync)
+}
+
+func (d *dirBackend) writeFile(name string, data []byte) error {
+	tmp, final := d.tmp(name), d.file(name)
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, os.FileMode(d.opts.Mode))
+	if err != nil {
+		return fmt.Errorf("create %s: %w", tmp, err)
+	}
+	err = func() error {
+		if d.opts.ModeSet { // exact mode, whatever the umask
+			if err := f.Chmod(os.FileMode(d.opts.Mode)); err != nil {
+				return fmt.Errorf("chmod %s: %w", tmp, err)
+			}
+		}
+		if _, err := f.Write(data); err != nil {
+			return fmt.Errorf("write %s: %w", tmp, err)
+		}
+		return fsyncFile(f, d.opts.NoFsync)
+	}()
+	if cerr := f.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("close %s: %w", tmp, cerr)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	hook("rename", final)
+	if err := os.Rename(tmp, final); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("rename %s: %w", tmp, err)
+	}
+	return nil
+}
