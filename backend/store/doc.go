@@ -22,9 +22,10 @@
 //     over the target, and the directory is fsynced. A crash at any instant leaves the previous
 //     or the new blob, never a torn one.
 //   - file://, regular file, lock off (the default): the whole new image is written to
-//     <path>.tmp with the store's mode and owner, fsynced, renamed over the store, and the
-//     directory fsynced: the same guarantee as dir://. (If the owner cannot be kept, the
-//     image is written in place as below.)
+//     <path>.tmp with the store's mode, owner, security label and ACLs, fsynced, renamed over
+//     the store, and the directory fsynced: the same guarantee as dir://. If any of those
+//     cannot be reproduced, or the directory does not let us create the temporary file, the
+//     image is written in place as below.
 //   - file://, block device, or regular file with lock on (the lock lives on the file itself,
 //     so it must not be replaced): the image is updated in place like swtpm does, the changed
 //     sections first, fsync, then the header, fsync. The write is durable when Store returns,

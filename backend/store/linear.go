@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -465,35 +466,60 @@ func (l *linearBackend) apply(changes []change) error {
 }
 
 // replace writes a regular file's new image to <path>.tmp, fsyncs it, renames it over the
-// store and fsyncs the directory, keeping the store's mode (or the explicit one) and owner.
-// It reports done=false, and changes nothing, when the owner cannot be kept.
+// store and fsyncs the directory. It does so only when the new file is indistinguishable from
+// the old one apart from its contents: same mode (or the explicit one), owner, security labels
+// and ACLs (the security.* and system.posix_acl_* extended attributes, which libvirt sets on
+// a VM's files). When any of that cannot be reproduced, or the directory does not let us
+// create the temporary file (a confinement profile may allow only the store file itself), it
+// reports done=false having changed nothing, and the caller writes in place.
 func (l *linearBackend) replace(img []byte) (done bool, err error) {
 	tmp := l.path + ".tmp"
 	perm := os.FileMode(l.opts.Mode)
 	exact := l.opts.ModeSet
 	var owner *syscall.Stat_t
-	if st, err := os.Lstat(l.path); err == nil {
-		if !st.Mode().IsRegular() {
+	var xattrs map[string][]byte
+	orig, err := os.OpenFile(l.path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	switch {
+	case err == nil:
+		st, err := orig.Stat()
+		if err == nil {
+			xattrs, err = keptXattrs(orig)
+		}
+		orig.Close()
+		switch {
+		case err != nil:
+			return false, nil // cannot tell what to keep: write in place
+		case !st.Mode().IsRegular():
 			return false, fmt.Errorf("%s is no longer a regular file", l.path)
 		}
 		if !exact {
 			perm, exact = st.Mode().Perm(), true
 		}
 		owner, _ = st.Sys().(*syscall.Stat_t)
+	case !errors.Is(err, fs.ErrNotExist):
+		return false, err
 	}
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, perm)
 	if err != nil {
+		if errors.Is(err, fs.ErrPermission) || errors.Is(err, unix.EROFS) {
+			return false, nil
+		}
 		return false, fmt.Errorf("create %s: %w", tmp, err)
 	}
 	err = func() error {
 		if owner != nil && (int(owner.Uid) != os.Geteuid() || int(owner.Gid) != os.Getegid()) {
 			if err := f.Chown(int(owner.Uid), int(owner.Gid)); err != nil {
-				return errKeepOwner
+				return errCannotKeep
 			}
 		}
 		if exact {
 			if err := f.Chmod(perm); err != nil {
 				return fmt.Errorf("chmod %s: %w", tmp, err)
+			}
+		}
+		for name, v := range xattrs {
+			if err := unix.Fsetxattr(int(f.Fd()), name, v, 0); err != nil {
+				return errCannotKeep
 			}
 		}
 		if _, err := f.Write(img); err != nil {
@@ -506,7 +532,7 @@ func (l *linearBackend) replace(img []byte) (done bool, err error) {
 	}
 	if err != nil {
 		os.Remove(tmp)
-		if errors.Is(err, errKeepOwner) {
+		if errors.Is(err, errCannotKeep) {
 			return false, nil
 		}
 		return false, err
@@ -519,7 +545,40 @@ func (l *linearBackend) replace(img []byte) (done bool, err error) {
 	return true, fsyncDir(filepath.Dir(l.path), l.opts.NoFsync)
 }
 
-var errKeepOwner = errors.New("cannot keep the owner")
+var errCannotKeep = errors.New("cannot keep the store file's owner or attributes")
+
+// keptXattrs returns the extended attributes a replacement file must carry over: security
+// labels (security.*) and ACLs (system.posix_acl_*).
+func keptXattrs(f *os.File) (map[string][]byte, error) {
+	fd := int(f.Fd())
+	n, err := unix.Flistxattr(fd, nil)
+	if errors.Is(err, unix.ENOTSUP) || n == 0 && err == nil {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	list := make([]byte, n)
+	if n, err = unix.Flistxattr(fd, list); err != nil {
+		return nil, err
+	}
+	out := map[string][]byte{}
+	for _, name := range strings.Split(string(list[:n]), "\x00") {
+		if !strings.HasPrefix(name, "security.") && !strings.HasPrefix(name, "system.posix_acl_") {
+			continue
+		}
+		sz, err := unix.Fgetxattr(fd, name, nil)
+		if err != nil {
+			return nil, err
+		}
+		v := make([]byte, sz)
+		if sz, err = unix.Fgetxattr(fd, name, v); err != nil {
+			return nil, err
+		}
+		out[name] = v[:sz]
+	}
+	return out, nil
+}
 
 // writeInPlace updates the store where it is (block devices, and regular files whose lock is
 // on the file itself): the changed data after the header first, fsync, then the header,

@@ -7,7 +7,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vtpmd/vtpmd/backend/blob"
 	"github.com/vtpmd/vtpmd/emulator"
@@ -128,7 +131,7 @@ func TestLinearFormatting(t *testing.T) {
 	}
 }
 
-func TestLinearKeepsModeAndInode(t *testing.T) {
+func TestLinearReplacementKeepsModeOwnerLabel(t *testing.T) {
 	img := filepath.Join(t.TempDir(), "img")
 	os.WriteFile(img, nil, 0o604)
 	os.Chmod(img, 0o604)
@@ -139,6 +142,28 @@ func TestLinearKeepsModeAndInode(t *testing.T) {
 	}
 	if _, err := os.Stat(img + ".tmp"); !os.IsNotExist(err) {
 		t.Fatal("temporary file left behind")
+	}
+	// owner and security label carried over to the replacement (needs root)
+	if os.Geteuid() != 0 {
+		t.Skip("owner and security attributes need root")
+	}
+	if err := unix.Setxattr(img, "security.vtpmdtest", []byte("label"), 0); err != nil {
+		t.Skipf("security xattrs not supported here: %v", err)
+	}
+	os.Chown(img, 4321, 4322)
+	st0, _ := os.Stat(img)
+	if err := s.Store(emulator.StateVolatile, testBlob); err != nil {
+		t.Fatal(err)
+	}
+	st1, _ := os.Stat(img)
+	if os.SameFile(st0, st1) {
+		t.Fatal("not replaced: the test does not test the replacement")
+	}
+	sys := st1.Sys().(*syscall.Stat_t)
+	buf := make([]byte, 16)
+	n, err := unix.Getxattr(img, "security.vtpmdtest", buf)
+	if sys.Uid != 4321 || sys.Gid != 4322 || err != nil || string(buf[:n]) != "label" || st1.Mode().Perm() != 0o604 {
+		t.Fatalf("replacement: owner %d:%d, label %q %v, mode %o", sys.Uid, sys.Gid, buf[:n], err, st1.Mode().Perm())
 	}
 }
 
