@@ -249,7 +249,7 @@ func TestLockAgainstSwtpm(t *testing.T) {
 	if out, err := p2.ioctl("-i"); err == nil {
 		t.Fatalf("swtpm initialized while vtpmd holds the lock: %s", out)
 	}
-	if !strings.Contains(p2.out.String(), "Could not lock access to lockfile") {
+	if !p2.waitOutput("Could not lock access to lockfile") {
 		t.Fatalf("swtpm did not report the lock: %s", p2.out)
 	}
 	// and started with not-need-init it does not come up at all

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -62,8 +63,26 @@ type swtpmProc struct {
 	cmd    *exec.Cmd
 	ctrl   string
 	server string
-	out    *bytes.Buffer
+	out    *syncBuffer
 	done   chan struct{}
+}
+
+// syncBuffer collects a process's output; it may be read while the process writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // startSwtpm starts Debian's swtpm with args (e.g. --tpmstate ...) and waits for its control
@@ -75,7 +94,7 @@ func startSwtpm(t testing.TB, bins swtpmBins, args ...string) *swtpmProc {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(sock) })
-	p := &swtpmProc{t: t, bins: bins, ctrl: filepath.Join(sock, "c"), server: filepath.Join(sock, "s"), out: &bytes.Buffer{}, done: make(chan struct{})}
+	p := &swtpmProc{t: t, bins: bins, ctrl: filepath.Join(sock, "c"), server: filepath.Join(sock, "s"), out: &syncBuffer{}, done: make(chan struct{})}
 	all := append([]string{"socket", "--tpm2", "--ctrl", "type=unixio,path=" + p.ctrl, "--server", "type=unixio,path=" + p.server}, args...)
 	p.cmd = exec.Command(bins.swtpm, all...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
@@ -106,6 +125,18 @@ func (p *swtpmProc) exited() bool {
 	default:
 		return false
 	}
+}
+
+// waitOutput waits up to 5 s for sub to appear in the process's output (it arrives through a
+// pipe, after the control-channel answer).
+func (p *swtpmProc) waitOutput(sub string) bool {
+	for i := 0; i < 500; i++ {
+		if strings.Contains(p.out.String(), sub) {
+			return true
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return false
 }
 
 // stop sends CMD_SHUTDOWN and waits; it kills the process if it does not exit in 5 s.
