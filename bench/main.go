@@ -17,7 +17,7 @@ import (
 
 func main() {
 	vtpmd := flag.String("vtpmd", "", "vtpmd binary (default: build ./cmd/vtpmd)")
-	swtpm := flag.String("swtpm", "swtpm", "reference swtpm binary")
+	swtpm := flag.String("swtpm", "/usr/bin/swtpm", "reference swtpm binary (Debian's; a swtpm on PATH may be a link to vtpmd)")
 	out := flag.String("out", "docs/benchmarks.md", "report file")
 	iters := flag.Int("n", 200, "iterations per latency measurement")
 	instances := flag.String("instances", "1,10,100", "instance counts for the memory measurement")

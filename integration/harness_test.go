@@ -306,3 +306,27 @@ func socketpair() (*os.File, *os.File, error) {
 	}
 	return os.NewFile(uintptr(fds[0]), "a"), os.NewFile(uintptr(fds[1]), "b"), nil
 }
+
+// refSwtpm is Debian's swtpm, the reference implementation (SWTPM_BIN overrides). It is named
+// by path: a "swtpm" on PATH may be a link to vtpmd (vtpmd install puts one in /usr/local/bin).
+func refSwtpm() string { return envOr("SWTPM_BIN", "/usr/bin/swtpm") }
+
+// refSwtpmIoctl is Debian's swtpm_ioctl (SWTPM_IOCTL_BIN overrides).
+func refSwtpmIoctl() string { return envOr("SWTPM_IOCTL_BIN", "/usr/bin/swtpm_ioctl") }
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+// needRefSwtpm requires the reference swtpm and swtpm_ioctl, and refuses a vtpmd in disguise.
+func needRefSwtpm(t *testing.T) {
+	t.Helper()
+	need(t, refSwtpm(), refSwtpmIoctl())
+	out, err := exec.Command(refSwtpm(), "--version").CombinedOutput()
+	if err != nil || strings.Contains(string(out), "vtpmd") {
+		t.Fatalf("%s is not Debian's swtpm: %q %v", refSwtpm(), out, err)
+	}
+}

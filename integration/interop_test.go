@@ -57,7 +57,7 @@ func (tt *toolsTPM) run(args ...string) string {
 func (tt *toolsTPM) stop() {
 	tt.t.Helper()
 	tt.run("tpm2_shutdown")
-	exec.Command("swtpm_ioctl", "--tcp", fmt.Sprintf("127.0.0.1:%d", tt.port+1), "-s").Run()
+	exec.Command(refSwtpmIoctl(), "--tcp", fmt.Sprintf("127.0.0.1:%d", tt.port+1), "-s").Run()
 	done := make(chan error, 1)
 	go func() { done <- tt.cmd.Wait() }()
 	select {
@@ -93,7 +93,8 @@ func (tt *toolsTPM) check(pcr10, nv string) {
 // object intact (tpm2-tools: pcrread, nvread, unseal, sign + verify), and the state vtpmd then
 // writes is used by swtpm the same way.
 func TestStateInteropWithTools(t *testing.T) {
-	need(t, "swtpm", "swtpm_ioctl", "tpm2_unseal", "tpm2_verifysignature")
+	needRefSwtpm(t)
+	need(t, "tpm2_unseal", "tpm2_verifysignature")
 	keys := t.TempDir()
 	os.WriteFile(filepath.Join(keys, "k128"), []byte("00112233445566778899aabbccddeeff\n"), 0o600)
 	os.WriteFile(filepath.Join(keys, "k256"), []byte("00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"), 0o600)
@@ -111,7 +112,7 @@ func TestStateInteropWithTools(t *testing.T) {
 			state, work := t.TempDir(), t.TempDir()
 			os.WriteFile(filepath.Join(work, "secret"), []byte("sealed disk key"), 0o600)
 			// 1. swtpm creates the objects
-			sw := startToolsTPM(t, "swtpm", state, work, c.key)
+			sw := startToolsTPM(t, refSwtpm(), state, work, c.key)
 			sw.run("tpm2_startup", "-c")
 			sw.run("tpm2_createprimary", "-C", "o", "-c", "prim.ctx")
 			sw.run("tpm2_evictcontrol", "-C", "o", "-c", "prim.ctx", "0x81000001")
@@ -136,7 +137,7 @@ func TestStateInteropWithTools(t *testing.T) {
 			vt.stop()
 
 			// 3. swtpm resumes what vtpmd wrote
-			sw2 := startToolsTPM(t, "swtpm", state, work, c.key)
+			sw2 := startToolsTPM(t, refSwtpm(), state, work, c.key)
 			sw2.check(pcr2, "written by vtpmd")
 			sw2.stop()
 		})

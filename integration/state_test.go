@@ -18,7 +18,7 @@ import (
 // TestMigrationInterop live-migrates a guest between swtpm and vtpmd in both directions, plain
 // and with --migration-key (the same passphrase on both sides, as libvirt passes it).
 func TestMigrationInterop(t *testing.T) {
-	need(t, "swtpm")
+	needRefSwtpm(t)
 	pwd := filepath.Join(t.TempDir(), "secret")
 	os.WriteFile(pwd, []byte("migration secret"), 0o600)
 	key := []string{"--migration-key", "pwdfile=" + pwd + ",mode=aes-256-cbc"}
@@ -27,10 +27,10 @@ func TestMigrationInterop(t *testing.T) {
 		src, dst string
 		args     []string
 	}{
-		{"swtpm to vtpmd", "swtpm", env.bin, nil},
-		{"vtpmd to swtpm", env.bin, "swtpm", nil},
-		{"swtpm to vtpmd with migration key", "swtpm", env.bin, key},
-		{"vtpmd to swtpm with migration key", env.bin, "swtpm", key},
+		{"swtpm to vtpmd", refSwtpm(), env.bin, nil},
+		{"vtpmd to swtpm", env.bin, refSwtpm(), nil},
+		{"swtpm to vtpmd with migration key", refSwtpm(), env.bin, key},
+		{"vtpmd to swtpm with migration key", env.bin, refSwtpm(), key},
 	} {
 		t.Run(c.name, func(t *testing.T) { testMigration(t, c.src, c.dst, c.args, c.args) })
 	}

@@ -49,11 +49,11 @@ func ioctlScript(dir string) [][]string {
 // option, over --unix and --tcp, and requires the same output and exit status (the capability
 // word differs by design: vtpmd implements LOCK_STORAGE, as swtpm 0.8+).
 func TestSwtpmIoctlParity(t *testing.T) {
-	need(t, "swtpm", "swtpm_ioctl")
+	needRefSwtpm(t)
 	for _, transport := range []string{"unix", "tcp"} {
 		t.Run(transport, func(t *testing.T) {
 			results := map[string][]string{}
-			for _, bin := range []string{"swtpm", env.bin} {
+			for _, bin := range []string{refSwtpm(), env.bin} {
 				work := t.TempDir()
 				state := filepath.Join(work, "state")
 				os.MkdirAll(state, 0o700)
@@ -72,7 +72,7 @@ func TestSwtpmIoctlParity(t *testing.T) {
 				time.Sleep(300 * time.Millisecond)
 				var lines []string
 				for _, step := range ioctlScript(work) {
-					out, err := exec.Command("swtpm_ioctl", append(ioctlArg, step...)...).CombinedOutput()
+					out, err := exec.Command(refSwtpmIoctl(), append(ioctlArg, step...)...).CombinedOutput()
 					rc := 0
 					if err != nil {
 						rc = 1
@@ -94,7 +94,7 @@ func TestSwtpmIoctlParity(t *testing.T) {
 				}
 				results[bin] = lines
 			}
-			sw, vt := results["swtpm"], results[env.bin]
+			sw, vt := results[refSwtpm()], results[env.bin]
 			for i := range sw {
 				s, v := sw[i], vt[i]
 				if i == 0 {
