@@ -530,9 +530,9 @@ func TestUnwrapSpecialCases(t *testing.T) {
 
 // fixture describes one state directory recorded from Debian's swtpm 0.7.1.
 type fixture struct {
-	name, key, migKey    string
-	permFlags, migFlags  uint16
-	linear, haveVolatile bool
+	name, key, migKey   string
+	permFlags, migFlags uint16
+	haveVolatile        bool
 }
 
 var fixtures = []fixture{
