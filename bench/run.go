@@ -262,7 +262,7 @@ func (r *run) all(counts []int) (string, error) {
 		}
 		conns[im.name] = c
 	}
-	inproc, closeInproc, err := inProcess(r.work)
+	inproc, closeInproc, err := inProcess()
 	if err != nil {
 		return "", err
 	}
@@ -526,9 +526,8 @@ func (r *run) durability() (string, error) {
 }
 
 // inProcess opens libtpms in this process with a memory store.
-func inProcess(work string) (transport.TPM, func(), error) {
-	st := memStore{}
-	e, err := emulator.Open(emulator.TPM2, st, nil)
+func inProcess() (transport.TPM, func(), error) {
+	e, err := emulator.Open(emulator.TPM2, emulator.NewMemStore(), nil)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -541,14 +540,3 @@ func inProcess(work string) (transport.TPM, func(), error) {
 	}
 	return t, e.Close, nil
 }
-
-type memStore map[emulator.StateType][]byte
-
-func (m memStore) Load(t emulator.StateType) ([]byte, error) {
-	if b, ok := m[t]; ok {
-		return b, nil
-	}
-	return nil, emulator.ErrNotExist
-}
-func (m memStore) Store(t emulator.StateType, b []byte) error { m[t] = b; return nil }
-func (m memStore) Delete(t emulator.StateType, _ bool) error  { delete(m, t); return nil }

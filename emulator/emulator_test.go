@@ -4,41 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"sync"
 	"testing"
 )
-
-type memStore struct {
-	mu    sync.Mutex
-	blobs map[StateType][]byte
-}
-
-func (m *memStore) Load(t StateType) ([]byte, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	b, ok := m.blobs[t]
-	if !ok {
-		return nil, ErrNotExist
-	}
-	return append([]byte(nil), b...), nil
-}
-
-func (m *memStore) Store(t StateType, d []byte) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.blobs[t] = append([]byte(nil), d...)
-	return nil
-}
-
-func (m *memStore) Delete(t StateType, mustExist bool) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if _, ok := m.blobs[t]; !ok && mustExist {
-		return ErrNotExist
-	}
-	delete(m.blobs, t)
-	return nil
-}
 
 var (
 	startupClear = []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0}
@@ -64,7 +31,7 @@ func pcrRead16(t *testing.T, e *Engine) []byte {
 }
 
 func TestEngineLifecycle(t *testing.T) {
-	st := &memStore{blobs: map[StateType][]byte{}}
+	st := NewMemStore()
 	e, err := Open(TPM2, st, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -79,7 +46,7 @@ func TestEngineLifecycle(t *testing.T) {
 	if err := e.Start(); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := st.blobs[StatePermanent]; !ok {
+	if _, err := st.Load(StatePermanent); err != nil {
 		t.Fatal("manufacture did not store permall")
 	}
 	resp, err := e.Process(startupClear)
@@ -134,7 +101,7 @@ func TestEngineLifecycle(t *testing.T) {
 }
 
 func TestEngineRejectsGarbageState(t *testing.T) {
-	st := &memStore{blobs: map[StateType][]byte{}}
+	st := NewMemStore()
 	e, err := Open(TPM2, st, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -156,7 +123,7 @@ func TestEngineRejectsGarbageState(t *testing.T) {
 }
 
 func TestEngineTPM12(t *testing.T) {
-	st := &memStore{blobs: map[StateType][]byte{}}
+	st := NewMemStore()
 	e, err := Open(TPM12, st, nil)
 	if err != nil {
 		t.Fatal(err)

@@ -10,19 +10,8 @@ import (
 	"github.com/vtpmd/vtpmd/emulator"
 )
 
-type memStore map[emulator.StateType][]byte
-
-func (m memStore) Load(t emulator.StateType) ([]byte, error) {
-	if b, ok := m[t]; ok {
-		return b, nil
-	}
-	return nil, emulator.ErrNotExist
-}
-func (m memStore) Store(t emulator.StateType, b []byte) error { m[t] = b; return nil }
-func (m memStore) Delete(t emulator.StateType, _ bool) error  { delete(m, t); return nil }
-
 func TestCommandsInProcess(t *testing.T) {
-	e, err := emulator.Open(emulator.TPM2, memStore{}, nil)
+	e, err := emulator.Open(emulator.TPM2, emulator.NewMemStore(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
