@@ -6,13 +6,11 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
-	"fmt"
 	"math/rand"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -22,20 +20,6 @@ import (
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 	"github.com/vtpmd/vtpmd/socket"
 )
-
-// crashBinary builds vtpmd once for the crash test.
-var crashBinary = sync.OnceValues(func() (string, error) {
-	dir, err := os.MkdirTemp("", "vtpmd-crash-bin-")
-	if err != nil {
-		return "", err
-	}
-	bin := filepath.Join(dir, "vtpmd")
-	out, err := exec.Command("go", "build", "-o", bin, "../cmd/vtpmd").CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("go build: %v\n%s", err, out)
-	}
-	return bin, nil
-})
 
 const crashNV = 0x01500042
 
@@ -81,10 +65,7 @@ func nvValue(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
 // extends PCRs with TPM2_Shutdown(STATE), at least 200 times. Every restart must load, and
 // every write whose response reached the client must be there.
 func TestCrashSafety(t *testing.T) {
-	bin, err := crashBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
+	bin := env.bin
 	kills := 200
 	if testing.Short() {
 		kills = 20
