@@ -171,7 +171,7 @@ func (s *Server) process(f *Frame) []byte {
 			return FatalResponse(true)
 		}
 		loc := cmd[10]
-		if loc >= 5 || (loc == 4 && s.opts.RejectLocality4) {
+		if !s.localityAllowed(loc) {
 			return errorResponse(true, rcLocality)
 		}
 		if err := s.tpm.SetLocality(loc); err != nil {

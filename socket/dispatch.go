@@ -95,11 +95,10 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 		if len(p) < 1 {
 			return res(ResBadParameter), afterNext
 		}
-		loc := p[0]
-		if loc > 4 || (loc == 4 && s.opts.RejectLocality4) {
+		if !s.localityAllowed(p[0]) {
 			return res(ResBadLocality), afterNext
 		}
-		return res(resultOf(s.tpm.SetLocality(loc))), afterNext
+		return res(resultOf(s.tpm.SetLocality(p[0]))), afterNext
 
 	case CmdHashStart:
 		return exact0(s.tpm.HashStart)
@@ -120,11 +119,10 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 		if len(p) < 1 {
 			return res(ResBadParameter), afterNext
 		}
-		loc := p[0]
-		if loc > 4 || (loc == 4 && s.opts.RejectLocality4) {
+		if !s.localityAllowed(p[0]) {
 			return res(ResBadLocality), afterNext
 		}
-		return res(resultOf(s.tpm.ResetEstablished(loc))), afterNext
+		return res(resultOf(s.tpm.ResetEstablished(p[0]))), afterNext
 
 	case CmdGetStateBlob:
 		return s.getStateBlob(p), afterNext
@@ -168,6 +166,11 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 		return res(resultOf(s.tpm.LockStorage(be32(p)))), afterNext
 	}
 	return res(ResBadOrdinal), afterNext
+}
+
+// localityAllowed: localities 0-4, and 4 only without --locality reject-locality-4.
+func (s *Server) localityAllowed(loc uint8) bool {
+	return loc < 4 || (loc == 4 && !s.opts.RejectLocality4)
 }
 
 func (s *Server) hashData(r *ctrlReader, p []byte) ([]byte, after) {
@@ -286,20 +289,14 @@ func (s *Server) setDataFD(ctx context.Context, req *ctrlRequest) []byte {
 	s.mu.Unlock()
 	c, err := fileConn(req.fd)
 	if err != nil {
-		s.mu.Lock()
-		s.dataSet = false
-		s.mu.Unlock()
+		s.setDataSet(false)
 		s.log.Warn("SET_DATAFD", "err", err)
 		return res(ResBadParameter)
 	}
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
+	s.goServe(func() {
 		s.serveDataConn(ctx, c, s.opts.Terminate)
-		s.mu.Lock()
-		s.dataSet = false
-		s.mu.Unlock()
-	}()
+		s.setDataSet(false)
+	})
 	return res(ResSuccess)
 }
 

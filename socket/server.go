@@ -73,45 +73,40 @@ func (s *Server) Wait() { s.wg.Wait() }
 
 // ServeCtrl accepts control clients one at a time until ctx is done or the server finishes.
 func (s *Server) ServeCtrl(ctx context.Context, ln net.Listener) {
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		s.acceptLoop(ctx, ln, func(c net.Conn) { s.serveCtrlConn(ctx, c) })
-	}()
+	s.goServe(func() { s.acceptLoop(ctx, ln, func(c net.Conn) { s.serveCtrlConn(ctx, c) }) })
 }
 
 // ServeCtrlConn serves an already connected control client (--ctrl ...,clientfd=N).
 func (s *Server) ServeCtrlConn(ctx context.Context, c net.Conn) {
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		s.serveCtrlConn(ctx, c)
-	}()
+	s.goServe(func() { s.serveCtrlConn(ctx, c) })
 }
 
 // ServeData accepts data clients one at a time (--server with a listening socket).
 func (s *Server) ServeData(ctx context.Context, ln net.Listener) {
-	s.mu.Lock()
-	s.dataSet = true
-	s.mu.Unlock()
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		s.acceptLoop(ctx, ln, func(c net.Conn) { s.serveDataConn(ctx, c, s.opts.Terminate) })
-	}()
+	s.setDataSet(true)
+	s.goServe(func() { s.acceptLoop(ctx, ln, func(c net.Conn) { s.serveDataConn(ctx, c, s.opts.Terminate) }) })
 }
 
 // ServeDataConn serves an already connected data channel (--fd, --server ...,fd=N: a stream
 // socket or a character device); losing it ends the server.
 func (s *Server) ServeDataConn(ctx context.Context, c io.ReadWriteCloser) {
-	s.mu.Lock()
-	s.dataSet = true
-	s.mu.Unlock()
+	s.setDataSet(true)
+	s.goServe(func() { s.serveDataConn(ctx, c, true) })
+}
+
+// goServe runs f on a goroutine that Wait waits for.
+func (s *Server) goServe(f func()) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		s.serveDataConn(ctx, c, true)
+		f()
 	}()
+}
+
+func (s *Server) setDataSet(v bool) {
+	s.mu.Lock()
+	s.dataSet = v
+	s.mu.Unlock()
 }
 
 func (s *Server) acceptLoop(ctx context.Context, ln net.Listener, serve func(net.Conn)) {
