@@ -2,6 +2,7 @@ package store
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -97,7 +98,14 @@ func ParseLinearHeader(hdr []byte, size int64) (entries [linearEntries]LinearEnt
 		}
 		used = append(used, e)
 	}
-	slices.SortFunc(used, func(a, b LinearEntry) int { return int(a.Offset) - int(b.Offset) })
+	// by offset, then by end, so an empty section sharing an offset with a full one (swtpm
+	// gives a zero-length blob a zero-length section) does not count as an overlap
+	slices.SortFunc(used, func(a, b LinearEntry) int {
+		if a.Offset != b.Offset {
+			return cmp.Compare(a.Offset, b.Offset)
+		}
+		return cmp.Compare(a.SectionLength, b.SectionLength)
+	})
 	for i := 1; i < len(used); i++ {
 		if used[i-1].end() > uint64(used[i].Offset) {
 			return entries, false, fmt.Errorf("%w: sections at %d and %d overlap", ErrLinearHeader, used[i-1].Offset, used[i].Offset)
@@ -215,19 +223,21 @@ func (li *LinearImage) remove(i int, shrink bool) error {
 		return nil
 	}
 	li.setEntry(i, LinearEntry{})
-	next, stateEnd := uint64(math.MaxUint32), uint64(0)
+	// Everything after the removed section moves forward by its length, gaps included, so
+	// every later entry's offset and data move together (in swtpm's own images the sections
+	// are contiguous and this is its RemoveFile; a crafted image may have gaps).
+	stateEnd := uint64(0)
 	for j := range linearEntries {
 		e := li.Entry(j)
 		if e.Offset == 0 || e.Offset <= old.Offset {
 			continue
 		}
-		next = min(next, uint64(e.Offset))
 		stateEnd = max(stateEnd, e.end())
 		e.Offset -= old.SectionLength
 		li.setEntry(j, e)
 	}
-	if next != math.MaxUint32 {
-		copy(li.data[old.Offset:], li.data[next:stateEnd])
+	if stateEnd > 0 {
+		copy(li.data[old.Offset:], li.data[old.end():stateEnd])
 	}
 	if shrink && li.capacity == 0 {
 		return li.resize(uint64(len(li.data)) - uint64(old.SectionLength))
