@@ -1,0 +1,329 @@
+package provision
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/x509"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/vtpmd/vtpmd/backend/localca"
+	"github.com/vtpmd/vtpmd/backend/store"
+	"github.com/vtpmd/vtpmd/emulator"
+	"github.com/vtpmd/vtpmd/internal/tpmclient"
+)
+
+// startTPM starts libtpms in-process on mem (empty: a new TPM) and sends TPM2_Startup(CLEAR).
+func startTPM(t *testing.T, mem *emulator.MemStore) (*emulator.Engine, transport.TPM) {
+	t.Helper()
+	eng, err := emulator.Open(emulator.TPM2, mem, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(eng.Close)
+	if err := eng.Start(); err != nil {
+		t.Fatal(err)
+	}
+	tpm := tpmclient.SendFunc(eng.Process)
+	if err := tpmclient.Startup(tpm); err != nil {
+		t.Fatal(err)
+	}
+	return eng, tpm
+}
+
+// restart powers the TPM off and on again (Startup(CLEAR)).
+func restart(t *testing.T, eng *emulator.Engine, tpm transport.TPM) {
+	t.Helper()
+	eng.Stop()
+	if err := eng.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tpmclient.Startup(tpm); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// caCertifier adapts the local CA.
+type caCertifier struct {
+	ca *localca.CA
+}
+
+var info = localca.TPMInfo{Family: "2.0", Revision: 164, Manufacturer: "id:00001014", Model: "swtpm", Version: "id:20191023", TPM2: true}
+
+func (c caCertifier) EKCertificate(ctx context.Context, ek crypto.PublicKey, sign, dec bool) ([]byte, error) {
+	return c.ca.IssueEK(ctx, localca.EKRequest{PublicKey: ek, VMID: "test", TPM: info, AllowSigning: sign, Decryption: dec})
+}
+
+func (c caCertifier) PlatformCertificate(ctx context.Context, ek crypto.PublicKey) ([]byte, error) {
+	return c.ca.IssuePlatform(ctx, localca.PlatformRequest{PublicKey: ek, VMID: "test", TPM: info, Platform: localca.DefaultPlatform})
+}
+
+var (
+	caOnce sync.Once
+	ca     *localca.CA
+	caErr  error
+)
+
+func testCA(t *testing.T) *localca.CA {
+	t.Helper()
+	caOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "provision-ca-")
+		if err != nil {
+			caErr = err
+			return
+		}
+		ca, caErr = localca.Open(context.Background(), localca.Config{StateDir: dir, SigningKey: filepath.Join(dir, "k.pem"),
+			IssuerCert: filepath.Join(dir, "c.pem"), CertSerial: filepath.Join(dir, "serial")}, nil)
+	})
+	if caErr != nil {
+		t.Fatal(caErr)
+	}
+	return ca
+}
+
+func readPublic(t *testing.T, tpm transport.TPM, h tpm2.TPMHandle) tpm2.TPMTPublic {
+	t.Helper()
+	r, err := tpm2.ReadPublic{ObjectHandle: h}.Execute(tpm)
+	if err != nil {
+		t.Fatalf("ReadPublic 0x%x: %v", uint32(h), err)
+	}
+	p, err := r.OutPublic.Contents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return *p
+}
+
+func readNV(t *testing.T, tpm transport.TPM, index uint32) ([]byte, tpm2.TPMSNVPublic) {
+	t.Helper()
+	rp, err := tpm2.NVReadPublic{NVIndex: tpm2.TPMHandle(index)}.Execute(tpm)
+	if err != nil {
+		t.Fatalf("NVReadPublic 0x%x: %v", index, err)
+	}
+	pub, _ := rp.NVPublic.Contents()
+	var out []byte
+	for off := uint16(0); off < pub.DataSize; {
+		n := min(pub.DataSize-off, 1024)
+		r, err := tpm2.NVRead{
+			AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+			NVIndex:    tpm2.NamedHandle{Handle: tpm2.TPMHandle(index), Name: rp.NVName},
+			Size:       n, Offset: off,
+		}.Execute(tpm)
+		if err != nil {
+			t.Fatalf("NVRead 0x%x: %v", index, err)
+		}
+		out = append(out, r.Data.Buffer...)
+		off += n
+	}
+	return out, *pub
+}
+
+func TestTPM2ManufacturesLikeSwtpmSetup(t *testing.T) {
+	cases := []struct {
+		name      string
+		bits      int
+		firstEK   tpm2.TPMHandle
+		firstCert uint32
+		banks     []string
+	}{
+		{"rsa2048 libvirt default", 2048, HandleEKRSA2048, IndexEKCertRSA2048, []string{"sha256"}},
+		{"rsa3072, two banks", 3072, HandleEKRSA3072, IndexEKCertRSA3072, []string{"sha1", "sha256"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			eng, tpm := startTPM(t, emulator.NewMemStore())
+			res, err := TPM2(context.Background(), tpm, Options{CreateEK: true, RSAKeyBits: tc.bits, EKCert: true, PlatformCert: true,
+				LockNVRAM: true, PCRBanks: tc.banks, Certifier: caCertifier{testCA(t)}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(res.EKs) != 2 || res.PlatformCert == nil {
+				t.Fatalf("made %d EKs, platform cert %v", len(res.EKs), res.PlatformCert != nil)
+			}
+			restart(t, eng, tpm)
+			for _, ek := range []struct {
+				h     tpm2.TPMHandle
+				index uint32
+				got   EK
+			}{{tc.firstEK, tc.firstCert, res.EKs[0]}, {HandleEKP384, IndexEKCertP384, res.EKs[1]}} {
+				pub, err := tpm2.Pub(readPublic(t, tpm, ek.h))
+				if err != nil {
+					t.Fatal(err)
+				}
+				der, nvpub := readNV(t, tpm, ek.index)
+				if !bytes.Equal(der, ek.got.Cert) {
+					t.Fatalf("NV 0x%x does not hold the issued certificate", ek.index)
+				}
+				cert, err := x509.ParseCertificate(der)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(pub) {
+					t.Fatalf("certificate in 0x%x is not over the EK at 0x%x", ek.index, uint32(ek.h))
+				}
+				// swtpm_setup's attributes after writing and locking: 0x62072801
+				if a := binaryAttrs(nvpub.Attributes); a != 0x62072801 {
+					t.Fatalf("NV 0x%x attributes 0x%08x, want 0x62072801", ek.index, a)
+				}
+			}
+			if _, nvpub := readNV(t, tpm, IndexPlatformCert); binaryAttrs(nvpub.Attributes) != 0x62072801 {
+				t.Fatal("platform certificate index attributes")
+			}
+			// a locked index refuses writes
+			if err := rawPlatformWrite(tpm, IndexPlatformCert); err == nil {
+				t.Fatal("write to a locked certificate index succeeded")
+			}
+			active := activeBanks(t, tpm)
+			if !slices.Equal(active, tc.banks) {
+				t.Fatalf("active banks %v, want %v", active, tc.banks)
+			}
+		})
+	}
+}
+
+// rawPlatformWrite writes one byte to a defined index with platform authorization.
+func rawPlatformWrite(tpm transport.TPM, index uint32) error {
+	rp, err := tpm2.NVReadPublic{NVIndex: tpm2.TPMHandle(index)}.Execute(tpm)
+	if err != nil {
+		return err
+	}
+	_, err = tpm2.NVWrite{AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHPlatform, Auth: tpm2.PasswordAuth(nil)},
+		NVIndex: tpm2.NamedHandle{Handle: tpm2.TPMHandle(index), Name: rp.NVName}, Data: tpm2.TPM2BMaxNVBuffer{Buffer: []byte{1}}}.Execute(tpm)
+	return err
+}
+
+func binaryAttrs(a tpm2.TPMANV) uint32 {
+	b := tpm2.Marshal(a)
+	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+}
+
+func activeBanks(t *testing.T, tpm transport.TPM) []string {
+	t.Helper()
+	sel, err := pcrAllocation(tpm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, s := range sel.PCRSelections {
+		if slices.ContainsFunc(s.PCRSelect, func(b byte) bool { return b != 0 }) {
+			for name, alg := range bankAlgs {
+				if alg == s.Hash {
+					out = append(out, name)
+				}
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func TestSigningEKStoresItsTemplate(t *testing.T) {
+	_, tpm := startTPM(t, emulator.NewMemStore())
+	res, err := TPM2(context.Background(), tpm, Options{CreateEK: true, AllowSigning: true, EKCert: true, Certifier: caCertifier{testCA(t)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(res.EKs[0].Cert)
+	if cert.KeyUsage != x509.KeyUsageDigitalSignature {
+		t.Fatalf("signing EK certificate key usage %b", cert.KeyUsage)
+	}
+	if err := tpmclient.Startup(tpm); err != nil {
+		t.Fatal(err)
+	}
+	tmpl, _ := readNV(t, tpm, IndexEKTemplateRSA2048)
+	if !bytes.Equal(tmpl, tpm2.Marshal(EKTemplateRSA(2048, true, false))) {
+		t.Fatal("NV 0x01c00004 does not hold the signing EK's template")
+	}
+	if p := readPublic(t, tpm, HandleEKRSA2048); !p.ObjectAttributes.SignEncrypt || p.ObjectAttributes.Restricted || p.ObjectAttributes.Decrypt {
+		t.Fatalf("signing EK attributes %+v", p.ObjectAttributes)
+	}
+}
+
+func TestBadOptions(t *testing.T) {
+	_, tpm := startTPM(t, emulator.NewMemStore())
+	if _, err := TPM2(context.Background(), tpm, Options{CreateEK: true, RSAKeyBits: 1024}); !errors.Is(err, ErrOptions) {
+		t.Fatalf("1024-bit EK: %v", err)
+	}
+	if _, err := TPM2(context.Background(), tpm, Options{CreateEK: true, EKCert: true}); !errors.Is(err, ErrOptions) {
+		t.Fatalf("certificates without a CA: %v", err)
+	}
+	if err := AllocatePCRBanks(tpm, []string{"sha3"}); !errors.Is(err, ErrOptions) {
+		t.Fatalf("unknown bank: %v", err)
+	}
+	for _, s := range []string{"md5", "sha256,", ""} {
+		if _, err := ParseBanks(s); !errors.Is(err, ErrOptions) {
+			t.Errorf("ParseBanks(%q): %v", s, err)
+		}
+	}
+	if b, err := ParseBanks("-"); err != nil || b != nil {
+		t.Fatalf("ParseBanks(-) = %v, %v", b, err)
+	}
+	if b, _ := ParseBanks("sha1,sha256,sha1"); !slices.Equal(b, []string{"sha1", "sha256"}) {
+		t.Fatalf("duplicate banks: %v", b)
+	}
+}
+
+// TestTemplatesMatchSwtpmSetup: the EKs Debian's swtpm_setup persisted are exactly what our
+// templates create from the same TPM (same endorsement seed), so tools that recreate an EK
+// from the TCG template find the certified key.
+func TestTemplatesMatchSwtpmSetup(t *testing.T) {
+	bin := "/usr/bin/swtpm_setup"
+	if _, err := os.Stat(bin); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("Debian's swtpm_setup is missing in CI")
+		}
+		t.Skip("swtpm_setup not installed")
+	}
+	for _, tc := range []struct {
+		bits   int
+		handle tpm2.TPMHandle
+	}{{2048, HandleEKRSA2048}, {3072, HandleEKRSA3072}} {
+		dir := t.TempDir()
+		conf := filepath.Join(dir, "setup.conf")
+		os.WriteFile(conf, []byte("active_pcr_banks = sha256\n"), 0o600)
+		args := []string{"--tpm", "/usr/bin/swtpm socket", "--tpm2", "--tpm-state", dir, "--createek", "--config", conf, "--rsa-keysize", strconv.Itoa(tc.bits)}
+		if out, err := exec.Command(bin, args...).CombinedOutput(); err != nil {
+			t.Fatalf("swtpm_setup: %v\n%s", err, out)
+		}
+		st, err := store.Open("dir://"+dir, store.Options{TPM2: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		perm, err := st.Load(emulator.StatePermanent)
+		st.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		mem := emulator.NewMemStore()
+		mem.Store(emulator.StatePermanent, perm)
+		func() {
+			eng, tpm := startTPM(t, mem)
+			defer eng.Close()
+			for _, ek := range []struct {
+				h    tpm2.TPMHandle
+				tmpl tpm2.TPMTPublic
+			}{{tc.handle, EKTemplateRSA(tc.bits, false, false)}, {HandleEKP384, EKTemplateP384(false, false)}} {
+				want := readPublic(t, tpm, ek.h)
+				k, err := tpmclient.CreatePrimary(tpm, tpm2.TPMRHEndorsement, ek.tmpl)
+				if err != nil {
+					t.Fatal(err)
+				}
+				tpmclient.Flush(tpm, k.Handle)
+				if !bytes.Equal(tpm2.Marshal(k.Public), tpm2.Marshal(want)) {
+					t.Fatalf("RSA %d run: our template for 0x%x makes another key than swtpm_setup's:\n%x\n%x", tc.bits, uint32(ek.h), tpm2.Marshal(k.Public), tpm2.Marshal(want))
+				}
+			}
+		}()
+	}
+}
+
