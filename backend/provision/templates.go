@@ -94,26 +94,32 @@ func spkAttributes() tpm2.TPMAObject {
 		UserWithAuth: true, NoDA: true, Restricted: true, Decrypt: true}
 }
 
-// SPKTemplateRSA is a TCG-style storage primary key template (RSA of bits, AES-128 CFB).
+// SPKTemplateRSA is swtpm_setup's storage primary key template: RSA 2048 (SHA-256, AES-128)
+// or RSA 3072 (SHA-384, AES-256), CFB, zero-filled unique of the modulus size.
 func SPKTemplateRSA(bits int) tpm2.TPMTPublic {
-	if bits != 3072 {
+	nameAlg, sym := tpm2.TPMAlgSHA256, aesCFB(128)
+	if bits == 3072 {
+		nameAlg, sym = tpm2.TPMAlgSHA384, aesCFB(256)
+	} else {
 		bits = 2048
 	}
 	return tpm2.TPMTPublic{
-		Type: tpm2.TPMAlgRSA, NameAlg: tpm2.TPMAlgSHA256, ObjectAttributes: spkAttributes(),
+		Type: tpm2.TPMAlgRSA, NameAlg: nameAlg, ObjectAttributes: spkAttributes(),
 		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgRSA, &tpm2.TPMSRSAParms{
-			Symmetric: aesCFB(128), Scheme: tpm2.TPMTRSAScheme{Scheme: tpm2.TPMAlgNull}, KeyBits: tpm2.TPMKeyBits(bits)}),
-		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{}),
+			Symmetric: sym, Scheme: tpm2.TPMTRSAScheme{Scheme: tpm2.TPMAlgNull}, KeyBits: tpm2.TPMKeyBits(bits)}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: make([]byte, bits/8)}),
 	}
 }
 
-// SPKTemplateP384 is an ECC P-384 storage primary key template (AES-256 CFB).
+// SPKTemplateP384 is swtpm_setup's ECC storage primary key template (--create-spk --ecc):
+// P-384, SHA-384, AES-256 CFB, 48-byte zero x and y.
 func SPKTemplateP384() tpm2.TPMTPublic {
 	return tpm2.TPMTPublic{
 		Type: tpm2.TPMAlgECC, NameAlg: tpm2.TPMAlgSHA384, ObjectAttributes: spkAttributes(),
 		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
 			Symmetric: aesCFB(256), Scheme: tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
 			CurveID: tpm2.TPMECCNistP384, KDF: tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull}}),
-		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+			X: tpm2.TPM2BECCParameter{Buffer: make([]byte, 48)}, Y: tpm2.TPM2BECCParameter{Buffer: make([]byte, 48)}}),
 	}
 }

@@ -215,6 +215,7 @@ func createEK(t transport.TPM, spec ekSpec, sign, decrypt bool, log *slog.Logger
 		if err := WriteNV(t, spec.templateIndx, tpm2.Marshal(tmpl), false); err != nil {
 			return nil, fmt.Errorf("store %s EK template: %w", spec.label, err)
 		}
+		log.Info(fmt.Sprintf("Successfully created NVRAM area 0x%x for %s EK template.", spec.templateIndx, spec.label))
 	}
 	return &EK{Kind: spec.kind, Handle: spec.handle, Public: pub}, nil
 }

@@ -326,4 +326,3 @@ func TestTemplatesMatchSwtpmSetup(t *testing.T) {
 		}()
 	}
 }
-

@@ -28,7 +28,10 @@ func newVtpmdApp() *cli.App {
 				Usage:           "manufacture a new vTPM's state (swtpm_setup's options)",
 				SkipFlagParsing: true,
 				Action: func(c *cli.Context) error {
-					return newSetupApp("vtpmd setup").RunContext(c.Context, append([]string{"vtpmd setup"}, c.Args().Slice()...))
+					if code := setupMain(c.Context, append([]string{"vtpmd setup"}, c.Args().Slice()...)); code != 0 {
+						return cli.Exit("", code)
+					}
+					return nil
 				},
 			},
 			{

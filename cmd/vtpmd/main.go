@@ -23,7 +23,7 @@ func run(ctx context.Context, args []string) int {
 	case "swtpm":
 		return swtpmMain(ctx, args)
 	case "swtpm_setup":
-		return exitCode(newSetupApp("swtpm_setup").RunContext(ctx, args))
+		return setupMain(ctx, args)
 	case "swtpm_ioctl":
 		return ioctlMain(ctx, args)
 	}

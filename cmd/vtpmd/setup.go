@@ -1,8 +1,457 @@
 package main
 
-import "github.com/urfave/cli/v2"
+import (
+	"context"
+	"crypto"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
 
-// newSetupApp is swtpm_setup's command line (issue: vtpmd setup). Placeholder until it lands.
+	"github.com/urfave/cli/v2"
+
+	"github.com/vtpmd/vtpmd/backend"
+	"github.com/vtpmd/vtpmd/backend/blob"
+	"github.com/vtpmd/vtpmd/backend/localca"
+	"github.com/vtpmd/vtpmd/backend/provision"
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
+)
+
+// swtpmSetupCompatVersion is the swtpm_setup whose options and output vtpmd setup reproduces.
+const swtpmSetupCompatVersion = "0.7.1"
+
+// debianSwtpmSetup runs TPM 1.2 manufacturing, which vtpmd setup does not do in-process.
+const debianSwtpmSetup = "/usr/bin/swtpm_setup"
+
+// setupFlags are swtpm_setup's options (getopt_long names; every one takes its argument as
+// the next word or after '=').
+func setupFlags() []cli.Flag {
+	str := func(name string, aliases ...string) cli.Flag {
+		return &cli.StringFlag{Name: name, Aliases: aliases}
+	}
+	boolean := func(name string) cli.Flag { return &cli.BoolFlag{Name: name} }
+	return []cli.Flag{
+		str("runas"), str("tpm-state", "tpmstate"), str("tpm"), str("swtpm_ioctl"),
+		boolean("tpm2"), boolean("createek"), boolean("allow-signing"), boolean("decryption"), boolean("ecc"),
+		boolean("take-ownership"), str("ownerpass"), boolean("owner-well-known"), str("srkpass"), boolean("srk-well-known"),
+		boolean("create-ek-cert"), boolean("create-platform-cert"), boolean("create-spk"), boolean("lock-nvram"),
+		boolean("display"), str("config"), str("vmid"), str("logfile"), str("keyfile"), str("keyfile-fd"),
+		str("pwdfile"), str("pwdfile-fd"), str("cipher"), boolean("overwrite"), boolean("not-overwrite"),
+		str("pcr-banks"), str("rsa-keysize"), str("write-ek-cert-files"), str("tcsd-system-ps-file"),
+		boolean("print-capabilities"), str("create-config-files"), boolean("reconfigure"),
+		boolean("version"), &cli.BoolFlag{Name: "help", Aliases: []string{"h"}},
+	}
+}
+
+// setupCapabilities is swtpm_setup --print-capabilities for what vtpmd setup implements.
+func setupCapabilities() string {
+	features := []string{"tpm-2.0"}
+	if _, err := os.Stat(debianSwtpmSetup); err == nil {
+		features = append([]string{"tpm-1.2"}, features...) // delegated, see runSetup
+	}
+	features = append(features, "cmdarg-keyfile-fd", "cmdarg-pwdfile-fd", "tpm12-not-need-root",
+		"cmdarg-write-ek-cert-files", "cmdarg-create-config-files", "cmdarg-reconfigure-pcr-banks",
+		"tpm2-rsa-keysize-2048", "tpm2-rsa-keysize-3072")
+	q := make([]string, len(features))
+	for i, f := range features {
+		q[i] = `"` + f + `"`
+	}
+	return fmt.Sprintf(`{ "type": "swtpm_setup", "features": [ %s ], "version": "%s" }`, strings.Join(q, ", "), swtpmSetupCompatVersion)
+}
+
+// newSetupApp is swtpm_setup's command line.
 func newSetupApp(name string) *cli.App {
-	return &cli.App{Name: name, Action: func(*cli.Context) error { return cli.Exit("not implemented yet", 1) }}
+	return &cli.App{
+		Name:            name,
+		HideHelp:        true,
+		HideHelpCommand: true,
+		HideVersion:     true,
+		Flags:           setupFlags(),
+		Writer:          os.Stdout,
+		ErrWriter:       os.Stderr,
+		OnUsageError: func(c *cli.Context, err error, _ bool) error {
+			fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
+			fmt.Fprint(os.Stdout, setupUsage(name))
+			return cli.Exit("", 1)
+		},
+		Action: func(c *cli.Context) error {
+			if c.NArg() > 0 {
+				fmt.Fprintf(os.Stderr, "Unknown argument: %s\n", c.Args().First())
+				fmt.Fprint(os.Stdout, setupUsage(name))
+				return cli.Exit("", 1)
+			}
+			return runSetup(c, name)
+		},
+	}
+}
+
+// setupArgs rewrites swtpm_setup's optional-argument option so urfave/cli can parse it:
+// "--create-config-files" takes the next word as its argument only when it is not an option
+// (as libvirt passes "--create-config-files skip-if-exist").
+func setupArgs(args []string) []string {
+	out := make([]string, 0, len(args))
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--create-config-files" {
+			if i+1 < len(args) && !strings.HasPrefix(args[i+1], "-") {
+				a += "=" + args[i+1]
+				i++
+			} else {
+				a += "="
+			}
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+func setupMain(ctx context.Context, args []string) int {
+	return exitCode(newSetupApp(filepath.Base(args[0])).RunContext(ctx, setupArgs(args)))
+}
+
+// setupLogger writes swtpm_setup's plain log lines: to --logfile (appended) or, without
+// one, to stdout; errors without a log file go to stderr.
+type setupLogger struct {
+	out, err io.Writer
+}
+
+func (l setupLogger) Enabled(context.Context, slog.Level) bool { return true }
+func (l setupLogger) Handle(_ context.Context, r slog.Record) error {
+	w := l.out
+	if r.Level >= slog.LevelError {
+		w = l.err
+	}
+	_, e := fmt.Fprintln(w, r.Message)
+	return e
+}
+func (l setupLogger) WithAttrs([]slog.Attr) slog.Handler { return l }
+func (l setupLogger) WithGroup(string) slog.Handler      { return l }
+
+func openSetupLog(path string) (*slog.Logger, func(), error) {
+	if path == "" {
+		return slog.New(setupLogger{os.Stdout, os.Stderr}), func() {}, nil
+	}
+	if st, err := os.Lstat(path); err == nil && st.Mode()&os.ModeSymlink != 0 {
+		return nil, nil, errors.New("Logfile must not be a symlink.")
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, nil, fmt.Errorf("Cannot write to logfile %s.", path)
+	}
+	return slog.New(setupLogger{f, f}), func() { f.Close() }, nil
+}
+
+// setupError is a failure already logged: it only sets the exit status.
+type setupError struct{}
+
+func (setupError) Error() string { return "" }
+func (setupError) ExitCode() int { return 1 }
+
+func runSetup(c *cli.Context, name string) error {
+	switch {
+	case c.Bool("help"):
+		fmt.Fprint(os.Stdout, setupUsage(name))
+		return nil
+	case c.Bool("version"):
+		fmt.Printf("TPM emulator setup tool version %s (vtpmd %s)\n", swtpmSetupCompatVersion, version)
+		return nil
+	case c.Bool("print-capabilities"):
+		fmt.Println(setupCapabilities())
+		return nil
+	}
+	if c.IsSet("create-config-files") {
+		return createConfigFiles(c.String("create-config-files"))
+	}
+	if u := c.String("runas"); u != "" {
+		if err := runAs(u); err != nil {
+			return cli.Exit(err.Error(), 1)
+		}
+	}
+	log, closeLog, err := openSetupLog(c.String("logfile"))
+	if err != nil {
+		return cli.Exit(err.Error(), 1)
+	}
+	defer closeLog()
+	fail := func(format string, a ...any) error {
+		log.Error(fmt.Sprintf(format, a...))
+		return setupError{}
+	}
+	if !c.Bool("tpm2") {
+		return runTPM12Setup(c)
+	}
+	if c.Bool("take-ownership") || c.IsSet("ownerpass") || c.IsSet("srkpass") || c.Bool("owner-well-known") || c.Bool("srk-well-known") {
+		return fail("--take-ownership and its passwords apply to TPM 1.2 only.")
+	}
+	state := c.String("tpm-state")
+	if state == "" {
+		return fail("--tpm-state must be provided")
+	}
+	if !strings.Contains(state, "://") {
+		state = "dir://" + state
+	}
+	if !strings.HasPrefix(state, "dir://") && !strings.HasPrefix(state, "file://") {
+		return fail("Unsupported TPM state backend in %s: use a directory, dir:// or file://", state)
+	}
+	if strings.HasPrefix(state, "dir://") {
+		dir := strings.TrimPrefix(state, "dir://")
+		if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+			return fail("User %s cannot access directory %s.", currentUser(), dir)
+		}
+		if err := accessRW(dir); err != nil {
+			return fail("Need read/write access rights on TPM state directory %s for user %s.", dir, currentUser())
+		}
+	}
+	if c.Bool("overwrite") && c.Bool("not-overwrite") {
+		return fail("--overwrite and --not-overwrite are mutually exclusive.")
+	}
+	if c.Bool("reconfigure") {
+		for _, o := range []string{"createek", "create-ek-cert", "create-platform-cert", "create-spk", "lock-nvram", "allow-signing", "decryption", "overwrite", "not-overwrite"} {
+			if c.Bool(o) {
+				return fail("--reconfigure cannot be used with --%s.", o)
+			}
+		}
+	}
+	conf, err := loadSetupConfig(c.String("config"))
+	if err != nil {
+		return fail("%v", err)
+	}
+	key, err := setupKey(c)
+	if err != nil {
+		return fail("%v", err)
+	}
+	banks := c.String("pcr-banks")
+	if banks == "" {
+		banks = conf.activeBanks
+	}
+	pcrBanks, err := provision.ParseBanks(banks)
+	if err != nil {
+		return fail("%v", err)
+	}
+	bits := 2048
+	if s := c.String("rsa-keysize"); s != "" {
+		if s == "max" {
+			bits = 3072
+		} else if bits, err = strconv.Atoi(s); err != nil || (bits != 2048 && bits != 3072) {
+			return fail("Unsupported RSA key size %s.", s)
+		}
+	}
+	ekCert := c.Bool("create-ek-cert") || c.Bool("create-platform-cert")
+	po := provision.Options{
+		CreateEK:     c.Bool("createek") || ekCert,
+		RSAKeyBits:   bits,
+		AllowSigning: c.Bool("allow-signing"),
+		Decryption:   c.Bool("decryption"),
+		EKCert:       ekCert,
+		PlatformCert: c.Bool("create-platform-cert"),
+		LockNVRAM:    c.Bool("lock-nvram"),
+		CreateSPK:    c.Bool("create-spk"),
+		SPKECC:       c.Bool("ecc"),
+		PCRBanks:     pcrBanks,
+	}
+	vmid := c.String("vmid")
+	if !c.Bool("reconfigure") {
+		log.Info(fmt.Sprintf("Starting vTPM manufacturing as %s @ %s", currentUserGroup(), time.Now().Format("Mon 02 Jan 2006 03:04:05 PM MST")))
+	}
+	res, err := backend.Manufacture(c.Context, backend.ManufactureConfig{
+		StateURI: state, TPM2: true, StateKey: key,
+		Overwrite: c.Bool("overwrite"), NotOverwrite: c.Bool("not-overwrite"), Reconfigure: c.Bool("reconfigure"),
+		Provision: po,
+		NewCertifier: func(ctx context.Context, info localca.TPMInfo) (provision.Certifier, error) {
+			return newLocalCertifier(ctx, conf, vmid, info, log)
+		},
+		Log: log,
+	})
+	switch {
+	case errors.Is(err, backend.ErrStateExists):
+		return fail("Found existing TPM state 'permall'.")
+	case err != nil:
+		return fail("%v", err)
+	case res.Kept:
+		return nil
+	}
+	if dir := c.String("write-ek-cert-files"); dir != "" && res.Result != nil {
+		for _, ek := range res.EKs {
+			if ek.Cert == nil {
+				continue
+			}
+			if err := atomicfile.WriteFile(filepath.Join(dir, "ek-"+ek.Kind+".crt"), ek.Cert, 0o640); err != nil {
+				return fail("Could not write EK certificate file: %v", err)
+			}
+		}
+	}
+	if c.Bool("display") && res.Result != nil {
+		displayResult(res)
+	}
+	if !c.Bool("reconfigure") {
+		log.Info("Successfully authored TPM state.")
+		log.Info(fmt.Sprintf("Ending vTPM manufacturing @ %s", time.Now().Format("Mon 02 Jan 2006 03:04:05 PM MST")))
+	}
+	return nil
+}
+
+// displayResult prints what was made (swtpm_setup 0.7.1 accepts --display and prints nothing;
+// vtpmd says what it made).
+func displayResult(res *backend.ManufactureResult) {
+	fmt.Printf("TPM %s, manufacturer %s, model %s, firmware %s\n", res.TPM.Family, res.TPM.Manufacturer, res.TPM.Model, res.TPM.Version)
+	for _, ek := range res.EKs {
+		line := fmt.Sprintf("EK %s at handle 0x%x", ek.Kind, uint32(ek.Handle))
+		if ek.CertIndex != 0 {
+			line += fmt.Sprintf(", certificate in NV 0x%x (%d bytes)", ek.CertIndex, len(ek.Cert))
+		}
+		fmt.Println(line)
+	}
+	if res.PlatformCert != nil {
+		fmt.Printf("platform certificate in NV 0x%x (%d bytes)\n", provision.IndexPlatformCert, len(res.PlatformCert))
+	}
+}
+
+func currentUser() string {
+	if u, err := user.Current(); err == nil {
+		return u.Username
+	}
+	return strconv.Itoa(os.Getuid())
+}
+
+func currentUserGroup() string {
+	g := strconv.Itoa(os.Getgid())
+	if gr, err := user.LookupGroupId(g); err == nil {
+		g = gr.Name
+	}
+	return currentUser() + ":" + g
+}
+
+// accessRW checks that the process may create files in dir (access(2) W_OK|R_OK|X_OK).
+func accessRW(dir string) error {
+	return unixAccess(dir, 7)
+}
+
+// setupKey builds the state key from --keyfile/--keyfile-fd/--pwdfile/--pwdfile-fd and
+// --cipher, with swtpm's --key semantics.
+func setupKey(c *cli.Context) (*blob.Key, error) {
+	cipher := c.String("cipher")
+	switch cipher {
+	case "", "aes-128-cbc":
+		cipher = "aes-128-cbc"
+	case "aes-256-cbc":
+	default:
+		return nil, fmt.Errorf("Unsupported cipher %s.", cipher)
+	}
+	var opt string
+	n := 0
+	for _, k := range []struct{ flag, sub string }{{"keyfile", "file"}, {"keyfile-fd", "fd"}, {"pwdfile", "pwdfile"}, {"pwdfile-fd", "pwdfd"}} {
+		if v := c.String(k.flag); v != "" {
+			opt = k.sub + "=" + v
+			n++
+		}
+	}
+	switch n {
+	case 0:
+		return nil, nil
+	case 1:
+	default:
+		return nil, errors.New("Only one of --keyfile, --keyfile-fd, --pwdfile and --pwdfile-fd may be given.")
+	}
+	key, err := loadKey(opt + ",mode=" + cipher)
+	if err != nil {
+		return nil, fmt.Errorf("state key: %w", err)
+	}
+	return key, nil
+}
+
+// localCertifier issues certificates with the local CA, lazily opened (and created on first
+// use) only when a certificate is asked for.
+type localCertifier struct {
+	ca       *localca.CA
+	vmid     string
+	info     localca.TPMInfo
+	platform localca.Platform
+}
+
+func newLocalCertifier(ctx context.Context, conf setupConfig, vmid string, info localca.TPMInfo, log *slog.Logger) (provision.Certifier, error) {
+	cfg, err := localca.LoadConfig(conf.caConfig)
+	if err != nil {
+		return nil, err
+	}
+	platform, err := localca.LoadOptions(conf.caOptions)
+	if err != nil {
+		return nil, err
+	}
+	ca, err := localca.Open(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	return &localCertifier{ca: ca, vmid: vmid, info: info, platform: platform}, nil
+}
+
+func (l *localCertifier) EKCertificate(ctx context.Context, ek crypto.PublicKey, sign, dec bool) ([]byte, error) {
+	return l.ca.IssueEK(ctx, localca.EKRequest{PublicKey: ek, VMID: l.vmid, TPM: l.info, AllowSigning: sign, Decryption: dec})
+}
+
+func (l *localCertifier) PlatformCertificate(ctx context.Context, ek crypto.PublicKey) ([]byte, error) {
+	return l.ca.IssuePlatform(ctx, localca.PlatformRequest{PublicKey: ek, VMID: l.vmid, TPM: l.info, Platform: l.platform})
+}
+
+// runTPM12Setup hands TPM 1.2 manufacturing to Debian's swtpm_setup (driving vtpmd as its
+// swtpm when the links are installed); vtpmd setup makes TPM 2 state in-process only.
+func runTPM12Setup(c *cli.Context) error {
+	if _, err := os.Stat(debianSwtpmSetup); err != nil {
+		return cli.Exit("vtpmd setup makes TPM 2 state only (--tpm2); TPM 1.2 needs Debian's swtpm_setup ("+debianSwtpmSetup+"), which is not installed", 1)
+	}
+	args := os.Args[1:]
+	if filepath.Base(os.Args[0]) != "swtpm_setup" && len(args) > 0 && args[0] == "setup" {
+		args = args[1:] // "vtpmd setup ..."
+	}
+	return execProgram(debianSwtpmSetup, append([]string{debianSwtpmSetup}, args...))
+}
+
+func setupUsage(name string) string {
+	return "TPM emulator setup tool version " + swtpmSetupCompatVersion + " (vtpmd " + version + ")\n" +
+		"Usage: " + name + ` [options]
+
+vtpmd setup manufactures a vTPM's state in-process, with swtpm_setup's options:
+
+--tpm-state <dir>|dir://<dir>|file://<file>
+                 : Where the TPM's state is written (--tpmstate is an alias); mandatory.
+--tpm2           : Set up a TPM 2 (TPM 1.2 is handed to Debian's swtpm_setup).
+--createek       : Create the EKs (RSA and ECC P-384 for a TPM 2).
+--allow-signing  : Create EKs that can sign (non-standard EKs!).
+--decryption     : Keep such EKs able to decrypt.
+--ecc            : Make the storage primary key an ECC key (with --create-spk).
+--create-ek-cert : Create EK certificates with the local CA; implies --createek.
+--create-platform-cert
+                 : Create a platform certificate; implies --create-ek-cert.
+--create-spk     : Create a storage primary key at 0x81000001.
+--lock-nvram     : Write-lock the certificate NV indices.
+--display        : Show what was created.
+--config <file>  : swtpm_setup.conf to use (default: the user's, else /etc/swtpm_setup.conf).
+--vmid <vmid>    : VM identity for the certificates' subject.
+--logfile <file> : Append the log to <file> (default: stdout/stderr).
+--keyfile <file>, --keyfile-fd <fd>, --pwdfile <file>, --pwdfile-fd <fd>
+                 : Encrypt the state with a key or a passphrase (swtpm's --key).
+--cipher <cipher>: aes-128-cbc (default) or aes-256-cbc.
+--overwrite      : Replace existing state.
+--not-overwrite  : Keep existing state and succeed.
+--pcr-banks <banks>
+                 : Comma-separated PCR banks to keep active; '-' keeps all (default: sha256).
+--rsa-keysize <bits>
+                 : 2048 (default), 3072 or max.
+--write-ek-cert-files <dir>
+                 : Also write the EK certificates into <dir>.
+--reconfigure    : Change the PCR banks of existing state; creates nothing.
+--create-config-files [overwrite][,root][,skip-if-exist]
+                 : Create per-user swtpm_setup and swtpm-localca config files.
+--runas <user>   : Run as <user>.
+--tpm, --swtpm_ioctl, --tcsd-system-ps-file
+                 : Accepted for compatibility; vtpmd runs the TPM in-process.
+--print-capabilities
+                 : Print JSON capabilities and exit.
+--version        : Display version and exit.
+--help,-h        : Display this help screen.
+`
 }

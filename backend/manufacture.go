@@ -1,0 +1,170 @@
+package backend
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+
+	"github.com/vtpmd/vtpmd/backend/blob"
+	"github.com/vtpmd/vtpmd/backend/localca"
+	"github.com/vtpmd/vtpmd/backend/provision"
+	"github.com/vtpmd/vtpmd/backend/store"
+	"github.com/vtpmd/vtpmd/emulator"
+	"github.com/vtpmd/vtpmd/internal/tpmclient"
+)
+
+// Sentinel errors of Manufacture.
+var (
+	// ErrStateExists: the state location holds a TPM and neither overwriting nor keeping it
+	// was asked for (swtpm_setup: "Found existing TPM state 'permall'").
+	ErrStateExists = errors.New("found existing TPM state 'permall'")
+	// ErrNoState: --reconfigure without a TPM to reconfigure.
+	ErrNoState = errors.New("no TPM state to reconfigure")
+)
+
+// ManufactureConfig says how to make (or reconfigure) one vTPM's state.
+type ManufactureConfig struct {
+	// StateURI is dir://DIR or file://FILE.
+	StateURI string
+	TPM2     bool
+	// StateKey encrypts the state files (swtpm_setup --keyfile/--pwdfile).
+	StateKey *blob.Key
+	// Overwrite replaces existing state; NotOverwrite keeps it and succeeds; with neither,
+	// existing state is ErrStateExists.
+	Overwrite, NotOverwrite bool
+	// Reconfigure changes only the PCR banks of existing state.
+	Reconfigure bool
+	// Provision says what to make; its Certifier is built by NewCertifier when certificates
+	// are asked for, from what the TPM says about itself.
+	Provision    provision.Options
+	NewCertifier func(ctx context.Context, tpm localca.TPMInfo) (provision.Certifier, error)
+	Log          *slog.Logger
+}
+
+// ManufactureResult says what Manufacture did.
+type ManufactureResult struct {
+	// Kept is set when existing state was left alone (NotOverwrite).
+	Kept bool
+	*provision.Result
+	TPM localca.TPMInfo
+}
+
+// Manufacture makes a new TPM's state the way swtpm_setup does, but in-process: libtpms runs
+// on an in-memory store, and only when every step has succeeded is the permanent state
+// written to the state location (one atomic, durable replacement, encrypted when a key is
+// given). A failure at any step leaves the location as it was. The state lock is held
+// throughout, so a running vtpmd or swtpm on the same state is never overwritten.
+func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult, error) {
+	log := cfg.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if !cfg.TPM2 {
+		return nil, fmt.Errorf("manufacture: TPM 1.2 is not supported in-process")
+	}
+	st, err := store.Open(cfg.StateURI, store.Options{TPM2: true, Lock: true, StateKey: cfg.StateKey})
+	if err != nil {
+		return nil, fmt.Errorf("open TPM state %s: %w", cfg.StateURI, err)
+	}
+	defer st.Close()
+	if err := st.Lock(relockRetries); err != nil {
+		return nil, fmt.Errorf("lock TPM state %s: %w", cfg.StateURI, err)
+	}
+	states, err := st.States()
+	if err != nil {
+		return nil, fmt.Errorf("read TPM state %s: %w", cfg.StateURI, err)
+	}
+	exists := slices.ContainsFunc(states, func(s store.State) bool { return s.Name == emulator.StatePermanent.Name() })
+	mem := emulator.NewMemStore()
+	switch {
+	case cfg.Reconfigure:
+		if !exists {
+			return nil, fmt.Errorf("%w in %s", ErrNoState, cfg.StateURI)
+		}
+		perm, err := st.Load(emulator.StatePermanent)
+		if err != nil {
+			return nil, fmt.Errorf("load TPM state %s: %w", cfg.StateURI, err)
+		}
+		if err := mem.Store(emulator.StatePermanent, perm); err != nil {
+			return nil, err
+		}
+	case exists && cfg.NotOverwrite:
+		log.Info("Not overwriting existing state file.")
+		return &ManufactureResult{Kept: true}, nil
+	case exists && !cfg.Overwrite:
+		return nil, ErrStateExists
+	}
+
+	eng, err := emulator.Open(emulator.TPM2, mem, log)
+	if err != nil {
+		return nil, fmt.Errorf("open tpm engine: %w", err)
+	}
+	defer eng.Close()
+	if err := eng.Start(); err != nil {
+		return nil, err
+	}
+	tpm := tpmclient.SendFunc(eng.Process)
+	if err := tpmclient.Startup(tpm); err != nil {
+		return nil, fmt.Errorf("TPM2_Startup: %w", err)
+	}
+	res := &ManufactureResult{TPM: TPMInfo(eng)}
+	if cfg.Reconfigure {
+		if err := provision.Reconfigure(tpm, cfg.Provision.PCRBanks, log); err != nil {
+			return nil, err
+		}
+	} else {
+		po := cfg.Provision
+		po.Log = log
+		if (po.EKCert || po.PlatformCert) && cfg.NewCertifier != nil {
+			if po.Certifier, err = cfg.NewCertifier(ctx, res.TPM); err != nil {
+				return nil, err
+			}
+		}
+		if res.Result, err = provision.TPM2(ctx, tpm, po); err != nil {
+			return nil, err
+		}
+	}
+	eng.Stop()
+	perm, err := mem.Load(emulator.StatePermanent)
+	if err != nil {
+		return nil, fmt.Errorf("manufactured TPM has no permanent state: %w", err)
+	}
+	// Stale volatile and saved state belong to the TPM being replaced (or, on reconfigure, to
+	// a power cycle that the Startup(CLEAR) above superseded); they go first, so a crash before
+	// the new permanent state lands leaves the old TPM whole.
+	for _, t := range []emulator.StateType{emulator.StateVolatile, emulator.StateSave} {
+		if err := st.Delete(t, false); err != nil {
+			return nil, fmt.Errorf("remove old %s state: %w", t.Name(), err)
+		}
+	}
+	if err := st.Store(emulator.StatePermanent, perm); err != nil {
+		return nil, fmt.Errorf("store TPM state %s: %w", cfg.StateURI, err)
+	}
+	return res, nil
+}
+
+// TPMInfo is what libtpms says about the TPM (TPMLIB_INFO_TPMSPECIFICATION and
+// TPMLIB_INFO_TPMATTRIBUTES), for its EK certificate.
+func TPMInfo(eng *emulator.Engine) localca.TPMInfo {
+	info := localca.TPMInfo{Family: "2.0", Revision: 164, Manufacturer: "id:00001014", Model: "swtpm", Version: "id:20191023", TPM2: eng.Version() == emulator.TPM2}
+	var v struct {
+		Spec struct {
+			Family   string `json:"family"`
+			Level    int    `json:"level"`
+			Revision int    `json:"revision"`
+		} `json:"TPMSpecification"`
+		Attrs struct {
+			Manufacturer string `json:"manufacturer"`
+			Version      string `json:"version"`
+			Model        string `json:"model"`
+		} `json:"TPMAttributes"`
+	}
+	if err := json.Unmarshal([]byte(eng.Info(1|2)), &v); err == nil && v.Spec.Family != "" {
+		info.Family, info.Level, info.Revision = v.Spec.Family, v.Spec.Level, v.Spec.Revision
+		info.Manufacturer, info.Version, info.Model = v.Attrs.Manufacturer, v.Attrs.Version, v.Attrs.Model
+	}
+	return info
+}
