@@ -21,8 +21,6 @@ var (
 	// ErrStateExists: the state location holds a TPM and neither overwriting nor keeping it
 	// was asked for (swtpm_setup: "Found existing TPM state 'permall'").
 	ErrStateExists = errors.New("found existing TPM state 'permall'")
-	// ErrNoState: --reconfigure without a TPM to reconfigure.
-	ErrNoState = errors.New("no TPM state to reconfigure")
 )
 
 // ManufactureConfig says how to make (or reconfigure) one vTPM's state.
@@ -32,16 +30,19 @@ type ManufactureConfig struct {
 	TPM2     bool
 	// StateKey encrypts the state files (swtpm_setup --keyfile/--pwdfile).
 	StateKey *blob.Key
-	// Overwrite replaces existing state; NotOverwrite keeps it and succeeds; with neither,
-	// existing state is ErrStateExists.
+	// Overwrite replaces existing state; NotOverwrite keeps it and succeeds (and wins over
+	// Overwrite, as in swtpm_setup); with neither, existing state is ErrStateExists.
 	Overwrite, NotOverwrite bool
-	// Reconfigure changes only the PCR banks of existing state.
+	// Reconfigure changes only the PCR banks of existing state (of a fresh TPM when there is
+	// none).
 	Reconfigure bool
 	// Provision says what to make; its Certifier is built by NewCertifier when certificates
 	// are asked for, from what the TPM says about itself.
 	Provision    provision.Options
 	NewCertifier func(ctx context.Context, tpm localca.TPMInfo) (provision.Certifier, error)
-	Log          *slog.Logger
+	// Started, if set, is called once the state check has passed and work begins.
+	Started func()
+	Log     *slog.Logger
 }
 
 // ManufactureResult says what Manufacture did.
@@ -80,10 +81,9 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 	exists := slices.ContainsFunc(states, func(s store.State) bool { return s.Name == emulator.StatePermanent.Name() })
 	mem := emulator.NewMemStore()
 	switch {
+	case cfg.Reconfigure && !exists:
+		// as swtpm_setup: reconfiguring nothing makes a fresh TPM with those banks
 	case cfg.Reconfigure:
-		if !exists {
-			return nil, fmt.Errorf("%w in %s", ErrNoState, cfg.StateURI)
-		}
 		perm, err := st.Load(emulator.StatePermanent)
 		if err != nil {
 			return nil, fmt.Errorf("load TPM state %s: %w", cfg.StateURI, err)
@@ -98,6 +98,9 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 		return nil, ErrStateExists
 	}
 
+	if cfg.Started != nil {
+		cfg.Started()
+	}
 	eng, err := emulator.Open(emulator.TPM2, mem, log)
 	if err != nil {
 		return nil, fmt.Errorf("open tpm engine: %w", err)

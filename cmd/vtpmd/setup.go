@@ -76,7 +76,11 @@ func newSetupApp(name string) *cli.App {
 		Writer:          os.Stdout,
 		ErrWriter:       os.Stderr,
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
-			fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
+			msg := err.Error()
+			if f, ok := strings.CutPrefix(msg, "flag provided but not defined: -"); ok {
+				msg = "unrecognized option '--" + strings.TrimPrefix(f, "-") + "'"
+			}
+			fmt.Fprintf(os.Stderr, "%s: %s\n", name, msg)
 			fmt.Fprint(os.Stdout, setupUsage(name))
 			return cli.Exit("", 1)
 		},
@@ -201,29 +205,36 @@ func runSetup(c *cli.Context, name string) error {
 	if strings.HasPrefix(state, "dir://") {
 		dir := strings.TrimPrefix(state, "dir://")
 		if st, err := os.Stat(dir); err != nil || !st.IsDir() {
-			return fail("User %s cannot access directory %s.", currentUser(), dir)
+			return fail("User %s cannot access directory %s. Make sure it exists and is a directory.", currentUser(), dir)
 		}
 		if err := accessRW(dir); err != nil {
 			return fail("Need read/write access rights on TPM state directory %s for user %s.", dir, currentUser())
 		}
 	}
-	if c.Bool("overwrite") && c.Bool("not-overwrite") {
-		return fail("--overwrite and --not-overwrite are mutually exclusive.")
+	reconfigure := c.Bool("reconfigure")
+	if reconfigure && (c.Bool("createek") || c.Bool("create-ek-cert") || c.Bool("create-platform-cert")) {
+		return fail("Reconfiguration is not supported with creation of EK or certificates")
 	}
-	if c.Bool("reconfigure") {
-		for _, o := range []string{"createek", "create-ek-cert", "create-platform-cert", "create-spk", "lock-nvram", "allow-signing", "decryption", "overwrite", "not-overwrite"} {
-			if c.Bool(o) {
-				return fail("--reconfigure cannot be used with --%s.", o)
-			}
+	if dir := c.String("write-ek-cert-files"); dir != "" {
+		if st, err := os.Stat(dir); err != nil || !st.IsDir() || accessRW(dir) != nil {
+			return fail("User %s cannot access directory %s. Make sure it exists and is a directory.", currentUser(), dir)
+		}
+	}
+	for _, o := range []string{"swtpm_ioctl", "tcsd-system-ps-file"} {
+		if c.IsSet(o) {
+			log.Info(fmt.Sprintf("Warning: --%s is deprecated and has no effect.", o))
 		}
 	}
 	conf, err := loadSetupConfig(c.String("config"))
 	if err != nil {
 		return fail("%v", err)
 	}
-	key, err := setupKey(c)
+	key, keyMsg, err := setupKey(c)
 	if err != nil {
 		return fail("%v", err)
+	}
+	if keyMsg != "" {
+		log.Info(keyMsg)
 	}
 	banks := c.String("pcr-banks")
 	if banks == "" {
@@ -238,12 +249,15 @@ func runSetup(c *cli.Context, name string) error {
 		if s == "max" {
 			bits = 3072
 		} else if bits, err = strconv.Atoi(s); err != nil || (bits != 2048 && bits != 3072) {
-			return fail("Unsupported RSA key size %s.", s)
+			log.Info(fmt.Sprintf("Unsupported RSA key size %s.", s))
+			return setupError{}
 		}
 	}
-	ekCert := c.Bool("create-ek-cert") || c.Bool("create-platform-cert")
+	// as swtpm_setup 0.7.1 does (its help text says otherwise): --create-platform-cert makes
+	// the EKs and the platform certificate, not the EK certificates
+	ekCert := c.Bool("create-ek-cert")
 	po := provision.Options{
-		CreateEK:     c.Bool("createek") || ekCert,
+		CreateEK:     c.Bool("createek") || ekCert || c.Bool("create-platform-cert"),
 		RSAKeyBits:   bits,
 		AllowSigning: c.Bool("allow-signing"),
 		Decryption:   c.Bool("decryption"),
@@ -255,23 +269,29 @@ func runSetup(c *cli.Context, name string) error {
 		PCRBanks:     pcrBanks,
 	}
 	vmid := c.String("vmid")
-	if !c.Bool("reconfigure") {
-		log.Info(fmt.Sprintf("Starting vTPM manufacturing as %s @ %s", currentUserGroup(), time.Now().Format("Mon 02 Jan 2006 03:04:05 PM MST")))
+	what := "manufacturing"
+	if reconfigure {
+		what = "reconfiguration"
 	}
+	ending := func() { log.Info(fmt.Sprintf("Ending vTPM manufacturing @ %s", setupTime())) }
 	res, err := backend.Manufacture(c.Context, backend.ManufactureConfig{
 		StateURI: state, TPM2: true, StateKey: key,
-		Overwrite: c.Bool("overwrite"), NotOverwrite: c.Bool("not-overwrite"), Reconfigure: c.Bool("reconfigure"),
+		Overwrite: c.Bool("overwrite"), NotOverwrite: c.Bool("not-overwrite"), Reconfigure: reconfigure,
 		Provision: po,
 		NewCertifier: func(ctx context.Context, info localca.TPMInfo) (provision.Certifier, error) {
 			return newLocalCertifier(ctx, conf, vmid, info, log)
 		},
-		Log: log,
+		Started: func() { log.Info(fmt.Sprintf("Starting vTPM %s as %s @ %s", what, currentUserGroup(), setupTime())) },
+		Log:     log,
 	})
 	switch {
 	case errors.Is(err, backend.ErrStateExists):
 		return fail("Found existing TPM state 'permall'.")
 	case err != nil:
-		return fail("%v", err)
+		log.Error(err.Error())
+		log.Error("An error occurred. Authoring the TPM state failed.")
+		ending()
+		return setupError{}
 	case res.Kept:
 		return nil
 	}
@@ -288,10 +308,8 @@ func runSetup(c *cli.Context, name string) error {
 	if c.Bool("display") && res.Result != nil {
 		displayResult(res)
 	}
-	if !c.Bool("reconfigure") {
-		log.Info("Successfully authored TPM state.")
-		log.Info(fmt.Sprintf("Ending vTPM manufacturing @ %s", time.Now().Format("Mon 02 Jan 2006 03:04:05 PM MST")))
-	}
+	log.Info("Successfully authored TPM state.")
+	ending()
 	return nil
 }
 
@@ -331,38 +349,44 @@ func accessRW(dir string) error {
 	return unixAccess(dir, 7)
 }
 
-// setupKey builds the state key from --keyfile/--keyfile-fd/--pwdfile/--pwdfile-fd and
-// --cipher, with swtpm's --key semantics.
-func setupKey(c *cli.Context) (*blob.Key, error) {
+// setupKey builds the state key from --keyfile/--pwdfile/--keyfile-fd/--pwdfile-fd (the
+// first given wins, in that order, as swtpm_setup) and --cipher, with swtpm's --key
+// semantics, and returns swtpm_setup's log line for it.
+func setupKey(c *cli.Context) (*blob.Key, string, error) {
 	cipher := c.String("cipher")
 	switch cipher {
-	case "", "aes-128-cbc":
+	case "", "aes-128-cbc", "aes-cbc":
 		cipher = "aes-128-cbc"
 	case "aes-256-cbc":
 	default:
-		return nil, fmt.Errorf("Unsupported cipher %s.", cipher)
+		return nil, "", fmt.Errorf("Unsupported cipher %s.", cipher)
 	}
-	var opt string
-	n := 0
-	for _, k := range []struct{ flag, sub string }{{"keyfile", "file"}, {"keyfile-fd", "fd"}, {"pwdfile", "pwdfile"}, {"pwdfile-fd", "pwdfd"}} {
-		if v := c.String(k.flag); v != "" {
-			opt = k.sub + "=" + v
-			n++
+	for _, k := range []struct{ flag, sub, msg string }{
+		{"keyfile", "file", "  The TPM's state will be encrypted with a provided key."},
+		{"pwdfile", "pwdfile", "  The TPM's state will be encrypted using a key derived from a passphrase."},
+		{"keyfile-fd", "fd", "  The TPM's state will be encrypted with a provided key (fd)."},
+		{"pwdfile-fd", "pwdfd", "  The TPM's state will be encrypted using a key derived from a passphrase (fd)."},
+	} {
+		v := c.String(k.flag)
+		if v == "" {
+			continue
 		}
+		if strings.HasSuffix(k.flag, "-fd") {
+			if _, err := strconv.Atoi(v); err != nil {
+				return nil, "", fmt.Errorf("Invalid file descriptor '%s'", v)
+			}
+		}
+		key, err := loadKey(k.sub + "=" + v + ",mode=" + cipher)
+		if err != nil {
+			return nil, "", fmt.Errorf("state key from --%s: %w", k.flag, err)
+		}
+		return key, k.msg, nil
 	}
-	switch n {
-	case 0:
-		return nil, nil
-	case 1:
-	default:
-		return nil, errors.New("Only one of --keyfile, --keyfile-fd, --pwdfile and --pwdfile-fd may be given.")
-	}
-	key, err := loadKey(opt + ",mode=" + cipher)
-	if err != nil {
-		return nil, fmt.Errorf("state key: %w", err)
-	}
-	return key, nil
+	return nil, "", nil
 }
+
+// setupTime is swtpm_setup's timestamp (strftime "%a %d %h %Y %I:%M:%S %p %Z").
+func setupTime() string { return time.Now().Format("Mon 02 Jan 2006 03:04:05 PM MST") }
 
 // localCertifier issues certificates with the local CA, lazily opened (and created on first
 // use) only when a certificate is asked for.
@@ -425,7 +449,8 @@ vtpmd setup manufactures a vTPM's state in-process, with swtpm_setup's options:
 --ecc            : Make the storage primary key an ECC key (with --create-spk).
 --create-ek-cert : Create EK certificates with the local CA; implies --createek.
 --create-platform-cert
-                 : Create a platform certificate; implies --create-ek-cert.
+                 : Create a platform certificate; implies --createek (not
+                   --create-ek-cert: swtpm_setup 0.7.1 behaves so, whatever its help says).
 --create-spk     : Create a storage primary key at 0x81000001.
 --lock-nvram     : Write-lock the certificate NV indices.
 --display        : Show what was created.

@@ -95,20 +95,22 @@ func createConfigFiles(flags string) error {
 			return fmt.Errorf("Unsupported flag '%s' for --create-config-files", f)
 		}
 	}
+	if overwrite && skip {
+		return errors.New("Error: overwrite and skip-if-exist cannot both be used")
+	}
 	if os.Getuid() == 0 && !root {
-		return errors.New("Requiring the 'root' flag since the configuration files will be written into root's home directory.")
+		return errors.New("Requiring the 'root' flag since the configuration files will shadow those in /etc.")
 	}
 	dir := userConfigDir()
 	caDir := filepath.Join(dir, "var", "lib", "swtpm-localca")
 	files := []struct{ name, content string }{
-		{"swtpm_setup.conf", "# Program invoked for creating certificates\ncreate_certs_tool= /usr/bin/swtpm_localca\n" +
+		{"swtpm_setup.conf", "create_certs_tool = /usr/bin/swtpm_localca\n" +
 			"create_certs_tool_config = " + filepath.Join(dir, "swtpm-localca.conf") + "\n" +
 			"create_certs_tool_options = " + filepath.Join(dir, "swtpm-localca.options") + "\n" +
 			"# Comma-separated list (no spaces) of PCR banks to activate by default\nactive_pcr_banks = sha256\n"},
 		{"swtpm-localca.conf", "statedir = " + caDir + "\nsigningkey = " + filepath.Join(caDir, "signkey.pem") + "\n" +
 			"issuercert = " + filepath.Join(caDir, "issuercert.pem") + "\ncertserial = " + filepath.Join(caDir, "certserial") + "\n"},
-		{"swtpm-localca.options", "--platform-manufacturer " + localca.DefaultPlatform.Manufacturer + "\n--platform-version " +
-			localca.DefaultPlatform.Version + "\n--platform-model " + localca.DefaultPlatform.Model + "\n"},
+		{"swtpm-localca.options", platformOptions()},
 	}
 	for _, f := range files {
 		p := filepath.Join(dir, f.name)
@@ -119,8 +121,8 @@ func createConfigFiles(flags string) error {
 			return fmt.Errorf("File %s already exists. Refusing to overwrite.", p)
 		}
 	}
-	if err := os.MkdirAll(dir, 0o775); err != nil {
-		return fmt.Errorf("Could not create directory %s: %w", dir, err)
+	if err := os.MkdirAll(caDir, 0o775); err != nil {
+		return fmt.Errorf("Could not create %s: %w", caDir, err)
 	}
 	for _, f := range files {
 		p := filepath.Join(dir, f.name)
@@ -143,4 +145,16 @@ func execProgram(path string, argv []string) error {
 		return fmt.Errorf("exec %s: %w", path, err)
 	}
 	return nil
+}
+
+// platformOptions is swtpm-localca.options for a user: the platform is the running kernel
+// (uname sysname, version, sysname; blanks become '_'), as swtpm_setup writes it.
+func platformOptions() string {
+	var u unix.Utsname
+	sys, ver := "Linux", "unknown"
+	if unix.Uname(&u) == nil {
+		sys, ver = unix.ByteSliceToString(u.Sysname[:]), unix.ByteSliceToString(u.Version[:])
+	}
+	us := func(s string) string { return strings.ReplaceAll(s, " ", "_") }
+	return "--platform-manufacturer " + us(sys) + "\n--platform-version " + us(ver) + "\n--platform-model " + us(sys) + "\n"
 }
