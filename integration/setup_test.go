@@ -1,0 +1,358 @@
+//go:build integration
+
+package integration
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vtpmd/vtpmd/backend/localca"
+)
+
+// setupEnv is a temp local CA and swtpm_setup.conf for vtpmd setup (never /etc or /var/lib).
+type setupEnv struct {
+	work, ca, conf, link string
+}
+
+func newSetupEnv(t *testing.T) *setupEnv {
+	t.Helper()
+	work := t.TempDir()
+	s := &setupEnv{work: work, ca: filepath.Join(work, "ca"), conf: filepath.Join(work, "swtpm_setup.conf")}
+	os.MkdirAll(s.ca, 0o700)
+	os.WriteFile(filepath.Join(s.ca, "swtpm-localca.conf"), []byte(fmt.Sprintf(
+		"statedir = %[1]s\nsigningkey = %[1]s/signkey.pem\nissuercert = %[1]s/issuercert.pem\ncertserial = %[1]s/certserial\n", s.ca)), 0o600)
+	os.WriteFile(s.conf, []byte(fmt.Sprintf("create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = %s/swtpm-localca.conf\n"+
+		"create_certs_tool_options = /etc/swtpm-localca.options\nactive_pcr_banks = sha256\n", s.ca)), 0o600)
+	// invoked through a link named swtpm_setup, as libvirt finds it
+	s.link = filepath.Join(work, "bin", "swtpm_setup")
+	os.MkdirAll(filepath.Dir(s.link), 0o755)
+	if err := os.Symlink(env.bin, s.link); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// run runs swtpm_setup (the vtpmd link) with the env's config and returns output and exit code.
+func (s *setupEnv) run(t *testing.T, extra []*os.File, args ...string) (string, int) {
+	t.Helper()
+	c := exec.Command(s.link, append([]string{"--config", s.conf}, args...)...)
+	c.ExtraFiles = extra
+	out, err := c.CombinedOutput()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return string(out), code
+}
+
+func (s *setupEnv) pool(t *testing.T) (*x509.CertPool, *x509.CertPool) {
+	t.Helper()
+	roots, inter := x509.NewCertPool(), x509.NewCertPool()
+	roots.AddCert(readPEM(t, filepath.Join(s.ca, "swtpm-localca-rootca-cert.pem")))
+	inter.AddCert(readPEM(t, filepath.Join(s.ca, "issuercert.pem")))
+	return roots, inter
+}
+
+// checkEKs checks, through tpm2-tools against a running emulator on the state, that each EK
+// persisted at its handle is the key certified in its NV index, that the certificate verifies
+// against the local CA with openssl, and that the indices carry swtpm_setup's attributes.
+func (s *setupEnv) checkEKs(t *testing.T, tt *toolsTPM) {
+	t.Helper()
+	tt.run("tpm2_startup", "-c")
+	pub := tt.run("tpm2_nvreadpublic")
+	for _, ek := range []struct{ handle, index string }{{"0x81010001", "0x1c00002"}, {"0x81010016", "0x1c00016"}} {
+		if !strings.Contains(pub, ek.index+":") {
+			t.Fatalf("no NV index %s:\n%s", ek.index, pub)
+		}
+		tt.run("tpm2_readpublic", "-c", ek.handle, "-f", "pem", "-o", "ek-"+ek.handle+".pem")
+		tt.run("tpm2_nvread", ek.index, "-C", "o", "-o", "cert-"+ek.index+".der")
+		der, err := os.ReadFile(filepath.Join(tt.work, "cert-"+ek.index+".der"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatalf("certificate in %s: %v", ek.index, err)
+		}
+		ekPEM, _ := os.ReadFile(filepath.Join(tt.work, "ek-"+ek.handle+".pem"))
+		blk, _ := pem.Decode(ekPEM)
+		ekPub, err := x509.ParsePKIXPublicKey(blk.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(ekPub) {
+			t.Fatalf("EK at %s is not the key certified in %s", ek.handle, ek.index)
+		}
+		certPEM := filepath.Join(tt.work, "cert-"+ek.index+".pem")
+		os.WriteFile(certPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+		out, err := exec.Command("openssl", "verify", "-CAfile", filepath.Join(s.ca, "swtpm-localca-rootca-cert.pem"),
+			"-untrusted", filepath.Join(s.ca, "issuercert.pem"), certPEM).CombinedOutput()
+		if err != nil || !strings.Contains(string(out), ": OK") {
+			t.Fatalf("openssl verify %s: %v\n%s", ek.index, err, out)
+		}
+	}
+	if n := strings.Count(pub, "0x62072801"); n != 3 {
+		t.Fatalf("%d NV indices with swtpm_setup's written+locked attributes 0x62072801, want 3:\n%s", n, pub)
+	}
+	if out := tt.run("tpm2_getcap", "pcrs"); !strings.Contains(out, "sha1: [ ]") || !strings.Contains(out, "sha256: [ 0, 1") {
+		t.Fatalf("PCR banks are not sha256 only:\n%s", out)
+	}
+}
+
+// TestVtpmdSetupLibvirtInvocations runs libvirt's swtpm_setup command lines against vtpmd setup
+// and checks that Debian's swtpm and vtpmd both use the result.
+func TestVtpmdSetupLibvirtInvocations(t *testing.T) {
+	need(t, "tpm2_nvread", "openssl", refSwtpm(), refSwtpmIoctl())
+	needRefSwtpm(t)
+	s := newSetupEnv(t)
+	state := filepath.Join(s.work, "tpm2")
+	os.MkdirAll(state, 0o700)
+	log := filepath.Join(s.work, "swtpm.log")
+	first := []string{"--tpm2", "--tpm-state", state, "--vmid", "vm1:6f2d8c4e-1111-2222-3333-444455556666", "--logfile", log,
+		"--createek", "--create-ek-cert", "--create-platform-cert", "--lock-nvram", "--not-overwrite"}
+	if out, code := s.run(t, nil, first...); code != 0 {
+		t.Fatalf("first start: exit %d\n%s\n%s", code, out, readFile(t, log))
+	}
+	for _, line := range []string{"Successfully created RSA 2048 EK with handle 0x81010001.", "Successfully created NVRAM area 0x1c08000 for platform certificate.",
+		"Successfully created ECC EK with handle 0x81010016.", "Successfully activated PCR banks sha256 among sha1,sha256,sha384,sha512.", "Successfully authored TPM state."} {
+		if !strings.Contains(readFile(t, log), line) {
+			t.Errorf("log lacks %q", line)
+		}
+	}
+	for name, bin := range map[string]string{"Debian swtpm": refSwtpm(), "vtpmd": env.bin} {
+		t.Run("loads in "+name, func(t *testing.T) {
+			work := t.TempDir()
+			copyDir(t, state, filepath.Join(work, "st"))
+			tt := startToolsTPM(t, bin, filepath.Join(work, "st"), work, nil)
+			s.checkEKs(t, tt)
+			tt.stop()
+		})
+	}
+
+	before := dirHash(t, state)
+	if out, code := s.run(t, nil, first...); code != 0 || dirHash(t, state) != before || !strings.Contains(readFile(t, log), "Not overwriting existing state file.") {
+		t.Fatalf("second start with --not-overwrite: exit %d, state changed %v\n%s", code, dirHash(t, state) != before, out)
+	}
+	if out, code := s.run(t, nil, "--tpm2", "--tpm-state", state, "--createek"); code != 1 || !strings.Contains(out, "Found existing TPM state 'permall'.") || dirHash(t, state) != before {
+		t.Fatalf("existing state without --overwrite: exit %d\n%s", code, out)
+	}
+
+	// active_pcr_banks: reconfigure before every start
+	if out, code := s.run(t, nil, "--tpm2", "--tpm-state", state, "--logfile", log, "--pcr-banks", "sha256,sha384", "--reconfigure"); code != 0 {
+		t.Fatalf("reconfigure: exit %d\n%s", code, out)
+	}
+	func() {
+		tt := startToolsTPM(t, env.bin, state, s.work, nil)
+		defer tt.stop()
+		tt.run("tpm2_startup", "-c")
+		out := tt.run("tpm2_getcap", "pcrs")
+		if !strings.Contains(out, "sha384: [ 0, 1") || !strings.Contains(out, "sha256: [ 0, 1") || !strings.Contains(out, "sha1: [ ]") {
+			t.Fatalf("banks after reconfigure:\n%s", out)
+		}
+		if !strings.Contains(tt.run("tpm2_getcap", "handles-persistent"), "0x81010001") {
+			t.Fatal("reconfigure lost the EK")
+		}
+	}()
+
+	// incoming migration: libvirt re-makes the state, which the migration stream then replaces
+	if out, code := s.run(t, nil, "--tpm2", "--tpm-state", state, "--logfile", log, "--overwrite"); code != 0 {
+		t.Fatalf("incoming setup: exit %d\n%s", code, out)
+	}
+	func() {
+		tt := startToolsTPM(t, refSwtpm(), state, s.work, nil)
+		defer tt.stop()
+		tt.run("tpm2_startup", "-c")
+		if out := tt.run("tpm2_getcap", "handles-persistent"); strings.Contains(out, "0x81010001") {
+			t.Fatalf("--overwrite kept the old EK: %s", out)
+		}
+	}()
+}
+
+// TestVtpmdSetupEncrypted: libvirt's <encryption> passes a passphrase on an fd with
+// aes-256-cbc; Debian's swtpm opens the state with the same passphrase and refuses it without.
+func TestVtpmdSetupEncrypted(t *testing.T) {
+	need(t, "tpm2_nvread", "openssl", refSwtpm())
+	needRefSwtpm(t)
+	s := newSetupEnv(t)
+	state := filepath.Join(s.work, "tpm2")
+	os.MkdirAll(state, 0o700)
+	pw := filepath.Join(s.work, "pass")
+	os.WriteFile(pw, []byte("libvirt secret\n"), 0o600)
+	r, w, _ := os.Pipe()
+	w.Write([]byte("libvirt secret\n"))
+	w.Close()
+	out, code := s.run(t, []*os.File{r}, "--tpm2", "--pwdfile-fd", "3", "--cipher", "aes-256-cbc", "--tpm-state", state,
+		"--vmid", "enc:1", "--createek", "--create-ek-cert", "--create-platform-cert", "--lock-nvram", "--not-overwrite")
+	r.Close()
+	if code != 0 || !strings.Contains(out, "encrypted using a key derived from a passphrase (fd)") {
+		t.Fatalf("encrypted setup: exit %d\n%s", code, out)
+	}
+	perm, _ := os.ReadFile(filepath.Join(state, "tpm2-00.permall"))
+	if bytes.Contains(perm, []byte("swtpm-localca")) {
+		t.Fatal("the permanent state holds the certificate in the clear")
+	}
+	tt := startToolsTPM(t, refSwtpm(), state, s.work, []string{"--key", "pwdfile=" + pw + ",mode=aes-256-cbc"})
+	s.checkEKs(t, tt)
+	tt.stop()
+	// without the key Debian's swtpm cannot start the TPM
+	p := freePorts(t)
+	c := exec.Command(refSwtpm(), "socket", "--tpm2", "--tpmstate", "dir="+state, "--flags", "not-need-init,startup-clear",
+		"--server", fmt.Sprintf("type=tcp,port=%d", p), "--ctrl", fmt.Sprintf("type=tcp,port=%d", p+1))
+	done := make(chan error, 1)
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- c.Wait() }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("swtpm without the key exited cleanly")
+		}
+	case <-time.After(5 * time.Second):
+		c.Process.Kill()
+		t.Fatal("swtpm started on encrypted state without the key")
+	}
+}
+
+// TestVtpmdSetupFailureLeavesNothing: when the CA is broken, setup fails with a clear message
+// and neither a new nor an existing state directory changes.
+func TestVtpmdSetupFailureLeavesNothing(t *testing.T) {
+	s := newSetupEnv(t)
+	state := filepath.Join(s.work, "tpm2")
+	os.MkdirAll(state, 0o700)
+	if _, code := s.run(t, nil, "--tpm2", "--tpm-state", state, "--createek"); code != 0 {
+		t.Fatal("plain setup failed")
+	}
+	os.WriteFile(filepath.Join(s.ca, "signkey.pem"), []byte("garbage"), 0o600)
+	os.WriteFile(filepath.Join(s.ca, "issuercert.pem"), []byte("garbage"), 0o600)
+	before := dirHash(t, state)
+	out, code := s.run(t, nil, "--tpm2", "--tpm-state", state, "--overwrite", "--create-ek-cert")
+	if code != 1 || !strings.Contains(out, "signing key") || !strings.Contains(out, "Authoring the TPM state failed.") {
+		t.Fatalf("broken CA: exit %d\n%s", code, out)
+	}
+	if dirHash(t, state) != before {
+		t.Fatal("a failed --overwrite changed the existing state")
+	}
+	empty := filepath.Join(s.work, "new")
+	os.MkdirAll(empty, 0o700)
+	if _, code := s.run(t, nil, "--tpm2", "--tpm-state", empty, "--create-ek-cert"); code != 1 {
+		t.Fatal("broken CA accepted")
+	}
+	if _, err := os.Stat(filepath.Join(empty, "tpm2-00.permall")); err == nil {
+		t.Fatal("a failed setup left a half-made state")
+	}
+}
+
+// TestVtpmdSetupConcurrentSerials: ten setups at once against one new CA all succeed, create one
+// CA between them, and get distinct serial numbers.
+func TestVtpmdSetupConcurrentSerials(t *testing.T) {
+	s := newSetupEnv(t)
+	const n = 10
+	var wg sync.WaitGroup
+	errs := make([]string, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			state := filepath.Join(s.work, fmt.Sprintf("vm%d", i))
+			os.MkdirAll(state, 0o700)
+			certs := filepath.Join(s.work, fmt.Sprintf("certs%d", i))
+			os.MkdirAll(certs, 0o700)
+			c := exec.Command(s.link, "--config", s.conf, "--tpm2", "--tpm-state", state, "--vmid", fmt.Sprintf("vm%d", i),
+				"--create-ek-cert", "--create-platform-cert", "--lock-nvram", "--write-ek-cert-files", certs)
+			if out, err := c.CombinedOutput(); err != nil {
+				errs[i] = fmt.Sprintf("%v: %s", err, out)
+			}
+		}()
+	}
+	wg.Wait()
+	for i, e := range errs {
+		if e != "" {
+			t.Fatalf("setup %d: %s", i, e)
+		}
+	}
+	roots, inter := s.pool(t)
+	seen := map[string]string{}
+	for i := range n {
+		for _, f := range []string{"ek-rsa2048.crt", "ek-secp384r1.crt"} {
+			der, err := os.ReadFile(filepath.Join(s.work, fmt.Sprintf("certs%d", i), f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			c, err := x509.ParseCertificate(der)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := localca.Verify(c, roots, inter); err != nil {
+				t.Fatalf("vm%d %s: %v", i, f, err)
+			}
+			if prev, dup := seen[c.SerialNumber.String()]; dup {
+				t.Fatalf("serial %s given to %s and vm%d/%s", c.SerialNumber, prev, i, f)
+			}
+			seen[c.SerialNumber.String()] = fmt.Sprintf("vm%d/%s", i, f)
+		}
+	}
+	// 10 x (2 EK + 1 platform) certificates: the counter says 1 + 30
+	if b, _ := os.ReadFile(filepath.Join(s.ca, "certserial")); string(b) != fmt.Sprint(1+3*n) {
+		t.Fatalf("serial counter %q, want %d", b, 1+3*n)
+	}
+}
+
+// TestVtpmdSetupGuestReadsEKCert: the guest of the socket issue reads the EK certificate that
+// vtpmd setup stored, and it verifies against the local CA.
+func TestVtpmdSetupGuestReadsEKCert(t *testing.T) {
+	need(t, "qemu-system-x86_64")
+	s := newSetupEnv(t)
+	state := filepath.Join(s.work, "tpm2")
+	os.MkdirAll(state, 0o700)
+	if out, code := s.run(t, nil, "--tpm2", "--tpm-state", state, "--vmid", "guest-ek", "--createek", "--create-ek-cert",
+		"--create-platform-cert", "--lock-nvram"); code != 0 {
+		t.Fatalf("setup: %s", out)
+	}
+	e := startEmulator(t, env.bin, state, "--tpm2", "--terminate")
+	q := startQEMU(t, vm{firmware: "seabios", machine: "q35", model: "tpm-crb", ctrl: e.ctrl, noReboot: true})
+	q.wait(t, 120*time.Second)
+	der, ok := guestBlob(q.serialText(), "ekcert-rsa")
+	if !ok {
+		t.Fatalf("guest did not read an EK certificate: %v", guestValues(q.serialText()))
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatalf("EK certificate from the guest: %v", err)
+	}
+	roots, inter := s.pool(t)
+	if _, err := localca.Verify(cert, roots, inter); err != nil {
+		t.Fatalf("guest's EK certificate does not verify against the local CA: %v", err)
+	}
+	if cert.Subject.CommonName != "guest-ek" || len(cert.Subject.OrganizationalUnit) == 0 || cert.Subject.OrganizationalUnit[0] != localca.VirtualTPMUnit {
+		t.Fatalf("subject %v", cert.Subject)
+	}
+}
+
+func copyDir(t *testing.T, src, dst string) {
+	t.Helper()
+	os.MkdirAll(dst, 0o700)
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(dst, e.Name()), b, 0o600)
+	}
+}
