@@ -1,7 +1,8 @@
 // Command bench measures vtpmd side by side with Debian's swtpm in one run and writes the
 // results, as ratios, to docs/benchmarks.md: start-up to first answer, command round trips over
 // the data socket, memory per instance, state-blob transfer, durable NV writes, and the same
-// commands with libtpms called in-process as the floor. It is run by `just bench`.
+// commands with libtpms called in-process as the floor, and manufacturing a vTPM (vtpmd setup
+// against swtpm_setup). It is run by `just bench`.
 package main
 
 import (

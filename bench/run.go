@@ -354,6 +354,11 @@ func (r *run) all(counts []int) (string, error) {
 		return "", err
 	}
 	b.WriteString(dur)
+	setup, err := r.setup()
+	if err != nil {
+		return "", err
+	}
+	b.WriteString(setup)
 	fmt.Fprintf(&b, "\nReproduce: `just bench` (or `go run ./bench -n %d`).\n", r.iters)
 	return b.String(), nil
 }

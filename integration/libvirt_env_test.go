@@ -242,7 +242,8 @@ func lvSetup(t *testing.T) *lvEnv {
 	if err != nil {
 		t.Fatalf("vtpmd install: %v", err)
 	}
-	for _, n := range []string{"swtpm", "swtpm_ioctl"} {
+	// swtpm_setup too: vtpmd setup answers --print-capabilities, so install links it
+	for _, n := range []string{"swtpm", "swtpm_ioctl", "swtpm_setup"} {
 		if res, err := filepath.EvalSymlinks(filepath.Join(lvBinDir, n)); err != nil || res != e.vtpmd {
 			t.Fatalf("%s resolves to %q (%v)", n, res, err)
 		}

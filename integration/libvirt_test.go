@@ -283,6 +283,12 @@ func (e *lvEnv) emulatorCreateDestroy(backend string) {
 	rows := e.waitRows(d.serial("A"), 0, 3, 2*time.Minute)
 	lvCheckChain(t, rows[:1], rows[1:])
 	t.Logf("guest running %v after create", time.Since(start).Round(time.Millisecond))
+	// libvirt manufactured the TPM with its swtpm_setup, which is vtpmd setup: it issues the
+	// certificates in-process (Debian's swtpm_setup logs "Invoking .../swtpm_localca")
+	if lg := readFile(t, "/var/log/swtpm/libvirt/qemu/"+d.Name+"-swtpm.log"); !strings.Contains(lg, "Successfully created EK certificate locally.") ||
+		!strings.Contains(lg, "Successfully authored TPM state.") || strings.Contains(lg, "Invoking") {
+		t.Fatalf("libvirt's swtpm_setup run was not vtpmd setup's:\n%s", lg)
+	}
 
 	sts := e.status("--config", e.cfgA)
 	s := lvFind(sts, d.Name)

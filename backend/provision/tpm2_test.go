@@ -326,3 +326,23 @@ func TestTemplatesMatchSwtpmSetup(t *testing.T) {
 		}()
 	}
 }
+
+func FuzzParseBanks(f *testing.F) {
+	f.Add("sha256")
+	f.Add("sha1,sha256,sha384,sha512")
+	f.Add("-")
+	f.Fuzz(func(t *testing.T, s string) {
+		banks, err := ParseBanks(s)
+		if err != nil {
+			if !errors.Is(err, ErrOptions) {
+				t.Fatalf("error without ErrOptions: %v", err)
+			}
+			return
+		}
+		for _, b := range banks {
+			if _, ok := bankAlgs[b]; !ok {
+				t.Fatalf("accepted unknown bank %q", b)
+			}
+		}
+	})
+}
