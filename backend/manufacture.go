@@ -38,7 +38,9 @@ type ManufactureConfig struct {
 	Reconfigure bool
 	// Provision says what to make; its Certifier is built by NewCertifier when certificates
 	// are asked for, from what the TPM says about itself.
-	Provision    provision.Options
+	Provision provision.Options
+	// Provision12 says what to make in a TPM 1.2 (TPM2 false).
+	Provision12  provision.Options12
 	NewCertifier func(ctx context.Context, tpm localca.TPMInfo) (provision.Certifier, error)
 	// Started, if set, is called once the state check has passed and work begins.
 	Started func()
@@ -50,10 +52,12 @@ type ManufactureResult struct {
 	// Kept is set when existing state was left alone (NotOverwrite).
 	Kept bool
 	*provision.Result
-	TPM localca.TPMInfo
+	// TPM12 is what a TPM 1.2 run made.
+	TPM12 *provision.Result12
+	TPM   localca.TPMInfo
 }
 
-// Manufacture makes a new TPM's state the way swtpm_setup does, but in-process: libtpms runs
+// Manufacture makes a new TPM's (2.0 or 1.2) state the way swtpm_setup does, but in-process: libtpms runs
 // on an in-memory store, and only when every step has succeeded is the permanent state
 // written to the state location (one atomic, durable replacement, encrypted when a key is
 // given). A failure at any step leaves the location as it was. The state lock is held
@@ -63,10 +67,14 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if !cfg.TPM2 {
-		return nil, fmt.Errorf("manufacture: TPM 1.2 is not supported in-process")
+	if !cfg.TPM2 && cfg.Reconfigure {
+		return nil, fmt.Errorf("manufacture: a TPM 1.2 cannot be reconfigured")
 	}
-	st, err := store.Open(cfg.StateURI, store.Options{TPM2: true, Lock: true, StateKey: cfg.StateKey})
+	version := emulator.TPM12
+	if cfg.TPM2 {
+		version = emulator.TPM2
+	}
+	st, err := store.Open(cfg.StateURI, store.Options{TPM2: cfg.TPM2, Lock: true, StateKey: cfg.StateKey})
 	if err != nil {
 		return nil, fmt.Errorf("open TPM state %s: %w", cfg.StateURI, err)
 	}
@@ -101,7 +109,7 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 	if cfg.Started != nil {
 		cfg.Started()
 	}
-	eng, err := emulator.Open(emulator.TPM2, mem, log)
+	eng, err := emulator.Open(version, mem, log)
 	if err != nil {
 		return nil, fmt.Errorf("open tpm engine: %w", err)
 	}
@@ -109,16 +117,35 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 	if err := eng.Start(); err != nil {
 		return nil, err
 	}
-	tpm := tpmclient.SendFunc(eng.Process)
-	if err := tpmclient.Startup(tpm); err != nil {
-		return nil, fmt.Errorf("TPM2_Startup: %w", err)
-	}
 	res := &ManufactureResult{TPM: TPMInfo(eng)}
-	if cfg.Reconfigure {
+	tpm := tpmclient.SendFunc(eng.Process)
+	switch {
+	case !cfg.TPM2:
+		send := provision.Send12(eng.Process)
+		if err := provision.Startup12(send); err != nil {
+			return nil, err
+		}
+		po := cfg.Provision12
+		po.Log = log
+		if po.EKCert && cfg.NewCertifier != nil {
+			if po.Certifier, err = cfg.NewCertifier(ctx, res.TPM); err != nil {
+				return nil, err
+			}
+		}
+		if res.TPM12, err = provision.TPM12(ctx, send, po); err != nil {
+			return nil, err
+		}
+	case cfg.Reconfigure:
+		if err := tpmclient.Startup(tpm); err != nil {
+			return nil, fmt.Errorf("TPM2_Startup: %w", err)
+		}
 		if err := provision.Reconfigure(tpm, cfg.Provision.PCRBanks, log); err != nil {
 			return nil, err
 		}
-	} else {
+	default:
+		if err := tpmclient.Startup(tpm); err != nil {
+			return nil, fmt.Errorf("TPM2_Startup: %w", err)
+		}
 		po := cfg.Provision
 		po.Log = log
 		if (po.EKCert || po.PlatformCert) && cfg.NewCertifier != nil {
@@ -152,7 +179,10 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 // TPMInfo is what libtpms says about the TPM (TPMLIB_INFO_TPMSPECIFICATION and
 // TPMLIB_INFO_TPMATTRIBUTES), for its EK certificate.
 func TPMInfo(eng *emulator.Engine) localca.TPMInfo {
-	info := localca.TPMInfo{Family: "2.0", Revision: 164, Manufacturer: "id:00001014", Model: "swtpm", Version: "id:20191023", TPM2: eng.Version() == emulator.TPM2}
+	info := localca.TPMInfo{Family: "2.0", Revision: 164, Manufacturer: "id:00001014", Model: "swtpm", Version: "id:20191023", TPM2: true}
+	if eng.Version() == emulator.TPM12 {
+		info = localca.TPMInfo{Family: "1.2", Level: 2, Revision: 116, Manufacturer: "id:00001014", Model: "swtpm", Version: "id:00740001"}
+	}
 	var v struct {
 		Spec struct {
 			Family   string `json:"family"`

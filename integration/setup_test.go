@@ -6,8 +6,10 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/x509"
+	"encoding/binary"
 	"encoding/pem"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +19,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/backend/localca"
+	"github.com/vtpmd/vtpmd/internal/tpmclient"
 )
 
 // setupEnv is a temp local CA and swtpm_setup.conf for vtpmd setup (never /etc or /var/lib).
@@ -354,5 +357,105 @@ func copyDir(t *testing.T, src, dst string) {
 			t.Fatal(err)
 		}
 		os.WriteFile(filepath.Join(dst, e.Name()), b, 0o600)
+	}
+}
+
+// tpm12Cap sends TPM_GetCapability(capArea, subCap) over a data channel and returns the data.
+func tpm12Cap(t *testing.T, c net.Conn, capArea, subCap uint32) ([]byte, bool) {
+	t.Helper()
+	cmd := []byte{0x00, 0xc1, 0, 0, 0, 22, 0, 0, 0, 0x65}
+	cmd = binary.BigEndian.AppendUint32(cmd, capArea)
+	cmd = binary.BigEndian.AppendUint32(cmd, 4)
+	cmd = binary.BigEndian.AppendUint32(cmd, subCap)
+	rsp, err := tpmclient.RoundTrip(c, cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if binary.BigEndian.Uint32(rsp[6:10]) != 0 || len(rsp) < 14 {
+		return nil, false
+	}
+	return rsp[14:], true
+}
+
+// TestVtpmdSetupTPM12: libvirt's TPM 1.2 first-start invocation (no --tpm2), plus
+// --take-ownership, makes a state that Debian's swtpm runs as an owned TPM 1.2 with the EK and
+// platform certificates in NV (with the 7-byte header) and NV locked, and the TPM 1.2 guest
+// boots on it under vtpmd.
+func TestVtpmdSetupTPM12(t *testing.T) {
+	need(t, refSwtpm())
+	needRefSwtpm(t)
+	s := newSetupEnv(t)
+	state := filepath.Join(s.work, "tpm1.2")
+	os.MkdirAll(state, 0o700)
+	certs := filepath.Join(s.work, "certs")
+	os.MkdirAll(certs, 0o700)
+	log := filepath.Join(s.work, "swtpm.log")
+	out, code := s.run(t, nil, "--tpm-state", state, "--vmid", "vm12:1", "--logfile", log, "--createek", "--create-ek-cert",
+		"--create-platform-cert", "--lock-nvram", "--not-overwrite", "--take-ownership", "--ownerpass", "owner", "--write-ek-cert-files", certs)
+	if code != 0 {
+		t.Fatalf("TPM 1.2 setup: exit %d\n%s\n%s", code, out, readFile(t, log))
+	}
+	for _, line := range []string{"Successfully created EK.", "Successfully took ownership of the TPM.", "Successfully created NVRAM area for EK certificate.",
+		"Successfully created NVRAM area for Platform certificate.", "Successfully locked NVRAM access.", "Successfully authored TPM state."} {
+		if !strings.Contains(readFile(t, log), line) {
+			t.Errorf("log lacks %q", line)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(state, "tpm-00.permall")); err != nil {
+		t.Fatal(err)
+	}
+	der, err := os.ReadFile(filepath.Join(certs, "ek-rsa2048.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, inter := s.pool(t)
+	if _, err := localca.Verify(cert, roots, inter); err != nil {
+		t.Fatalf("TPM 1.2 EK certificate: %v", err)
+	}
+
+	work := t.TempDir()
+	copyDir(t, state, filepath.Join(work, "st"))
+	p := freePorts(t)
+	sw := exec.Command(refSwtpm(), "socket", "--tpmstate", "dir="+filepath.Join(work, "st"), "--flags", "not-need-init,startup-clear",
+		"--server", fmt.Sprintf("type=tcp,port=%d", p), "--ctrl", fmt.Sprintf("type=tcp,port=%d", p+1))
+	sw.Stderr = os.Stderr
+	if err := sw.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { sw.Process.Kill(); sw.Wait() }()
+	c, err := dialRetry("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if owner, ok := tpm12Cap(t, c, 5, 0x111); !ok || len(owner) != 1 || owner[0] != 1 { // TPM_CAP_PROPERTY / PROP_OWNER
+		t.Fatalf("Debian's swtpm: TPM has no owner (%x)", owner)
+	}
+	for _, nv := range []struct {
+		index uint32
+		size  int
+	}{{0x1000f000, len(der) + 7}, {0x1000f002, -1}} {
+		pub, ok := tpm12Cap(t, c, 0x11, nv.index) // TPM_CAP_NV_INDEX
+		if !ok {
+			t.Fatalf("Debian's swtpm: no NV index 0x%x", nv.index)
+		}
+		if got := int(binary.BigEndian.Uint32(pub[len(pub)-4:])); nv.size >= 0 && got != nv.size {
+			t.Fatalf("NV 0x%x size %d, want %d (certificate + header)", nv.index, got, nv.size)
+		}
+	}
+	if _, ok := tpm12Cap(t, c, 0x11, 0xffffffff); ok {
+		t.Log("lock index is listed") // informative: libtpms does not list it
+	}
+
+	e := startEmulator(t, env.bin, state, "--terminate")
+	q := startQEMU(t, vm{firmware: "seabios", machine: "pc", model: "tpm-tis", ctrl: e.ctrl, noReboot: true})
+	q.wait(t, 120*time.Second)
+	g := guestValues(q.serialText())
+	if g["tpm_version_major"] != "1" || !strings.Contains(g["tpm12_caps"], "TCG version: 1.2") {
+		t.Fatalf("guest on the manufactured TPM 1.2: %v", g)
 	}
 }

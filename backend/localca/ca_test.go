@@ -331,3 +331,40 @@ func TestOpensslVerifies(t *testing.T) {
 		t.Fatalf("openssl verify: %v\n%s", err, out)
 	}
 }
+
+// TestTPM12Certificates: TPM 1.2 certificates have an empty subject, an encipherment-only EK,
+// the 1.2 tpmSpecification and, for the platform, TPM and platform attributes in one SAN, as
+// swtpm_cert writes them.
+func TestTPM12Certificates(t *testing.T) {
+	ca := mustOpen(t, copyCA(t))
+	roots, inter := rootPool(t, ca)
+	info := TPMInfo{Family: "1.2", Level: 2, Revision: 116, Manufacturer: "id:00001014", Model: "swtpm", Version: "id:00740001"}
+	key, _ := rsa.GenerateKey(rand.Reader, 2048)
+	der, err := ca.IssueEK(context.Background(), EKRequest{PublicKey: &key.PublicKey, VMID: "ignored", TPM: info})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	if _, err := Verify(c, roots, inter); err != nil {
+		t.Fatal(err)
+	}
+	if len(c.RawSubject) != 2 || c.KeyUsage != x509.KeyUsageKeyEncipherment {
+		t.Fatalf("subject %x, key usage %b", c.RawSubject, c.KeyUsage)
+	}
+	// swtpm_cert's tpmSpecification for family 1.2 level 2 revision 116
+	if sda, _ := extension(t, c, oidSubjectDirectoryAttrs); hex.EncodeToString(sda) != "3018301606056781050210310d300b0c03312e32020102020174" {
+		t.Fatalf("1.2 subjectDirectoryAttributes %x", sda)
+	}
+	der, err = ca.IssuePlatform(context.Background(), PlatformRequest{PublicKey: &key.PublicKey, TPM: info, Platform: DefaultPlatform})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _ := x509.ParseCertificate(der)
+	san, _ := extension(t, p, oidSubjectAltName)
+	// swtpm_cert's six-RDN SAN for TPM 1.2 platform certificates
+	want := "307ea47c307a304231163014060567810502010c0b69643a30303030313031343110300e060567810502020c05737774706d31163014060567810502030c0b69643a3030373430303031" +
+		"30343111300f060567810502040c064665646f7261310f300d060567810502050c0451454d55310e300c060567810502060c03322e31"
+	if hex.EncodeToString(san) != want {
+		t.Fatalf("1.2 platform SAN\n%x\nwant\n%s", san, want)
+	}
+}

@@ -24,8 +24,12 @@ var (
 	oidPlatformManufacturer = asn1.ObjectIdentifier{2, 23, 133, 5, 1, 1}
 	oidPlatformModel        = asn1.ObjectIdentifier{2, 23, 133, 5, 1, 4}
 	oidPlatformVersion      = asn1.ObjectIdentifier{2, 23, 133, 5, 1, 5}
-	oidEKCertificate        = asn1.ObjectIdentifier{2, 23, 133, 8, 1}
-	oidPlatformCertificate  = asn1.ObjectIdentifier{2, 23, 133, 8, 2}
+	// TPM 1.2 platform certificates use the older TPM attribute arc for the platform fields
+	oidPlatformManufacturer12 = asn1.ObjectIdentifier{2, 23, 133, 2, 4}
+	oidPlatformModel12        = asn1.ObjectIdentifier{2, 23, 133, 2, 5}
+	oidPlatformVersion12      = asn1.ObjectIdentifier{2, 23, 133, 2, 6}
+	oidEKCertificate          = asn1.ObjectIdentifier{2, 23, 133, 8, 1}
+	oidPlatformCertificate    = asn1.ObjectIdentifier{2, 23, 133, 8, 2}
 
 	oidSubjectAltName        = asn1.ObjectIdentifier{2, 5, 29, 17}
 	oidSubjectDirectoryAttrs = asn1.ObjectIdentifier{2, 5, 29, 9}
@@ -81,9 +85,8 @@ type attributeTypeAndValue struct {
 	Value string `asn1:"utf8"`
 }
 
-// directoryNameSAN encodes a subjectAltName holding one directoryName whose RDNs are the
-// given attributes, one per set, as swtpm_cert writes them.
-func directoryNameSAN(attrs []attributeTypeAndValue) ([]byte, error) {
+// rdnSequence encodes attributes as a Name: one RDN set per attribute, as swtpm_cert does.
+func rdnSequence(attrs []attributeTypeAndValue) ([]byte, error) {
 	var rdns []byte
 	for _, a := range attrs {
 		set, err := asn1.MarshalWithParams([]attributeTypeAndValue{a}, "set")
@@ -92,10 +95,39 @@ func directoryNameSAN(attrs []attributeTypeAndValue) ([]byte, error) {
 		}
 		rdns = append(rdns, set...)
 	}
-	name, err := asn1.Marshal(asn1.RawValue{Class: asn1.ClassUniversal, Tag: asn1.TagSequence, IsCompound: true, Bytes: rdns})
+	return asn1.Marshal(asn1.RawValue{Class: asn1.ClassUniversal, Tag: asn1.TagSequence, IsCompound: true, Bytes: rdns})
+}
+
+// directoryNameSAN encodes a subjectAltName holding one directoryName whose RDNs are the
+// given attributes.
+func directoryNameSAN(attrs []attributeTypeAndValue) ([]byte, error) {
+	name, err := rdnSequence(attrs)
 	if err != nil {
 		return nil, err
 	}
+	return wrapDirectoryName(name)
+}
+
+// directoryNameSAN12Platform is swtpm_cert's TPM 1.2 platform SAN: the directoryName is a
+// sequence of two RDN sequences, the TPM's attributes and the platform's (not a plain Name;
+// reproduced for byte compatibility).
+func directoryNameSAN12Platform(tpm, platform []attributeTypeAndValue) ([]byte, error) {
+	a, err := rdnSequence(tpm)
+	if err != nil {
+		return nil, err
+	}
+	b, err := rdnSequence(platform)
+	if err != nil {
+		return nil, err
+	}
+	name, err := asn1.Marshal(asn1.RawValue{Class: asn1.ClassUniversal, Tag: asn1.TagSequence, IsCompound: true, Bytes: append(a, b...)})
+	if err != nil {
+		return nil, err
+	}
+	return wrapDirectoryName(name)
+}
+
+func wrapDirectoryName(name []byte) ([]byte, error) {
 	// GeneralName directoryName [4] is explicit (Name is a CHOICE)
 	dn, err := asn1.Marshal(asn1.RawValue{Class: asn1.ClassContextSpecific, Tag: 4, IsCompound: true, Bytes: name})
 	if err != nil {
@@ -136,7 +168,7 @@ func checkKey(pub crypto.PublicKey) error {
 	return nil
 }
 
-func (ca *CA) template(ctx context.Context, pub crypto.PublicKey, vmid string) (*x509.Certificate, error) {
+func (ca *CA) template(ctx context.Context, pub crypto.PublicKey, vmid string, tpm2 bool) (*x509.Certificate, error) {
 	if err := checkKey(pub); err != nil {
 		return nil, err
 	}
@@ -144,9 +176,14 @@ func (ca *CA) template(ctx context.Context, pub crypto.PublicKey, vmid string) (
 	if err != nil {
 		return nil, err
 	}
+	// the TPM 1.2 credential profiles require an empty subject (swtpm_cert ignores --subject)
+	subject := pkix.Name{}
+	if tpm2 {
+		subject = pkix.Name{CommonName: SanitizeVMID(vmid), OrganizationalUnit: []string{VirtualTPMUnit}}
+	}
 	return &x509.Certificate{
 		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: SanitizeVMID(vmid), OrganizationalUnit: []string{VirtualTPMUnit}},
+		Subject:               subject,
 		NotBefore:             time.Now().UTC().Truncate(time.Second),
 		NotAfter:              notAfter,
 		BasicConstraintsValid: true,
@@ -162,14 +199,17 @@ func (ca *CA) sign(tmpl *x509.Certificate, pub crypto.PublicKey) ([]byte, error)
 	return der, nil
 }
 
+func tpmAttributes(info TPMInfo) []attributeTypeAndValue {
+	return []attributeTypeAndValue{{oidTPMManufacturer, info.Manufacturer}, {oidTPMModel, info.Model}, {oidTPMVersion, info.Version}}
+}
+
 // IssueEK returns a DER EK certificate for req, signed by the CA.
 func (ca *CA) IssueEK(ctx context.Context, req EKRequest) ([]byte, error) {
-	tmpl, err := ca.template(ctx, req.PublicKey, req.VMID)
+	tmpl, err := ca.template(ctx, req.PublicKey, req.VMID, req.TPM.TPM2)
 	if err != nil {
 		return nil, err
 	}
-	san, err := directoryNameSAN([]attributeTypeAndValue{
-		{oidTPMManufacturer, req.TPM.Manufacturer}, {oidTPMModel, req.TPM.Model}, {oidTPMVersion, req.TPM.Version}})
+	san, err := directoryNameSAN(tpmAttributes(req.TPM))
 	if err != nil {
 		return nil, err
 	}
@@ -188,6 +228,8 @@ func (ca *CA) IssueEK(ctx context.Context, req EKRequest) ([]byte, error) {
 		encipher = x509.KeyUsageKeyAgreement
 	}
 	switch {
+	case !req.TPM.TPM2: // a TPM 1.2 EK only decrypts
+		tmpl.KeyUsage = x509.KeyUsageKeyEncipherment
 	case req.AllowSigning && req.Decryption:
 		tmpl.KeyUsage = x509.KeyUsageDigitalSignature | encipher
 	case req.AllowSigning:
@@ -201,15 +243,22 @@ func (ca *CA) IssueEK(ctx context.Context, req EKRequest) ([]byte, error) {
 // IssuePlatform returns a DER platform certificate over the EK (an X.509 certificate, as
 // swtpm_cert --type platform writes it, not an attribute certificate).
 func (ca *CA) IssuePlatform(ctx context.Context, req PlatformRequest) ([]byte, error) {
-	tmpl, err := ca.template(ctx, req.PublicKey, req.VMID)
+	tmpl, err := ca.template(ctx, req.PublicKey, req.VMID, req.TPM.TPM2)
 	if err != nil {
 		return nil, err
 	}
 	var attrs []attributeTypeAndValue
-	for _, a := range []attributeTypeAndValue{
+	platform := []attributeTypeAndValue{
 		{oidPlatformManufacturer, req.Platform.Manufacturer},
 		{oidPlatformModel, req.Platform.Model},
-		{oidPlatformVersion, req.Platform.Version}} {
+		{oidPlatformVersion, req.Platform.Version}}
+	if !req.TPM.TPM2 { // TPM 1.2: the TPM's attributes, then the platform's in the 2.23.133.2 arc
+		platform = []attributeTypeAndValue{
+			{oidPlatformManufacturer12, req.Platform.Manufacturer},
+			{oidPlatformModel12, req.Platform.Model},
+			{oidPlatformVersion12, req.Platform.Version}}
+	}
+	for _, a := range platform {
 		if a.Value != "" {
 			attrs = append(attrs, a)
 		}
@@ -217,7 +266,12 @@ func (ca *CA) IssuePlatform(ctx context.Context, req PlatformRequest) ([]byte, e
 	if len(attrs) == 0 {
 		return nil, fmt.Errorf("%w: a platform certificate needs a platform manufacturer, model or version (swtpm-localca.options)", ErrRequest)
 	}
-	san, err := directoryNameSAN(attrs)
+	var san []byte
+	if req.TPM.TPM2 {
+		san, err = directoryNameSAN(attrs)
+	} else {
+		san, err = directoryNameSAN12Platform(tpmAttributes(req.TPM), attrs)
+	}
 	if err != nil {
 		return nil, err
 	}

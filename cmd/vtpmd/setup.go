@@ -26,9 +26,6 @@ import (
 // swtpmSetupCompatVersion is the swtpm_setup whose options and output vtpmd setup reproduces.
 const swtpmSetupCompatVersion = "0.7.1"
 
-// debianSwtpmSetup runs TPM 1.2 manufacturing, which vtpmd setup does not do in-process.
-const debianSwtpmSetup = "/usr/bin/swtpm_setup"
-
 // setupFlags are swtpm_setup's options (getopt_long names; every one takes its argument as
 // the next word or after '=').
 func setupFlags() []cli.Flag {
@@ -51,13 +48,9 @@ func setupFlags() []cli.Flag {
 
 // setupCapabilities is swtpm_setup --print-capabilities for what vtpmd setup implements.
 func setupCapabilities() string {
-	features := []string{"tpm-2.0"}
-	if _, err := os.Stat(debianSwtpmSetup); err == nil {
-		features = append([]string{"tpm-1.2"}, features...) // delegated, see runSetup
-	}
-	features = append(features, "cmdarg-keyfile-fd", "cmdarg-pwdfile-fd", "tpm12-not-need-root",
+	features := []string{"tpm-1.2", "tpm-2.0", "cmdarg-keyfile-fd", "cmdarg-pwdfile-fd", "tpm12-not-need-root",
 		"cmdarg-write-ek-cert-files", "cmdarg-create-config-files", "cmdarg-reconfigure-pcr-banks",
-		"tpm2-rsa-keysize-2048", "tpm2-rsa-keysize-3072")
+		"tpm2-rsa-keysize-2048", "tpm2-rsa-keysize-3072"}
 	q := make([]string, len(features))
 	for i, f := range features {
 		q[i] = `"` + f + `"`
@@ -186,11 +179,22 @@ func runSetup(c *cli.Context, name string) error {
 		log.Error(fmt.Sprintf(format, a...))
 		return setupError{}
 	}
-	if !c.Bool("tpm2") {
-		return runTPM12Setup(c)
+	tpm2 := c.Bool("tpm2")
+	if tpm2 && c.Bool("take-ownership") {
+		return fail("Taking ownership is not supported for TPM 2.")
 	}
-	if c.Bool("take-ownership") || c.IsSet("ownerpass") || c.IsSet("srkpass") || c.Bool("owner-well-known") || c.Bool("srk-well-known") {
-		return fail("--take-ownership and its passwords apply to TPM 1.2 only.")
+	if !tpm2 {
+		for _, o := range []string{"ecc", "create-spk", "reconfigure", "allow-signing", "decryption"} {
+			if c.Bool(o) {
+				return fail("--%s requires --tpm2.", o)
+			}
+		}
+		if c.IsSet("pcr-banks") {
+			return fail("--pcr-banks requires --tpm2.")
+		}
+		if s := c.String("rsa-keysize"); s == "3072" {
+			return fail("3072 bit RSA keys are not supported by libtpms.")
+		}
 	}
 	state := c.String("tpm-state")
 	if state == "" {
@@ -240,14 +244,18 @@ func runSetup(c *cli.Context, name string) error {
 	if banks == "" {
 		banks = conf.activeBanks
 	}
-	pcrBanks, err := provision.ParseBanks(banks)
-	if err != nil {
-		return fail("%v", err)
+	var pcrBanks []string
+	if tpm2 {
+		if pcrBanks, err = provision.ParseBanks(banks); err != nil {
+			return fail("%v", err)
+		}
 	}
 	bits := 2048
 	if s := c.String("rsa-keysize"); s != "" {
 		if s == "max" {
-			bits = 3072
+			if tpm2 {
+				bits = 3072
+			}
 		} else if bits, err = strconv.Atoi(s); err != nil || (bits != 2048 && bits != 3072) {
 			log.Info(fmt.Sprintf("Unsupported RSA key size %s.", s))
 			return setupError{}
@@ -275,9 +283,18 @@ func runSetup(c *cli.Context, name string) error {
 	}
 	ending := func() { log.Info(fmt.Sprintf("Ending vTPM manufacturing @ %s", setupTime())) }
 	res, err := backend.Manufacture(c.Context, backend.ManufactureConfig{
-		StateURI: state, TPM2: true, StateKey: key,
+		StateURI: state, TPM2: tpm2, StateKey: key,
 		Overwrite: c.Bool("overwrite"), NotOverwrite: c.Bool("not-overwrite"), Reconfigure: reconfigure,
 		Provision: po,
+		Provision12: provision.Options12{
+			CreateEK:      po.CreateEK || c.Bool("take-ownership"),
+			TakeOwnership: c.Bool("take-ownership"),
+			OwnerAuth:     provision.Secret12(stringOr(c.String("ownerpass"), provision.DefaultOwnerPassword), c.Bool("owner-well-known")),
+			SRKAuth:       provision.Secret12(stringOr(c.String("srkpass"), provision.DefaultSRKPassword), c.Bool("srk-well-known")),
+			EKCert:        ekCert,
+			PlatformCert:  c.Bool("create-platform-cert"),
+			LockNVRAM:     c.Bool("lock-nvram"),
+		},
 		NewCertifier: func(ctx context.Context, info localca.TPMInfo) (provision.Certifier, error) {
 			return newLocalCertifier(ctx, conf, vmid, info, log)
 		},
@@ -295,6 +312,11 @@ func runSetup(c *cli.Context, name string) error {
 	case res.Kept:
 		return nil
 	}
+	if dir := c.String("write-ek-cert-files"); dir != "" && res.TPM12 != nil && res.TPM12.EKCert != nil {
+		if err := atomicfile.WriteFile(filepath.Join(dir, "ek-rsa2048.crt"), res.TPM12.EKCert, 0o640); err != nil {
+			return fail("Could not write EK certificate file: %v", err)
+		}
+	}
 	if dir := c.String("write-ek-cert-files"); dir != "" && res.Result != nil {
 		for _, ek := range res.EKs {
 			if ek.Cert == nil {
@@ -305,7 +327,7 @@ func runSetup(c *cli.Context, name string) error {
 			}
 		}
 	}
-	if c.Bool("display") && res.Result != nil {
+	if c.Bool("display") {
 		displayResult(res)
 	}
 	log.Info("Successfully authored TPM state.")
@@ -317,6 +339,21 @@ func runSetup(c *cli.Context, name string) error {
 // vtpmd says what it made).
 func displayResult(res *backend.ManufactureResult) {
 	fmt.Printf("TPM %s, manufacturer %s, model %s, firmware %s\n", res.TPM.Family, res.TPM.Manufacturer, res.TPM.Model, res.TPM.Version)
+	if r := res.TPM12; r != nil {
+		if r.EK != nil {
+			fmt.Printf("EK rsa2048 (%d-bit modulus)\n", r.EK.N.BitLen())
+		}
+		if r.EKCert != nil {
+			fmt.Printf("EK certificate in NV 0x%x (%d bytes)\n", provision.Index12EKCert, len(r.EKCert))
+		}
+		if r.PlatformCert != nil {
+			fmt.Printf("platform certificate in NV 0x%x (%d bytes)\n", provision.Index12PlatformCert, len(r.PlatformCert))
+		}
+		return
+	}
+	if res.Result == nil {
+		return
+	}
 	for _, ek := range res.EKs {
 		line := fmt.Sprintf("EK %s at handle 0x%x", ek.Kind, uint32(ek.Handle))
 		if ek.CertIndex != 0 {
@@ -421,17 +458,11 @@ func (l *localCertifier) PlatformCertificate(ctx context.Context, ek crypto.Publ
 	return l.ca.IssuePlatform(ctx, localca.PlatformRequest{PublicKey: ek, VMID: l.vmid, TPM: l.info, Platform: l.platform})
 }
 
-// runTPM12Setup hands TPM 1.2 manufacturing to Debian's swtpm_setup (driving vtpmd as its
-// swtpm when the links are installed); vtpmd setup makes TPM 2 state in-process only.
-func runTPM12Setup(c *cli.Context) error {
-	if _, err := os.Stat(debianSwtpmSetup); err != nil {
-		return cli.Exit("vtpmd setup makes TPM 2 state only (--tpm2); TPM 1.2 needs Debian's swtpm_setup ("+debianSwtpmSetup+"), which is not installed", 1)
+func stringOr(s, def string) string {
+	if s == "" {
+		return def
 	}
-	args := os.Args[1:]
-	if filepath.Base(os.Args[0]) != "swtpm_setup" && len(args) > 0 && args[0] == "setup" {
-		args = args[1:] // "vtpmd setup ..."
-	}
-	return execProgram(debianSwtpmSetup, append([]string{debianSwtpmSetup}, args...))
+	return s
 }
 
 func setupUsage(name string) string {
@@ -442,11 +473,14 @@ vtpmd setup manufactures a vTPM's state in-process, with swtpm_setup's options:
 
 --tpm-state <dir>|dir://<dir>|file://<file>
                  : Where the TPM's state is written (--tpmstate is an alias); mandatory.
---tpm2           : Set up a TPM 2 (TPM 1.2 is handed to Debian's swtpm_setup).
+--tpm2           : Set up a TPM 2; by default a TPM 1.2 is set up.
 --createek       : Create the EKs (RSA and ECC P-384 for a TPM 2).
 --allow-signing  : Create EKs that can sign (non-standard EKs!).
 --decryption     : Keep such EKs able to decrypt.
 --ecc            : Make the storage primary key an ECC key (with --create-spk).
+--take-ownership : Take ownership of a TPM 1.2 (implies --createek); with
+  --ownerpass <password> (default ooo) or --owner-well-known, and
+  --srkpass <password> (default sss) or --srk-well-known.
 --create-ek-cert : Create EK certificates with the local CA; implies --createek.
 --create-platform-cert
                  : Create a platform certificate; implies --createek (not

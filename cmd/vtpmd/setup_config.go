@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -137,14 +136,6 @@ func createConfigFiles(flags string) error {
 // unixAccess is access(2) with the real uid, as the C tools check permissions.
 func unixAccess(path string, mode uint32) error {
 	return unix.Access(path, mode)
-}
-
-// execProgram replaces this process with another program.
-func execProgram(path string, argv []string) error {
-	if err := syscall.Exec(path, argv, os.Environ()); err != nil {
-		return fmt.Errorf("exec %s: %w", path, err)
-	}
-	return nil
 }
 
 // platformOptions is swtpm-localca.options for a user: the platform is the running kernel
