@@ -135,11 +135,11 @@ func openSetupLog(path string) (*slog.Logger, func(), error) {
 		return slog.New(setupLogger{os.Stdout, os.Stderr}), func() {}, nil
 	}
 	if st, err := os.Lstat(path); err == nil && st.Mode()&os.ModeSymlink != 0 {
-		return nil, nil, errors.New("Logfile must not be a symlink.")
+		return nil, nil, cliMessage("Logfile must not be a symlink.")
 	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
-		return nil, nil, fmt.Errorf("Cannot write to logfile %s.", path)
+		return nil, nil, cliMessage(fmt.Sprintf("Cannot write to logfile %s.", path))
 	}
 	return slog.New(setupLogger{f, f}), func() { f.Close() }, nil
 }
@@ -396,7 +396,7 @@ func setupKey(c *cli.Context) (*blob.Key, string, error) {
 		cipher = "aes-128-cbc"
 	case "aes-256-cbc":
 	default:
-		return nil, "", fmt.Errorf("Unsupported cipher %s.", cipher)
+		return nil, "", cliMessage(fmt.Sprintf("Unsupported cipher %s.", cipher))
 	}
 	for _, k := range []struct{ flag, sub, msg string }{
 		{"keyfile", "file", "  The TPM's state will be encrypted with a provided key."},
@@ -410,7 +410,7 @@ func setupKey(c *cli.Context) (*blob.Key, string, error) {
 		}
 		if strings.HasSuffix(k.flag, "-fd") {
 			if _, err := strconv.Atoi(v); err != nil {
-				return nil, "", fmt.Errorf("Invalid file descriptor '%s'", v)
+				return nil, "", cliMessage(fmt.Sprintf("Invalid file descriptor '%s'", v))
 			}
 		}
 		key, err := loadKey(k.sub + "=" + v + ",mode=" + cipher)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -55,7 +54,7 @@ func loadSetupConfig(explicit string) (setupConfig, error) {
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return c, fmt.Errorf("Could not read config file %s: %w", path, err)
+		return c, cliMessage(fmt.Sprintf("Could not read config file %s: %v", path, err))
 	}
 	kv, err := localca.ParseKeyValues(data)
 	if err != nil {
@@ -91,14 +90,14 @@ func createConfigFiles(flags string) error {
 		case "skip-if-exist":
 			skip = true
 		default:
-			return fmt.Errorf("Unsupported flag '%s' for --create-config-files", f)
+			return cliMessage(fmt.Sprintf("Unsupported flag '%s' for --create-config-files", f))
 		}
 	}
 	if overwrite && skip {
-		return errors.New("Error: overwrite and skip-if-exist cannot both be used")
+		return cliMessage("Error: overwrite and skip-if-exist cannot both be used")
 	}
 	if os.Getuid() == 0 && !root {
-		return errors.New("Requiring the 'root' flag since the configuration files will shadow those in /etc.")
+		return cliMessage("Requiring the 'root' flag since the configuration files will shadow those in /etc.")
 	}
 	dir := userConfigDir()
 	caDir := filepath.Join(dir, "var", "lib", "swtpm-localca")
@@ -117,11 +116,11 @@ func createConfigFiles(flags string) error {
 			if skip {
 				return nil
 			}
-			return fmt.Errorf("File %s already exists. Refusing to overwrite.", p)
+			return cliMessage(fmt.Sprintf("File %s already exists. Refusing to overwrite.", p))
 		}
 	}
 	if err := os.MkdirAll(caDir, 0o775); err != nil {
-		return fmt.Errorf("Could not create %s: %w", caDir, err)
+		return cliMessage(fmt.Sprintf("Could not create %s: %v", caDir, err))
 	}
 	for _, f := range files {
 		p := filepath.Join(dir, f.name)
