@@ -12,9 +12,12 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -457,5 +460,66 @@ func TestVtpmdSetupTPM12(t *testing.T) {
 	g := guestValues(q.serialText())
 	if g["tpm_version_major"] != "1" || !strings.Contains(g["tpm12_caps"], "TCG version: 1.2") {
 		t.Fatalf("guest on the manufactured TPM 1.2: %v", g)
+	}
+}
+
+// TestVtpmdSetupLinearFileAndRunas: a file:// state made by vtpmd setup is used by Debian's
+// swtpm; --runas makes the state as that user (libvirt's tss).
+func TestVtpmdSetupLinearFileAndRunas(t *testing.T) {
+	need(t, refSwtpm(), "tpm2_getcap")
+	needRefSwtpm(t)
+	s := newSetupEnv(t)
+	img := filepath.Join(s.work, "tpm2.img")
+	if out, code := s.run(t, nil, "--tpm2", "--tpm-state", "file://"+img, "--createek", "--create-ek-cert", "--lock-nvram"); code != 0 {
+		t.Fatalf("file:// setup: %s", out)
+	}
+	p := freePorts(t)
+	sw := exec.Command(refSwtpm(), "socket", "--tpm2", "--tpmstate", "backend-uri=file://"+img, "--flags", "not-need-init,startup-clear",
+		"--server", fmt.Sprintf("type=tcp,port=%d", p), "--ctrl", fmt.Sprintf("type=tcp,port=%d", p+1))
+	sw.Stderr = os.Stderr
+	if err := sw.Start(); err != nil {
+		t.Fatal(err)
+	}
+	tt := &toolsTPM{t: t, cmd: sw, port: p, work: s.work}
+	time.Sleep(300 * time.Millisecond)
+	if out := tt.run("tpm2_getcap", "handles-persistent"); !strings.Contains(out, "0x81010001") || !strings.Contains(out, "0x81010016") {
+		t.Fatalf("Debian's swtpm on the linear file: %s", out)
+	}
+	if out := tt.run("tpm2_nvreadpublic"); !strings.Contains(out, "0x1c00002") {
+		t.Fatalf("no EK certificate index: %s", out)
+	}
+	tt.stop()
+
+	if os.Geteuid() != 0 {
+		t.Skip("--runas needs root")
+	}
+	u, err := user.Lookup("tss")
+	if err != nil {
+		t.Skip("no tss user")
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	state := filepath.Join(s.work, "tss-state")
+	os.MkdirAll(state, 0o700)
+	os.Chmod(filepath.Dir(s.work), 0o755) // t.TempDir's parent is 0700
+	for _, p := range []string{s.work, state, s.ca} {
+		os.Chown(p, uid, gid)
+		os.Chmod(p, 0o755)
+	}
+	os.Chmod(state, 0o700)
+	filepath.Walk(s.ca, func(p string, _ os.FileInfo, _ error) error { return os.Chown(p, uid, gid) })
+	os.Chown(s.conf, uid, gid)
+	if out, code := s.run(t, nil, "--runas", "tss", "--tpm2", "--tpm-state", state, "--create-ek-cert"); code != 0 {
+		t.Fatalf("--runas tss: %s", out)
+	}
+	st, err := os.Stat(filepath.Join(state, "tpm2-00.permall"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if owner := st.Sys().(*syscall.Stat_t).Uid; int(owner) != uid {
+		t.Fatalf("state owned by uid %d, want tss (%d)", owner, uid)
+	}
+	if out, code := s.run(t, nil, "--runas", "no-such-user-x", "--tpm2", "--tpm-state", state); code != 1 || !strings.Contains(out, "does not exist") {
+		t.Fatalf("unknown --runas user: exit %d %s", code, out)
 	}
 }

@@ -183,6 +183,21 @@ func TestTPM2ManufacturesLikeSwtpmSetup(t *testing.T) {
 			if err := rawPlatformWrite(tpm, IndexPlatformCert); err == nil {
 				t.Fatal("write to a locked certificate index succeeded")
 			}
+			if tc.bits == 2048 {
+				// go-tpm's EK helper way: recreate the EK from go-tpm's TCG RSA EK template and
+				// compare it with the key the NV certificate certifies
+				k, err := tpmclient.CreatePrimary(tpm, tpm2.TPMRHEndorsement, tpm2.RSAEKTemplate)
+				if err != nil {
+					t.Fatal(err)
+				}
+				tpmclient.Flush(tpm, k.Handle)
+				pub, _ := tpm2.Pub(k.Public)
+				der, _ := readNV(t, tpm, IndexEKCertRSA2048)
+				cert, _ := x509.ParseCertificate(der)
+				if !cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(pub) {
+					t.Fatal("the EK from go-tpm's RSAEKTemplate is not the certified EK")
+				}
+			}
 			active := activeBanks(t, tpm)
 			if !slices.Equal(active, tc.banks) {
 				t.Fatalf("active banks %v, want %v", active, tc.banks)

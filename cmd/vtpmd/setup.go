@@ -366,8 +366,9 @@ func displayResult(res *backend.ManufactureResult) {
 	}
 }
 
+// currentUser names the real uid now (user.Current caches its first answer, from before --runas).
 func currentUser() string {
-	if u, err := user.Current(); err == nil {
+	if u, err := user.LookupId(strconv.Itoa(os.Getuid())); err == nil {
 		return u.Username
 	}
 	return strconv.Itoa(os.Getuid())
