@@ -58,6 +58,8 @@ cert=$(printf '%s\n' "$S" | sed -n '/^GUEST-BEGIN ekcert-rsa/,/^GUEST-END ekcert
 if [ -n "$cert" ]; then
   printf '%s' "$cert" | base64 -d > "$W/ek.der"
   printf '  EK certificate     : %s\n' "$(openssl x509 -inform der -in "$W/ek.der" -noout -subject -issuer | paste -sd ';' -)"
+  openssl x509 -inform der -in "$W/ek.der" -out "$W/ek.pem"
+  printf '  chain to local CA  : %s\n' "$(openssl verify -CAfile "$W/ca/swtpm-localca-rootca-cert.pem" -untrusted "$W/ca/issuercert.pem" "$W/ek.pem" 2>&1 | sed "s|$W/||")"
 else
   echo "  EK certificate     : none"
 fi
