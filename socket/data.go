@@ -106,10 +106,6 @@ func FatalResponse(tpm2 bool) []byte {
 }
 
 func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, terminate bool) {
-	if b := newBlockingStream(c); b != nil {
-		defer b.release()
-		c = b
-	}
 	stop := s.closeOnDone(ctx, c)
 	defer stop()
 	defer c.Close()

@@ -305,11 +305,8 @@ func TestDataChannelViaSetDataFD(t *testing.T) {
 	// send-command-header variant: size prefix and 4-byte ack; locality applied
 	d.Write(append([]byte{0, 0, 0, 8, 2, 0, 0, 0, 12}, cmd...))
 	n, _ = io.ReadAtLeast(d, buf, 4+14+4)
-	f.mu.Lock() // the data channel's raw syscalls give the race detector no ordering
-	loc := f.locality
-	f.mu.Unlock()
-	if binary.BigEndian.Uint32(buf) != 14 || !bytes.Equal(buf[18:22], []byte{0, 0, 0, 0}) || loc != 2 {
-		t.Fatalf("prefixed reply %x locality %d", buf[:n], loc)
+	if binary.BigEndian.Uint32(buf) != 14 || !bytes.Equal(buf[18:22], []byte{0, 0, 0, 0}) || f.locality != 2 {
+		t.Fatalf("prefixed reply %x locality %d", buf[:n], f.locality)
 	}
 	// --terminate: closing the data channel ends the server
 	d.Close()
