@@ -30,6 +30,12 @@ func startToolsTPM(t *testing.T, bin, state, work string, keyArgs []string) *too
 	if err := tt.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { // a test that failed before stop() leaves no emulator behind
+		if tt.cmd.ProcessState == nil {
+			tt.cmd.Process.Kill()
+			tt.cmd.Wait()
+		}
+	})
 	time.Sleep(300 * time.Millisecond)
 	return tt
 }

@@ -327,17 +327,7 @@ func TestVtpmdSetupGuestReadsEKCert(t *testing.T) {
 		"--create-platform-cert", "--lock-nvram"); code != 0 {
 		t.Fatalf("setup: %s", out)
 	}
-	e := startEmulator(t, env.bin, state, "--tpm2", "--terminate")
-	q := startQEMU(t, vm{firmware: "seabios", machine: "q35", model: "tpm-crb", ctrl: e.ctrl, noReboot: true})
-	q.wait(t, 120*time.Second)
-	der, ok := guestBlob(q.serialText(), "ekcert-rsa")
-	if !ok {
-		t.Fatalf("guest did not read an EK certificate: %v", guestValues(q.serialText()))
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatalf("EK certificate from the guest: %v", err)
-	}
+	cert := guestEKCert(t, state)
 	roots, inter := s.pool(t)
 	if _, err := localca.Verify(cert, roots, inter); err != nil {
 		t.Fatalf("guest's EK certificate does not verify against the local CA: %v", err)

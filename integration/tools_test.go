@@ -187,17 +187,7 @@ func TestSwtpmSetupDrivesVtpmd(t *testing.T) {
 	if out, err := c.CombinedOutput(); err != nil {
 		t.Fatalf("swtpm_setup with vtpmd as swtpm: %v\n%s", err, out)
 	}
-	e := startEmulator(t, env.bin, state, "--tpm2", "--terminate")
-	q := startQEMU(t, vm{firmware: "seabios", machine: "q35", model: "tpm-crb", ctrl: e.ctrl, noReboot: true})
-	q.wait(t, 120*time.Second)
-	der, ok := guestBlob(q.serialText(), "ekcert-rsa")
-	if !ok {
-		t.Fatalf("guest did not read an EK certificate: %v", guestValues(q.serialText()))
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatalf("EK certificate from the guest: %v", err)
-	}
+	cert := guestEKCert(t, state)
 	if cert.Subject.CommonName != "itest" {
 		t.Errorf("EK certificate subject %q", cert.Subject)
 	}
@@ -214,6 +204,24 @@ func TestSwtpmSetupDrivesVtpmd(t *testing.T) {
 	if err := issuer.CheckSignatureFrom(root); err != nil {
 		t.Fatalf("intermediate not signed by the root: %v", err)
 	}
+}
+
+// guestEKCert boots the guest (SeaBIOS, tpm-crb) on a TPM 2 state served by vtpmd and returns
+// the RSA EK certificate the guest read from NV.
+func guestEKCert(t *testing.T, state string) *x509.Certificate {
+	t.Helper()
+	e := startEmulator(t, env.bin, state, "--tpm2", "--terminate")
+	q := startQEMU(t, vm{firmware: "seabios", machine: "q35", model: "tpm-crb", ctrl: e.ctrl, noReboot: true})
+	q.wait(t, 120*time.Second)
+	der, ok := guestBlob(q.serialText(), "ekcert-rsa")
+	if !ok {
+		t.Fatalf("guest did not read an EK certificate: %v", guestValues(q.serialText()))
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatalf("EK certificate from the guest: %v", err)
+	}
+	return cert
 }
 
 func readPEM(t *testing.T, path string) *x509.Certificate {

@@ -241,18 +241,8 @@ func createCA(cfg Config) error {
 		return err
 	}
 	now := time.Now().UTC().Truncate(time.Second)
-	root := &x509.Certificate{
-		Subject:               pkix.Name{CommonName: rootCommonName},
-		NotBefore:             now,
-		NotAfter:              notAfter,
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign,
-	}
-	if root.SerialNumber, err = randomSerial(); err != nil {
-		return err
-	}
-	if root.SubjectKeyId, err = keyID(&rootKey.PublicKey); err != nil {
+	root, err := caTemplate(rootCommonName, now, &rootKey.PublicKey)
+	if err != nil {
 		return err
 	}
 	rootDER, err := x509.CreateCertificate(rand.Reader, root, root, &rootKey.PublicKey, rootKey)
@@ -267,18 +257,8 @@ func createCA(cfg Config) error {
 	if err != nil {
 		return err
 	}
-	inter := &x509.Certificate{
-		Subject:               pkix.Name{CommonName: caCommonName},
-		NotBefore:             now,
-		NotAfter:              notAfter,
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign,
-	}
-	if inter.SerialNumber, err = randomSerial(); err != nil {
-		return err
-	}
-	if inter.SubjectKeyId, err = keyID(&key.PublicKey); err != nil {
+	inter, err := caTemplate(caCommonName, now, &key.PublicKey)
+	if err != nil {
 		return err
 	}
 	interDER, err := x509.CreateCertificate(rand.Reader, inter, rootCert, &key.PublicKey, rootKey)
@@ -304,6 +284,27 @@ func createCA(cfg Config) error {
 		}
 	}
 	return nil
+}
+
+// caTemplate is a CA certificate as swtpm_localca makes them: CA:TRUE, certificate signing
+// only, no expiry, a random serial and the key's identifier.
+func caTemplate(cn string, now time.Time, pub *rsa.PublicKey) (*x509.Certificate, error) {
+	c := &x509.Certificate{
+		Subject:               pkix.Name{CommonName: cn},
+		NotBefore:             now,
+		NotAfter:              notAfter,
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+	}
+	var err error
+	if c.SerialNumber, err = randomSerial(); err != nil {
+		return nil, err
+	}
+	if c.SubjectKeyId, err = keyID(pub); err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
 // randomSerial is a positive 20-byte (160-bit) serial number, the RFC 5280 maximum.

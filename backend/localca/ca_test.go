@@ -108,6 +108,22 @@ func rootPool(t *testing.T, ca *CA) (*x509.CertPool, *x509.CertPool) {
 	return roots, inter
 }
 
+// verified parses an issued certificate and verifies it against the CA.
+func verified(t *testing.T, der []byte, err error, roots, inter *x509.CertPool) *x509.Certificate {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Verify(c, roots, inter); err != nil {
+		t.Fatalf("verify: %v", err)
+	}
+	return c
+}
+
 func TestCreatedCAIssuesVerifiableEKCertificates(t *testing.T) {
 	cfg := copyCA(t)
 	ca := mustOpen(t, cfg)
@@ -131,16 +147,7 @@ func TestCreatedCAIssuesVerifiableEKCertificates(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			der, err := ca.IssueEK(context.Background(), EKRequest{PublicKey: tc.pub, VMID: "vm+1,a", TPM: testTPM,
 				AllowSigning: tc.sign, Decryption: tc.decrypt})
-			if err != nil {
-				t.Fatal(err)
-			}
-			c, err := x509.ParseCertificate(der)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := Verify(c, roots, inter); err != nil {
-				t.Fatalf("verify: %v", err)
-			}
+			c := verified(t, der, err, roots, inter)
 			if c.Subject.CommonName != "vm_1_a" || len(c.Subject.OrganizationalUnit) != 1 || c.Subject.OrganizationalUnit[0] != VirtualTPMUnit {
 				t.Fatalf("subject %v", c.Subject)
 			}
@@ -176,16 +183,7 @@ func TestPlatformCertificate(t *testing.T) {
 	roots, inter := rootPool(t, ca)
 	key, _ := rsa.GenerateKey(rand.Reader, 2048)
 	der, err := ca.IssuePlatform(context.Background(), PlatformRequest{PublicKey: &key.PublicKey, VMID: "vm", TPM: testTPM, Platform: DefaultPlatform})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Verify(c, roots, inter); err != nil {
-		t.Fatal(err)
-	}
+	c := verified(t, der, err, roots, inter)
 	if len(c.UnknownExtKeyUsage) != 1 || !c.UnknownExtKeyUsage[0].Equal(oidPlatformCertificate) {
 		t.Fatalf("EKU %v", c.UnknownExtKeyUsage)
 	}
