@@ -39,7 +39,7 @@ test: lint unit
 
 # vtpmd vs Debian swtpm side by side; writes docs/benchmarks.md
 bench: deps
-    go run ./bench -out docs/benchmarks.md
+    go run ./bench -out docs/benchmarks.md -readme README.md
 
 # boot a small Linux VM under QEMU with a vTPM served by vtpmd and show what it saw
 demo: build

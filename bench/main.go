@@ -20,6 +20,7 @@ func main() {
 	vtpmd := flag.String("vtpmd", "", "vtpmd binary (default: build ./cmd/vtpmd)")
 	swtpm := flag.String("swtpm", "/usr/bin/swtpm", "reference swtpm binary (Debian's; a swtpm on PATH may be a link to vtpmd)")
 	out := flag.String("out", "docs/benchmarks.md", "report file")
+	readme := flag.String("readme", "", "also replace the summary table between the bench markers in this file (README.md)")
 	iters := flag.Int("n", 200, "iterations per latency measurement")
 	instances := flag.String("instances", "1,10,100", "instance counts for the memory measurement")
 	flag.Parse()
@@ -51,6 +52,11 @@ func main() {
 	if err := os.WriteFile(*out, []byte(report), 0o644); err != nil {
 		log.Fatal(err)
 	}
+	if *readme != "" {
+		if err := updateReadme(*readme, r.summary); err != nil {
+			log.Fatal(err)
+		}
+	}
 	fmt.Print(report)
 }
 
@@ -62,4 +68,30 @@ func parseCounts(s string) []int {
 		}
 	}
 	return out
+}
+
+// Markers around the generated table in README.md.
+const (
+	readmeStart = "<!-- bench:start (written by just bench) -->"
+	readmeEnd   = "<!-- bench:end -->"
+)
+
+// updateReadme replaces the table between the markers with the summary of this run.
+func updateReadme(path string, rows [][4]string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	s := string(b)
+	i, j := strings.Index(s, readmeStart), strings.Index(s, readmeEnd)
+	if i < 0 || j < i {
+		return fmt.Errorf("%s: no %q ... %q markers", path, readmeStart, readmeEnd)
+	}
+	var t strings.Builder
+	t.WriteString(readmeStart + "\n\n| measure (median) | vtpmd | Debian swtpm | vtpmd / swtpm |\n|---|---|---|---|\n")
+	for _, r := range rows {
+		fmt.Fprintf(&t, "| %s | %s | %s | %s |\n", r[0], r[1], r[2], r[3])
+	}
+	t.WriteString("\n")
+	return os.WriteFile(path, []byte(s[:i]+t.String()+s[j:]), 0o644)
 }
