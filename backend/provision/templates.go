@@ -89,6 +89,29 @@ func EKTemplateP384(sign, decrypt bool) tpm2.TPMTPublic {
 	}
 }
 
+// EKTemplateP256 is the TCG EK template L-2: ECC NIST P-256, SHA-256, PolicyA, AES-128, 32-byte
+// zero x and y.
+func EKTemplateP256(sign, decrypt bool) tpm2.TPMTPublic {
+	sym := aesCFB(128)
+	if sign {
+		sym = nullSym
+	}
+	return tpm2.TPMTPublic{
+		Type:             tpm2.TPMAlgECC,
+		NameAlg:          tpm2.TPMAlgSHA256,
+		ObjectAttributes: ekAttributes(false, sign, decrypt),
+		AuthPolicy:       tpm2.TPM2BDigest{Buffer: policyASHA256},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			Symmetric: sym,
+			Scheme:    tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
+			CurveID:   tpm2.TPMECCNistP256,
+			KDF:       tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+			X: tpm2.TPM2BECCParameter{Buffer: make([]byte, 32)}, Y: tpm2.TPM2BECCParameter{Buffer: make([]byte, 32)}}),
+	}
+}
+
 func spkAttributes() tpm2.TPMAObject {
 	return tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true,
 		UserWithAuth: true, NoDA: true, Restricted: true, Decrypt: true}

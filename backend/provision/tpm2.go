@@ -19,11 +19,14 @@ const (
 	HandleEKRSA2048 tpm2.TPMHandle = 0x81010001
 	HandleEKRSA3072 tpm2.TPMHandle = 0x8101001c
 	HandleEKP384    tpm2.TPMHandle = 0x81010016
+	HandleEKP256    tpm2.TPMHandle = 0x8101000a // swtpm's choice (master's --ek1keyalgo secp256r1)
 	HandleSPK       tpm2.TPMHandle = 0x81000001
 
 	IndexEKCertRSA2048     = 0x01c00002
 	IndexEKCertRSA3072     = 0x01c0001c
 	IndexEKCertP384        = 0x01c00016
+	IndexEKCertP256        = 0x01c0000a
+	IndexEKTemplateP256    = 0x01c0000b
 	IndexEKTemplateRSA2048 = 0x01c00004
 	IndexEKTemplateRSA3072 = 0x01c0001d
 	IndexEKTemplateP384    = 0x01c00017
@@ -49,6 +52,10 @@ type Options struct {
 	CreateEK bool
 	// RSAKeyBits is the first EK's size: 2048 (default) or 3072.
 	RSAKeyBits int
+	// EK1 and EK2 name the two EKs as swtpm master's --ek1keyalgo/--ek2keyalgo do (rsa2048,
+	// rsa3072, secp256r1, secp384r1); empty means swtpm 0.7.1's choice: RSA of RSAKeyBits,
+	// then secp384r1. An EK2 equal to EK1 is made once.
+	EK1, EK2 string
 	// AllowSigning makes non-standard EKs that can sign; Decryption keeps them able to
 	// decrypt (the default unless AllowSigning).
 	AllowSigning, Decryption bool
@@ -102,7 +109,50 @@ func rsaSpec(bits int) (ekSpec, error) {
 	return ekSpec{}, fmt.Errorf("%w: RSA key size %d is not supported (2048 or 3072)", ErrOptions, bits)
 }
 
-var eccSpec = ekSpec{"secp384r1", "ECC", HandleEKP384, IndexEKCertP384, IndexEKTemplateP384, EKTemplateP384}
+var (
+	eccSpec  = ekSpec{"secp384r1", "ECC", HandleEKP384, IndexEKCertP384, IndexEKTemplateP384, EKTemplateP384}
+	p256Spec = ekSpec{"secp256r1", "ECC P-256", HandleEKP256, IndexEKCertP256, IndexEKTemplateP256, EKTemplateP256}
+)
+
+// EKAlgorithms are the names EK1 and EK2 take.
+var EKAlgorithms = []string{"rsa2048", "rsa3072", "secp256r1", "secp384r1"}
+
+func specByName(name string) (ekSpec, error) {
+	switch name {
+	case "rsa2048":
+		return rsaSpec(2048)
+	case "rsa3072":
+		return rsaSpec(3072)
+	case "secp256r1":
+		return p256Spec, nil
+	case "secp384r1":
+		return eccSpec, nil
+	}
+	return ekSpec{}, fmt.Errorf("%w: unsupported EK key algorithm %q (%s)", ErrOptions, name, strings.Join(EKAlgorithms, ", "))
+}
+
+// ekSpecs are the EKs to make, in order.
+func ekSpecs(o Options) ([]ekSpec, error) {
+	first, err := rsaSpec(o.RSAKeyBits)
+	if err != nil {
+		return nil, err
+	}
+	second := eccSpec
+	if o.EK1 != "" {
+		if first, err = specByName(o.EK1); err != nil {
+			return nil, err
+		}
+	}
+	if o.EK2 != "" {
+		if second, err = specByName(o.EK2); err != nil {
+			return nil, err
+		}
+	}
+	if first.kind == second.kind {
+		return []ekSpec{first}, nil
+	}
+	return []ekSpec{first, second}, nil
+}
 
 // TPM2 manufactures a started TPM 2 (after TPM2_Startup(CLEAR)) the way swtpm_setup does:
 // the EK of RSAKeyBits with its certificate and the platform certificate, then an ECC P-384
@@ -116,7 +166,7 @@ func TPM2(ctx context.Context, t transport.TPM, o Options) (*Result, error) {
 	if (o.EKCert || o.PlatformCert) && o.Certifier == nil {
 		return nil, fmt.Errorf("%w: certificates asked for without a certificate authority", ErrOptions)
 	}
-	first, err := rsaSpec(o.RSAKeyBits)
+	specs, err := ekSpecs(o)
 	if err != nil {
 		return nil, err
 	}
@@ -128,7 +178,7 @@ func TPM2(ctx context.Context, t transport.TPM, o Options) (*Result, error) {
 		}
 	}
 	if o.CreateEK {
-		for i, spec := range []ekSpec{first, eccSpec} {
+		for i, spec := range specs {
 			ek, err := createEK(t, spec, o.AllowSigning, decrypt, log)
 			if err != nil {
 				return nil, err

@@ -242,6 +242,43 @@ func activeBanks(t *testing.T, tpm transport.TPM) []string {
 	return out
 }
 
+// TestEKAlgorithms: swtpm master's --ek1keyalgo/--ek2keyalgo choices, P-256 among them, made
+// from the TCG template (go-tpm's ECCEKTemplate is the same L-2 template).
+func TestEKAlgorithms(t *testing.T) {
+	_, tpm := startTPM(t, emulator.NewMemStore())
+	res, err := TPM2(context.Background(), tpm, Options{CreateEK: true, EK1: "secp256r1", EK2: "rsa3072", EKCert: true, Certifier: caCertifier{testCA(t)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.EKs) != 2 || res.EKs[0].Kind != "secp256r1" || res.EKs[0].Handle != HandleEKP256 || res.EKs[0].CertIndex != IndexEKCertP256 || res.EKs[1].Kind != "rsa3072" {
+		t.Fatalf("EKs %+v", res.EKs)
+	}
+	if err := tpmclient.Startup(tpm); err != nil {
+		t.Fatal(err)
+	}
+	k, err := tpmclient.CreatePrimary(tpm, tpm2.TPMRHEndorsement, tpm2.ECCEKTemplate)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tpmclient.Flush(tpm, k.Handle)
+	pub, _ := tpm2.Pub(k.Public)
+	if !res.EKs[0].Public.(interface{ Equal(crypto.PublicKey) bool }).Equal(pub) {
+		t.Fatal("the P-256 EK is not what go-tpm's ECCEKTemplate makes")
+	}
+	if !bytes.Equal(tpm2.Marshal(readPublic(t, tpm, HandleEKP256)), tpm2.Marshal(k.Public)) {
+		t.Fatal("persisted P-256 EK differs")
+	}
+	// the same algorithm twice is one EK; unknown names are refused
+	for _, o := range []Options{{CreateEK: true, EK1: "secp521r1"}, {CreateEK: true, EK2: "dsa"}} {
+		if _, err := TPM2(context.Background(), tpm, o); !errors.Is(err, ErrOptions) {
+			t.Errorf("%+v: %v", o, err)
+		}
+	}
+	if specs, _ := ekSpecs(Options{EK1: "secp384r1"}); len(specs) != 1 {
+		t.Fatalf("EK1 = EK2 = secp384r1 makes %d EKs", len(specs))
+	}
+}
+
 func TestSigningEKStoresItsTemplate(t *testing.T) {
 	_, tpm := startTPM(t, emulator.NewMemStore())
 	res, err := TPM2(context.Background(), tpm, Options{CreateEK: true, AllowSigning: true, EKCert: true, Certifier: caCertifier{testCA(t)}})

@@ -40,7 +40,7 @@ func setupFlags() []cli.Flag {
 		boolean("create-ek-cert"), boolean("create-platform-cert"), boolean("create-spk"), boolean("lock-nvram"),
 		boolean("display"), str("config"), str("vmid"), str("logfile"), str("keyfile"), str("keyfile-fd"),
 		str("pwdfile"), str("pwdfile-fd"), str("cipher"), boolean("overwrite"), boolean("not-overwrite"),
-		str("pcr-banks"), str("rsa-keysize"), str("write-ek-cert-files"), str("tcsd-system-ps-file"),
+		str("pcr-banks"), str("rsa-keysize"), str("ek1keyalgo"), str("ek2keyalgo"), str("write-ek-cert-files"), str("tcsd-system-ps-file"),
 		boolean("print-capabilities"), str("create-config-files"), boolean("reconfigure"),
 		boolean("version"), &cli.BoolFlag{Name: "help", Aliases: []string{"h"}},
 	}
@@ -50,7 +50,7 @@ func setupFlags() []cli.Flag {
 func setupCapabilities() string {
 	features := []string{"tpm-1.2", "tpm-2.0", "cmdarg-keyfile-fd", "cmdarg-pwdfile-fd", "tpm12-not-need-root",
 		"cmdarg-write-ek-cert-files", "cmdarg-create-config-files", "cmdarg-reconfigure-pcr-banks",
-		"tpm2-rsa-keysize-2048", "tpm2-rsa-keysize-3072"}
+		"tpm2-rsa-keysize-2048", "tpm2-rsa-keysize-3072", "cmdarg-ek1keyalgo", "cmdarg-ek2keyalgo"}
 	q := make([]string, len(features))
 	for i, f := range features {
 		q[i] = `"` + f + `"`
@@ -267,6 +267,8 @@ func runSetup(c *cli.Context, name string) error {
 	po := provision.Options{
 		CreateEK:     c.Bool("createek") || ekCert || c.Bool("create-platform-cert"),
 		RSAKeyBits:   bits,
+		EK1:          stringOr(c.String("ek1keyalgo"), conf.ek1),
+		EK2:          stringOr(c.String("ek2keyalgo"), conf.ek2),
 		AllowSigning: c.Bool("allow-signing"),
 		Decryption:   c.Bool("decryption"),
 		EKCert:       ekCert,
@@ -501,6 +503,9 @@ vtpmd setup manufactures a vTPM's state in-process, with swtpm_setup's options:
                  : Comma-separated PCR banks to keep active; '-' keeps all (default: sha256).
 --rsa-keysize <bits>
                  : 2048 (default), 3072 or max.
+--ek1keyalgo <alg>, --ek2keyalgo <alg>
+                 : The two EKs (swtpm master's options): rsa2048, rsa3072, secp256r1 or
+                   secp384r1; default RSA of --rsa-keysize, then secp384r1.
 --write-ek-cert-files <dir>
                  : Also write the EK certificates into <dir>.
 --reconfigure    : Change the PCR banks of existing state; creates nothing.

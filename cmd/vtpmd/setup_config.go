@@ -18,6 +18,7 @@ const defaultSetupConfig = "/etc/swtpm_setup.conf"
 type setupConfig struct {
 	caConfig, caOptions string
 	activeBanks         string
+	ek1, ek2            string // ek1keyalgo, ek2keyalgo (swtpm 0.11)
 }
 
 // userConfigDir is ${XDG_CONFIG_HOME:-$HOME/.config}, where swtpm keeps per-user files.
@@ -72,6 +73,7 @@ func loadSetupConfig(explicit string) (setupConfig, error) {
 	if v := kv["active_pcr_banks"]; v != "" {
 		c.activeBanks = v
 	}
+	c.ek1, c.ek2 = kv["ek1keyalgo"], kv["ek2keyalgo"]
 	return c, nil
 }
 
