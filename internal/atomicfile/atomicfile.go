@@ -1,6 +1,3 @@
-// Package atomicfile replaces a file so that a crash at any moment leaves either the old or the
-// new content: write a temporary file beside it, fsync, rename over the target, fsync the
-// directory.
 package atomicfile
 
 import (
