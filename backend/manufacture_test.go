@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/vtpmd/vtpmd/backend/provision"
+	"github.com/vtpmd/vtpmd/backend/store"
 )
 
 func TestManufacture(t *testing.T) {
@@ -63,5 +64,30 @@ func TestManufacture(t *testing.T) {
 	}
 	if _, err := Manufacture(context.Background(), ManufactureConfig{StateURI: "dir://" + d12, Reconfigure: true}); err == nil {
 		t.Fatal("TPM 1.2 reconfigure accepted")
+	}
+}
+
+// TestManufactureRefusesLockedState: a state held by a running vtpmd or swtpm (its .lock) is
+// never replaced.
+func TestManufactureRefusesLockedState(t *testing.T) {
+	dir := t.TempDir()
+	uri := "dir://" + dir
+	if _, err := Manufacture(context.Background(), ManufactureConfig{StateURI: uri, TPM2: true}); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := os.ReadFile(filepath.Join(dir, "tpm2-00.permall"))
+	running, err := store.Open(uri, store.Options{TPM2: true, Lock: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer running.Close()
+	if err := running.Lock(0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Manufacture(context.Background(), ManufactureConfig{StateURI: uri, TPM2: true, Overwrite: true}); err == nil {
+		t.Fatal("overwrote a locked state")
+	}
+	if after, _ := os.ReadFile(filepath.Join(dir, "tpm2-00.permall")); string(after) != string(before) {
+		t.Fatal("the locked state changed")
 	}
 }
