@@ -212,6 +212,19 @@ func TestVtpmdSetupEncrypted(t *testing.T) {
 	tt := startToolsTPM(t, refSwtpm(), state, s.work, []string{"--key", "pwdfile=" + pw + ",mode=aes-256-cbc"})
 	s.checkEKs(t, tt)
 	tt.stop()
+
+	// --keyfile with a hex AES-128 key (the default cipher) opens with swtpm's --key file=
+	keyState := filepath.Join(s.work, "tpm2-key")
+	os.MkdirAll(keyState, 0o700)
+	keyFile := filepath.Join(s.work, "key")
+	os.WriteFile(keyFile, []byte("00112233445566778899aabbccddeeff\n"), 0o600)
+	if out, code := s.run(t, nil, "--tpm2", "--keyfile", keyFile, "--tpm-state", keyState, "--createek", "--create-ek-cert",
+		"--create-platform-cert", "--lock-nvram"); code != 0 || !strings.Contains(out, "encrypted with a provided key.") {
+		t.Fatalf("--keyfile setup: exit %d\n%s", code, out)
+	}
+	tk := startToolsTPM(t, refSwtpm(), keyState, s.work, []string{"--key", "file=" + keyFile})
+	s.checkEKs(t, tk)
+	tk.stop()
 	// without the key Debian's swtpm cannot start the TPM
 	p := freePorts(t)
 	c := exec.Command(refSwtpm(), "socket", "--tpm2", "--tpmstate", "dir="+state, "--flags", "not-need-init,startup-clear",
