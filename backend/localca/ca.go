@@ -173,13 +173,23 @@ func LoadSigner(path, password string) (crypto.Signer, error) {
 	if password != "" {
 		return nil, fmt.Errorf("%w: %s: signingkey_password (an encrypted CA key) is not supported by vtpmd's local CA", ErrSigningKey, path)
 	}
+	s, err := ParseSigner(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return s, nil
+}
+
+// ParseSigner finds the first private key among PEM blocks.
+func ParseSigner(data []byte) (crypto.Signer, error) {
 	for rest := data; ; {
 		var blk *pem.Block
 		blk, rest = pem.Decode(rest)
 		if blk == nil {
-			return nil, fmt.Errorf("%w: %s holds no PEM private key", ErrSigningKey, path)
+			return nil, fmt.Errorf("%w: no PEM private key", ErrSigningKey)
 		}
 		var k any
+		var err error
 		switch blk.Type {
 		case "RSA PRIVATE KEY":
 			k, err = x509.ParsePKCS1PrivateKey(blk.Bytes)
@@ -188,16 +198,16 @@ func LoadSigner(path, password string) (crypto.Signer, error) {
 		case "PRIVATE KEY":
 			k, err = x509.ParsePKCS8PrivateKey(blk.Bytes)
 		case "ENCRYPTED PRIVATE KEY":
-			return nil, fmt.Errorf("%w: %s is encrypted, which vtpmd's local CA does not support", ErrSigningKey, path)
+			return nil, fmt.Errorf("%w: the key is encrypted, which vtpmd's local CA does not support", ErrSigningKey)
 		default:
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("%w: %s: %w", ErrSigningKey, path, err)
+			return nil, fmt.Errorf("%w: %w", ErrSigningKey, err)
 		}
 		s, ok := k.(crypto.Signer)
 		if !ok {
-			return nil, fmt.Errorf("%w: %s: key type %T cannot sign", ErrSigningKey, path, k)
+			return nil, fmt.Errorf("%w: key type %T cannot sign", ErrSigningKey, k)
 		}
 		return s, nil
 	}

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"os"
 	"os/exec"
@@ -177,6 +178,24 @@ func TestSwtpmLocalCAInterop(t *testing.T) {
 		roots, inter := rootPool(t, ca)
 		if _, err := Verify(c, roots, inter); err != nil {
 			t.Fatalf("swtpm_localca with vtpmd's CA: %v", err)
+		}
+	})
+}
+
+func FuzzParseSigner(f *testing.F) {
+	key, _ := rsa.GenerateKey(rand.Reader, 1024)
+	f.Add(pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}))
+	f.Add([]byte("Public Key Info:\n\tgarbage\n-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		s, err := ParseSigner(data)
+		if err != nil {
+			if !errors.Is(err, ErrSigningKey) {
+				t.Fatalf("error without ErrSigningKey: %v", err)
+			}
+			return
+		}
+		if s.Public() == nil {
+			t.Fatal("signer without a public key")
 		}
 	})
 }
