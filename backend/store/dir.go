@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -59,13 +60,16 @@ func (d *dirBackend) lockFile() (string, int, uint32) {
 // openBlob opens a blob file for reading, refusing symlinks and anything but regular files.
 func (d *dirBackend) openBlob(name string) (*os.File, fs.FileInfo, error) {
 	p := d.file(name)
-	f, err := os.OpenFile(p, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	// unix.Open + os.NewFile: a blocking descriptor that os does not try to register with the
+	// network poller (os.OpenFile costs four more system calls per blob on a regular file)
+	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
 		if errors.Is(err, unix.ELOOP) {
 			return nil, nil, fmt.Errorf("%s is a symbolic link: %w", p, err)
 		}
-		return nil, nil, err
+		return nil, nil, &fs.PathError{Op: "open", Path: p, Err: err}
 	}
+	f := os.NewFile(uintptr(fd), p)
 	st, err := f.Stat()
 	if err != nil {
 		f.Close()
@@ -87,14 +91,15 @@ func (d *dirBackend) read(name string) ([]byte, error) {
 	if st.Size() > maxBlob {
 		return nil, fmt.Errorf("%s: %d bytes is larger than any TPM state (%d)", f.Name(), st.Size(), maxBlob)
 	}
-	b, err := io.ReadAll(io.LimitReader(f, maxBlob+1))
-	if err != nil {
+	// one read of the stat'ed size (plus one byte, to see growth), then the EOF
+	buf := bytes.NewBuffer(make([]byte, 0, st.Size()+1))
+	if _, err := buf.ReadFrom(io.LimitReader(f, maxBlob+1)); err != nil {
 		return nil, fmt.Errorf("read %s: %w", f.Name(), err)
 	}
-	if len(b) > maxBlob {
+	if buf.Len() > maxBlob {
 		return nil, fmt.Errorf("%s grew beyond %d bytes while being read", f.Name(), maxBlob)
 	}
-	return b, nil
+	return buf.Bytes(), nil
 }
 
 func (d *dirBackend) size(name string) (int64, error) {
