@@ -91,10 +91,31 @@ func newSetupApp(name string) *cli.App {
 // setupArgs rewrites swtpm_setup's optional-argument option so urfave/cli can parse it:
 // "--create-config-files" takes the next word as its argument only when it is not an option
 // (as libvirt passes "--create-config-files skip-if-exist").
+//
+// "--pcr-banks" given more than once is joined with ',' (each value trimmed), as swtpm_setup
+// does, instead of the last one winning.
 func setupArgs(args []string) []string {
 	out := make([]string, 0, len(args))
+	banks := -1 // index in out of the first --pcr-banks value
 	for i := 0; i < len(args); i++ {
 		a := args[i]
+		var bv string
+		isBanks := false
+		if v, ok := strings.CutPrefix(a, "--pcr-banks="); ok {
+			bv, isBanks = v, true
+		} else if a == "--pcr-banks" && i+1 < len(args) {
+			bv, isBanks = args[i+1], true
+			i++
+		}
+		if isBanks {
+			if banks < 0 {
+				out = append(out, "--pcr-banks", strings.TrimSpace(bv))
+				banks = len(out) - 1
+			} else {
+				out[banks] += "," + strings.TrimSpace(bv)
+			}
+			continue
+		}
 		if a == "--create-config-files" {
 			if i+1 < len(args) && !strings.HasPrefix(args[i+1], "-") {
 				a += "=" + args[i+1]

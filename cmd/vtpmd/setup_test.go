@@ -15,6 +15,7 @@ func TestSetupArgs(t *testing.T) {
 		{[]string{"x", "--create-config-files", "--tpm2"}, []string{"x", "--create-config-files=", "--tpm2"}},
 		{[]string{"x", "--create-config-files"}, []string{"x", "--create-config-files="}},
 		{[]string{"x", "--tpm2", "--tpm-state", "/d"}, []string{"x", "--tpm2", "--tpm-state", "/d"}},
+		{[]string{"x", "--pcr-banks", "sha1", "--tpm2", "--pcr-banks= sha384 "}, []string{"x", "--pcr-banks", "sha1,sha384", "--tpm2"}},
 	}
 	for _, tc := range cases {
 		if got := setupArgs(tc.in); !slices.Equal(got, tc.want) {
