@@ -234,6 +234,10 @@ func TestLockAgainstSwtpm(t *testing.T) {
 	bins := debianSwtpm(t)
 	dir := t.TempDir()
 	p := startSwtpm(t, bins, "--tpmstate", "dir="+dir, "--flags", "not-need-init,startup-clear")
+	// the control socket appears before swtpm's INIT takes the lock: wait for an answer
+	if _, err := tpmclient.GetRandom(p.tpm(), 8); err != nil {
+		t.Fatalf("swtpm does not answer: %v (%s)", err, p.out)
+	}
 	s := mustOpen(t, dir, Options{TPM2: true, Lock: true})
 	err := s.Lock(3)
 	if !errors.Is(err, ErrLocked) {
