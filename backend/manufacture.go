@@ -176,6 +176,21 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 	return res, nil
 }
 
+// HasState reports whether the state location holds a TPM's permanent state (of the given
+// version), without taking its lock: swtpm_setup's early check, before anything else is read.
+func HasState(uri string, tpm2 bool) (bool, error) {
+	st, err := store.Open(uri, store.Options{TPM2: tpm2})
+	if err != nil {
+		return false, err
+	}
+	defer st.Close()
+	states, err := st.States()
+	if err != nil {
+		return false, err
+	}
+	return slices.ContainsFunc(states, func(s store.State) bool { return s.Name == emulator.StatePermanent.Name() }), nil
+}
+
 // TPMInfo is what libtpms says about the TPM (TPMLIB_INFO_TPMSPECIFICATION and
 // TPMLIB_INFO_TPMATTRIBUTES), for its EK certificate.
 func TPMInfo(eng *emulator.Engine) localca.TPMInfo {

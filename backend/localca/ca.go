@@ -17,7 +17,6 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
@@ -64,29 +63,24 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*CA, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if err := os.MkdirAll(cfg.StateDir, 0o750); err != nil {
+	if err := os.MkdirAll(cfg.StateDir, 0o770); err != nil { // swtpm_localca's mode: tss may share it
 		return nil, fmt.Errorf("local CA statedir: %w", err)
 	}
+	// Everything under the CA's lock: swtpm_localca creates its CA under it, key first and
+	// not atomically, so a key seen without the lock may be half written.
+	unlock, err := lockCA(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	ca := &CA{cfg: cfg}
 	if _, err := os.Stat(cfg.SigningKey); errors.Is(err, os.ErrNotExist) {
-		unlock, err := lockCA(ctx, cfg)
-		if err != nil {
-			return nil, err
-		}
-		err = func() error {
-			defer unlock()
-			if _, err := os.Stat(cfg.SigningKey); !errors.Is(err, os.ErrNotExist) {
-				return nil // created by another process while we waited
-			}
-			log.Info("Creating root CA and a local CA's signing key and issuer cert.")
-			ca.Created = true
-			return createCA(cfg)
-		}()
-		if err != nil {
+		log.Info("Creating root CA and a local CA's signing key and issuer cert.")
+		ca.Created = true
+		if err := createCA(cfg); err != nil {
 			return nil, fmt.Errorf("create local CA: %w", err)
 		}
 	}
-	var err error
 	if ca.signer, err = LoadSigner(cfg.SigningKey, cfg.SigningKeyPassword); err != nil {
 		return nil, err
 	}
@@ -133,34 +127,45 @@ func lockCA(ctx context.Context, cfg Config) (func(), error) {
 	}
 }
 
-// NextSerial hands out the next certificate serial number: under the CA's lock it reads the
-// decimal counter (1 when missing or not a number, as swtpm_localca), adds one, and stores the
-// new value atomically before returning it.
+// maxSerialBits bounds a serial number: at most 20 octets in DER, positive.
+const maxSerialBits = 20*8 - 1
+
+// NextSerial hands out the next certificate serial number as swtpm_localca does: under the CA's
+// lock it reads the decimal counter, adds one and stores the new value before returning it. A
+// missing counter starts at 1 (so the first serial is 2); content that is not a number gives
+// 1; a counter that would exceed 20 octets restarts at a random 20-digit number (swtpm 0.9+).
+// Surrounding blanks are ignored. The file keeps its owner and mode (libvirt runs
+// swtpm_localca as tss, which must still be able to write it).
 func (ca *CA) NextSerial(ctx context.Context) (*big.Int, error) {
 	unlock, err := lockCA(ctx, ca.cfg)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	cur := uint64(1)
+	next := big.NewInt(2)
 	b, err := os.ReadFile(ca.cfg.CertSerial)
 	switch {
 	case err == nil:
-		if v, perr := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); perr == nil {
-			cur = v
+		if v, ok := new(big.Int).SetString(strings.TrimSpace(string(b)), 10); ok && v.Sign() >= 0 {
+			next = v.Add(v, big.NewInt(1))
+		} else {
+			next = big.NewInt(1)
 		}
 	case !errors.Is(err, os.ErrNotExist):
 		return nil, fmt.Errorf("read serial counter: %w", err)
 	}
-	next := cur + 1
-	if next == 0 { // wrapped: start over, as swtpm_localca does for non-numeric content
-		next = 1
+	if next.BitLen() > maxSerialBits {
+		lo := new(big.Int).Exp(big.NewInt(10), big.NewInt(19), nil)
+		r, err := rand.Int(rand.Reader, new(big.Int).Mul(lo, big.NewInt(9)))
+		if err != nil {
+			return nil, err
+		}
+		next = r.Add(r, lo)
 	}
-	s := strconv.FormatUint(next, 10)
-	if err := atomicfile.WriteFile(ca.cfg.CertSerial, []byte(s), 0o644); err != nil {
+	if err := atomicfile.WriteFileKeepOwner(ca.cfg.CertSerial, []byte(next.String()), 0o644); err != nil {
 		return nil, fmt.Errorf("store serial counter: %w", err)
 	}
-	return new(big.Int).SetUint64(next), nil
+	return next, nil
 }
 
 // LoadSigner reads a PEM private key (PKCS#1 RSA, SEC 1 EC or PKCS#8; certtool's text
@@ -354,5 +359,8 @@ func signatureAlgorithm(s crypto.Signer) x509.SignatureAlgorithm {
 		}
 		return x509.ECDSAWithSHA256
 	}
-	return x509.SHA256WithRSA
+	if _, ok := s.Public().(*rsa.PublicKey); ok {
+		return x509.SHA256WithRSA
+	}
+	return x509.UnknownSignatureAlgorithm // let crypto/x509 choose for other key types
 }

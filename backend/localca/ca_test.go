@@ -12,11 +12,13 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -281,13 +283,50 @@ func TestSerialsAreUniqueUnderConcurrency(t *testing.T) {
 }
 
 func TestSerialCounterQuirks(t *testing.T) {
-	for _, tc := range []struct{ content, want string }{{"41", "42"}, {"41\n", "42"}, {"abc", "2"}, {"", "2"}, {"18446744073709551615", "1"}} {
+	for _, tc := range []struct{ content, want string }{
+		{"41", "42"}, {"41\n", "42"}, {"abc", "1"}, {"", "1"}, {"-5", "1"},
+		{"18446744073709551615", "18446744073709551616"}, // beyond uint64: swtpm 0.9+ counters are 20 digits
+	} {
 		cfg := copyCA(t)
 		os.WriteFile(cfg.CertSerial, []byte(tc.content), 0o644)
 		s, err := mustOpen(t, cfg).NextSerial(context.Background())
 		if err != nil || s.String() != tc.want {
 			t.Errorf("counter %q: next %v, %v; want %s", tc.content, s, err, tc.want)
 		}
+		if b, _ := os.ReadFile(cfg.CertSerial); string(b) != tc.want {
+			t.Errorf("counter %q: stored %q", tc.content, b)
+		}
+	}
+	// a counter at the 20-octet limit restarts at a random 20-digit number
+	cfg := copyCA(t)
+	max := new(big.Int).Sub(new(big.Int).Lsh(big.NewInt(1), maxSerialBits), big.NewInt(1))
+	os.WriteFile(cfg.CertSerial, []byte(max.String()), 0o644)
+	s, err := mustOpen(t, cfg).NextSerial(context.Background())
+	if err != nil || len(s.String()) != 20 {
+		t.Fatalf("after the limit: %v, %v", s, err)
+	}
+}
+
+// TestSerialCounterKeepsOwner: replacing certserial as root leaves it to the user who owned it
+// (libvirt's swtpm_localca runs as tss and must still be able to write it).
+func TestSerialCounterKeepsOwner(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to give the file away")
+	}
+	cfg := copyCA(t)
+	os.WriteFile(cfg.CertSerial, []byte("7"), 0o664)
+	os.Chown(cfg.CertSerial, 65534, 65534)
+	os.Chmod(cfg.CertSerial, 0o664)
+	if _, err := mustOpen(t, cfg).NextSerial(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(cfg.CertSerial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sys := st.Sys().(*syscall.Stat_t)
+	if sys.Uid != 65534 || sys.Gid != 65534 || st.Mode().Perm() != 0o664 {
+		t.Fatalf("certserial now %d:%d %v, want 65534:65534 0664", sys.Uid, sys.Gid, st.Mode().Perm())
 	}
 }
 

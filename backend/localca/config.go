@@ -51,9 +51,10 @@ func DefaultConfig() Config {
 // envRef is a ${NAME} reference in a configuration value.
 var envRef = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)\}`)
 
-// ParseKeyValues reads swtpm's "key = value" configuration format: one assignment per line,
-// '#' starts a comment line, blanks around '=' are ignored, ${NAME} is replaced from the
-// environment. The first assignment of a key wins, as swtpm's lookup finds the first line.
+// ParseKeyValues reads swtpm's "key = value" configuration format as swtpm's lookup does: one
+// assignment per line, a value ends at '#' (a comment) and blanks around it are dropped,
+// ${NAME} is replaced from the environment, lines without '=' are ignored, and the first
+// assignment of a key wins.
 func ParseKeyValues(data []byte) (map[string]string, error) {
 	if len(data) > maxConfigSize {
 		return nil, fmt.Errorf("%w: %d bytes is too large for a configuration file", ErrConfig, len(data))
@@ -61,19 +62,17 @@ func ParseKeyValues(data []byte) (map[string]string, error) {
 	out := map[string]string{}
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(make([]byte, 0, 4096), maxConfigSize)
-	for n := 1; sc.Scan(); n++ {
+	for sc.Scan() {
 		line := strings.TrimSpace(sc.Text())
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
 		k, v, ok := strings.Cut(line, "=")
-		if !ok {
-			return nil, fmt.Errorf("%w: line %d: want key = value, got %q", ErrConfig, n, line)
-		}
 		k = strings.TrimSpace(k)
-		if k == "" {
-			return nil, fmt.Errorf("%w: line %d: empty key", ErrConfig, n)
+		if !ok || k == "" {
+			continue
 		}
+		v, _, _ = strings.Cut(v, "#")
 		if _, seen := out[k]; seen {
 			continue
 		}

@@ -26,7 +26,9 @@ func TestParseConfig(t *testing.T) {
 		{name: "env, comments, blanks, default serial", in: "# CA\n\n  statedir=${CA_ROOT}\nsigningkey =${CA_ROOT}/k.pem\nissuercert= ${CA_ROOT}/c.pem\nstatedir = /ignored\n",
 			want: Config{StateDir: "/srv/ca", SigningKey: "/srv/ca/k.pem", IssuerCert: "/srv/ca/c.pem", CertSerial: "/srv/ca/certserial"}},
 		{name: "missing issuercert", in: "statedir = /a\nsigningkey = /a/k\n", err: true},
-		{name: "no equals", in: "statedir /a\n", err: true},
+		{name: "no equals: ignored, so statedir is missing", in: "statedir /a\n", err: true},
+		{name: "inline comments, stray lines", in: "statedir = /c # the CA\nnot an assignment\nsigningkey=/c/k.pem#x\nissuercert = /c/i.pem\n",
+			want: Config{StateDir: "/c", SigningKey: "/c/k.pem", IssuerCert: "/c/i.pem", CertSerial: "/c/certserial"}},
 		{name: "pkcs11 key", in: "statedir = /a\nsigningkey = pkcs11:token=x\nissuercert = /a/c\n", err: true},
 		{name: "tpm key", in: "statedir = /a\nsigningkey = tpmkey:uuid=1\nissuercert = /a/c\n", err: true},
 	}

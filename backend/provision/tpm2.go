@@ -179,7 +179,7 @@ func TPM2(ctx context.Context, t transport.TPM, o Options) (*Result, error) {
 	}
 	if o.CreateEK {
 		for i, spec := range specs {
-			ek, err := createEK(t, spec, o.AllowSigning, decrypt, log)
+			ek, err := createEK(t, spec, o.AllowSigning, decrypt, o.LockNVRAM, log)
 			if err != nil {
 				return nil, err
 			}
@@ -229,10 +229,11 @@ func activateBanks(t transport.TPM, banks []string, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	if err := AllocatePCRBanks(t, banks); err != nil {
+	active, err := AllocatePCRBanks(t, banks)
+	if err != nil {
 		return err
 	}
-	log.Info(fmt.Sprintf("Successfully activated PCR banks %s among %s.", strings.Join(banks, ","), strings.Join(all, ",")))
+	log.Info(fmt.Sprintf("Successfully activated PCR banks %s among %s.", strings.Join(active, ","), strings.Join(all, ",")))
 	return nil
 }
 
@@ -253,7 +254,7 @@ func Reconfigure(t transport.TPM, banks []string, log *slog.Logger) error {
 	return nil
 }
 
-func createEK(t transport.TPM, spec ekSpec, sign, decrypt bool, log *slog.Logger) (*EK, error) {
+func createEK(t transport.TPM, spec ekSpec, sign, decrypt, lock bool, log *slog.Logger) (*EK, error) {
 	tmpl := spec.template(sign, decrypt)
 	pub, err := createPersistent(t, tpm2.TPMRHEndorsement, tmpl, spec.handle)
 	if err != nil {
@@ -262,7 +263,7 @@ func createEK(t transport.TPM, spec ekSpec, sign, decrypt bool, log *slog.Logger
 	log.Info(fmt.Sprintf("Successfully created %s EK with handle 0x%x.", spec.label, uint32(spec.handle)))
 	if sign {
 		// a non-standard EK cannot be recreated from the default template: store its own
-		if err := WriteNV(t, spec.templateIndx, tpm2.Marshal(tmpl), false); err != nil {
+		if err := WriteNV(t, spec.templateIndx, tpm2.Marshal(tmpl), lock); err != nil {
 			return nil, fmt.Errorf("store %s EK template: %w", spec.label, err)
 		}
 		log.Info(fmt.Sprintf("Successfully created NVRAM area 0x%x for %s EK template.", spec.templateIndx, spec.label))
@@ -364,20 +365,19 @@ func WriteNV(t transport.TPM, index uint32, data []byte, lock bool) error {
 var bankAlgs = map[string]tpm2.TPMAlgID{
 	"sha1": tpm2.TPMAlgSHA1, "sha256": tpm2.TPMAlgSHA256, "sha384": tpm2.TPMAlgSHA384,
 	"sha512": tpm2.TPMAlgSHA512, "sm3-256": tpm2.TPMAlgSM3256,
+	"sha3-256": tpm2.TPMAlgSHA3256, "sha3-384": tpm2.TPMAlgSHA3384, "sha3-512": tpm2.TPMAlgSHA3512,
 }
 
-// ParseBanks parses a --pcr-banks list ("sha1,sha256"); "-" means leave all banks (nil).
+// ParseBanks parses a --pcr-banks list ("sha1,sha256") as swtpm_setup does: unknown and
+// repeated names are dropped (bank names are case-sensitive and not trimmed inside the list);
+// "-" means leave all banks (nil). An empty result means "use the configured default".
 func ParseBanks(s string) ([]string, error) {
 	if s == "-" {
 		return nil, nil
 	}
-	var out []string
+	out := []string{}
 	for _, b := range strings.Split(s, ",") {
-		b = strings.TrimSpace(b)
-		if _, ok := bankAlgs[b]; !ok {
-			return nil, fmt.Errorf("%w: unsupported PCR bank %q (sha1, sha256, sha384, sha512, sm3-256)", ErrOptions, b)
-		}
-		if !slices.Contains(out, b) {
+		if _, ok := bankAlgs[b]; ok && !slices.Contains(out, b) {
 			out = append(out, b)
 		}
 	}
@@ -413,16 +413,17 @@ func pcrAllocation(t transport.TPM) (*tpm2.TPMLPCRSelection, error) {
 	return sel, nil
 }
 
-// AllocatePCRBanks makes exactly the named banks active (all 24 PCRs each) and the others
-// inactive, with TPM2_PCR_Allocate under platform authorization; it takes effect at the next
-// TPM2_Startup. A bank the TPM does not have is an error.
-func AllocatePCRBanks(t transport.TPM, banks []string) error {
+// AllocatePCRBanks makes the named banks that the TPM has active (all 24 PCRs each) and the
+// others inactive, with TPM2_PCR_Allocate under platform authorization; it takes effect at the
+// next TPM2_Startup. As swtpm_setup, banks the TPM lacks are skipped; none usable is an error.
+// It returns the banks activated.
+func AllocatePCRBanks(t transport.TPM, banks []string) ([]string, error) {
 	cur, err := pcrAllocation(t)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var sel tpm2.TPMLPCRSelection
-	found := 0
+	var active []string
 	for _, s := range cur.PCRSelections {
 		bits := make([]byte, len(s.PCRSelect))
 		for _, b := range banks {
@@ -430,14 +431,13 @@ func AllocatePCRBanks(t transport.TPM, banks []string) error {
 				for i := range bits {
 					bits[i] = 0xff
 				}
-				found++
+				active = append(active, b)
 			}
 		}
 		sel.PCRSelections = append(sel.PCRSelections, tpm2.TPMSPCRSelection{Hash: s.Hash, PCRSelect: bits})
 	}
-	if found != len(banks) {
-		have, _ := PCRBanks(t)
-		return fmt.Errorf("%w: the TPM has PCR banks %s, not all of %s", ErrOptions, strings.Join(have, ","), strings.Join(banks, ","))
+	if len(active) == 0 {
+		return nil, fmt.Errorf("%w: no PCR banks could be allocated: none of the selected algorithms (%s) is supported", ErrOptions, strings.Join(banks, ","))
 	}
 	// go-tpm has no TPM2_PCR_Allocate: TPM_ST_SESSIONS, TPM_RH_PLATFORM with an empty
 	// password session, then the selection.
@@ -453,17 +453,17 @@ func AllocatePCRBanks(t transport.TPM, banks []string) error {
 	binary.BigEndian.PutUint32(cmd[2:], uint32(len(cmd)))
 	rsp, err := t.Send(cmd)
 	if err != nil {
-		return fmt.Errorf("TPM2_PCR_Allocate: %w", err)
+		return nil, fmt.Errorf("TPM2_PCR_Allocate: %w", err)
 	}
 	if len(rsp) < 10 {
-		return fmt.Errorf("TPM2_PCR_Allocate: short response (%d bytes)", len(rsp))
+		return nil, fmt.Errorf("TPM2_PCR_Allocate: short response (%d bytes)", len(rsp))
 	}
 	if rc := binary.BigEndian.Uint32(rsp[6:10]); rc != 0 {
-		return fmt.Errorf("TPM2_PCR_Allocate: %w", tpm2.TPMRC(rc))
+		return nil, fmt.Errorf("TPM2_PCR_Allocate: %w", tpm2.TPMRC(rc))
 	}
 	// response: parameterSize, allocationSuccess, maxPCR, sizeNeeded, sizeAvailable
 	if len(rsp) < 10+4+1 || rsp[14] != 1 {
-		return fmt.Errorf("TPM2_PCR_Allocate: the TPM did not allocate %s", strings.Join(banks, ","))
+		return nil, fmt.Errorf("TPM2_PCR_Allocate: the TPM did not allocate %s", strings.Join(active, ","))
 	}
-	return nil
+	return active, nil
 }

@@ -280,7 +280,7 @@ func TestEKAlgorithms(t *testing.T) {
 }
 
 func TestSigningEKStoresItsTemplate(t *testing.T) {
-	_, tpm := startTPM(t, emulator.NewMemStore())
+	first, tpm := startTPM(t, emulator.NewMemStore())
 	res, err := TPM2(context.Background(), tpm, Options{CreateEK: true, AllowSigning: true, EKCert: true, Certifier: caCertifier{testCA(t)}})
 	if err != nil {
 		t.Fatal(err)
@@ -299,6 +299,18 @@ func TestSigningEKStoresItsTemplate(t *testing.T) {
 	if p := readPublic(t, tpm, HandleEKRSA2048); !p.ObjectAttributes.SignEncrypt || p.ObjectAttributes.Restricted || p.ObjectAttributes.Decrypt {
 		t.Fatalf("signing EK attributes %+v", p.ObjectAttributes)
 	}
+	if err := rawPlatformWrite(tpm, IndexEKTemplateRSA2048); err != nil {
+		t.Fatalf("template index without --lock-nvram: %v", err)
+	}
+	// with --lock-nvram the template index is write-locked too, as swtpm_setup does
+	first.Close()
+	_, tpm = startTPM(t, emulator.NewMemStore())
+	if _, err := TPM2(context.Background(), tpm, Options{CreateEK: true, AllowSigning: true, LockNVRAM: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := rawPlatformWrite(tpm, IndexEKTemplateRSA2048); err == nil {
+		t.Fatal("template index writable after --lock-nvram")
+	}
 }
 
 func TestBadOptions(t *testing.T) {
@@ -309,19 +321,20 @@ func TestBadOptions(t *testing.T) {
 	if _, err := TPM2(context.Background(), tpm, Options{CreateEK: true, EKCert: true}); !errors.Is(err, ErrOptions) {
 		t.Fatalf("certificates without a CA: %v", err)
 	}
-	if err := AllocatePCRBanks(tpm, []string{"sha3"}); !errors.Is(err, ErrOptions) {
-		t.Fatalf("unknown bank: %v", err)
+	if _, err := AllocatePCRBanks(tpm, []string{"sm3-256", "sha3-256"}); !errors.Is(err, ErrOptions) {
+		t.Fatalf("only banks libtpms lacks: %v", err)
 	}
-	for _, s := range []string{"md5", "sha256,", ""} {
-		if _, err := ParseBanks(s); !errors.Is(err, ErrOptions) {
-			t.Errorf("ParseBanks(%q): %v", s, err)
+	if got, err := AllocatePCRBanks(tpm, []string{"sm3-256", "sha384"}); err != nil || !slices.Equal(got, []string{"sha384"}) {
+		t.Fatalf("a missing bank among usable ones is skipped, as swtpm_setup does: %v, %v", got, err)
+	}
+	// swtpm_setup's parsing: unknown, untrimmed and repeated names are dropped
+	for in, want := range map[string][]string{"md5": {}, "sha256,": {"sha256"}, "": {}, "sha1, sha384": {"sha1"}, "sha1,sha256,sha1": {"sha1", "sha256"}, "SHA256": {}} {
+		if got, err := ParseBanks(in); err != nil || !slices.Equal(got, want) {
+			t.Errorf("ParseBanks(%q) = %v, %v; want %v", in, got, err, want)
 		}
 	}
 	if b, err := ParseBanks("-"); err != nil || b != nil {
 		t.Fatalf("ParseBanks(-) = %v, %v", b, err)
-	}
-	if b, _ := ParseBanks("sha1,sha256,sha1"); !slices.Equal(b, []string{"sha1", "sha256"}) {
-		t.Fatalf("duplicate banks: %v", b)
 	}
 }
 

@@ -250,6 +250,19 @@ func runSetup(c *cli.Context, name string) error {
 			log.Info(fmt.Sprintf("Warning: --%s is deprecated and has no effect.", o))
 		}
 	}
+	// swtpm_setup decides about existing state before it reads its configuration or keys
+	if !reconfigure && (c.Bool("not-overwrite") || !c.Bool("overwrite")) {
+		exists, err := backend.HasState(state, tpm2)
+		switch {
+		case err != nil:
+			return fail("%v", err)
+		case exists && c.Bool("not-overwrite"):
+			log.Info("Not overwriting existing state file.")
+			return nil
+		case exists:
+			return fail("Found existing TPM state 'permall'.")
+		}
+	}
 	conf, err := loadSetupConfig(c.String("config"))
 	if err != nil {
 		return fail("%v", err)
@@ -261,14 +274,21 @@ func runSetup(c *cli.Context, name string) error {
 	if keyMsg != "" {
 		log.Info(keyMsg)
 	}
+	// as swtpm_setup: an empty list falls back to the configured active_pcr_banks, then
+	// sha256; unknown names are dropped; a list left empty by that is an error
 	banks := c.String("pcr-banks")
-	if banks == "" {
-		banks = conf.activeBanks
+	for _, def := range []string{conf.activeBanks, "sha256"} {
+		if strings.Trim(banks, ",") == "" {
+			banks = def
+		}
 	}
 	var pcrBanks []string
 	if tpm2 {
 		if pcrBanks, err = provision.ParseBanks(banks); err != nil {
 			return fail("%v", err)
+		}
+		if pcrBanks != nil && len(pcrBanks) == 0 {
+			return fail("No PCR banks could be allocated. None of the selected algorithms are supported.")
 		}
 	}
 	bits := 2048
@@ -459,6 +479,9 @@ type localCertifier struct {
 }
 
 func newLocalCertifier(ctx context.Context, conf setupConfig, vmid string, info localca.TPMInfo, log *slog.Logger) (provision.Certifier, error) {
+	if err := conf.checkCertTool(); err != nil {
+		return nil, err
+	}
 	cfg, err := localca.LoadConfig(conf.caConfig)
 	if err != nil {
 		return nil, err

@@ -19,6 +19,7 @@ type setupConfig struct {
 	caConfig, caOptions string
 	activeBanks         string
 	ek1, ek2            string // ek1keyalgo, ek2keyalgo (swtpm 0.11)
+	certTool, path      string // create_certs_tool, and the file that named it
 }
 
 // userConfigDir is ${XDG_CONFIG_HOME:-$HOME/.config}, where swtpm keeps per-user files.
@@ -37,8 +38,7 @@ func userConfigDir() string {
 
 // loadSetupConfig finds swtpm_setup.conf as swtpm_setup does (--config, the user's file,
 // /etc/swtpm_setup.conf) and reads the keys vtpmd setup uses. Without any file it uses
-// Debian's defaults. create_certs_tool must be swtpm_localca (whose job vtpmd does
-// in-process); another tool is refused rather than ignored.
+// Debian's defaults.
 func loadSetupConfig(explicit string) (setupConfig, error) {
 	c := setupConfig{caConfig: localca.DefaultConfigFile, caOptions: localca.DefaultOptionsFile, activeBanks: "sha256"}
 	path := explicit
@@ -61,9 +61,8 @@ func loadSetupConfig(explicit string) (setupConfig, error) {
 	if err != nil {
 		return c, fmt.Errorf("config file %s: %w", path, err)
 	}
-	if tool := kv["create_certs_tool"]; tool != "" && filepath.Base(tool) != "swtpm_localca" {
-		return c, fmt.Errorf("create_certs_tool %s in %s is not supported: vtpmd setup issues certificates with its own swtpm_localca-compatible CA", tool, path)
-	}
+	// a foreign certificate tool only matters when certificates are asked for (certTool)
+	c.certTool, c.path = kv["create_certs_tool"], path
 	if v := kv["create_certs_tool_config"]; v != "" {
 		c.caConfig = v
 	}
@@ -75,6 +74,15 @@ func loadSetupConfig(explicit string) (setupConfig, error) {
 	}
 	c.ek1, c.ek2 = kv["ek1keyalgo"], kv["ek2keyalgo"]
 	return c, nil
+}
+
+// checkCertTool refuses a create_certs_tool other than swtpm_localca (whose job vtpmd does
+// in-process) rather than ignoring it; it is called only when certificates are asked for.
+func (c setupConfig) checkCertTool() error {
+	if c.certTool != "" && filepath.Base(c.certTool) != "swtpm_localca" {
+		return fmt.Errorf("create_certs_tool %s in %s is not supported: vtpmd setup issues certificates with its own swtpm_localca-compatible CA", c.certTool, c.path)
+	}
+	return nil
 }
 
 // createConfigFiles is --create-config-files [overwrite][,root][,skip-if-exist]: per-user

@@ -11,6 +11,17 @@ import (
 // WriteFile atomically and durably replaces path with data. A new file gets mode perm
 // (subject to the umask); the temporary file is removed on failure.
 func WriteFile(path string, data []byte, perm os.FileMode) error {
+	return write(path, data, perm, false)
+}
+
+// WriteFileKeepOwner is WriteFile that gives the new content the owner, group and mode of the
+// file it replaces (when there is one and the process may set them), so that replacing a file
+// as root does not take it away from the service user that also writes it.
+func WriteFileKeepOwner(path string, data []byte, perm os.FileMode) error {
+	return write(path, data, perm, true)
+}
+
+func write(path string, data []byte, perm os.FileMode, keepOwner bool) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
@@ -18,7 +29,17 @@ func WriteFile(path string, data []byte, perm os.FileMode) error {
 	}
 	tmp := f.Name()
 	err = func() error {
-		if err := f.Chmod(perm &^ os.FileMode(umask())); err != nil {
+		mode := perm &^ os.FileMode(umask())
+		if keepOwner {
+			var st unix.Stat_t
+			if unix.Lstat(path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
+				mode = os.FileMode(st.Mode & 0o777)
+				if int(st.Uid) != os.Geteuid() || int(st.Gid) != os.Getegid() {
+					_ = f.Chown(int(st.Uid), int(st.Gid)) // best effort: only root may give files away
+				}
+			}
+		}
+		if err := f.Chmod(mode); err != nil {
 			return err
 		}
 		if _, err := f.Write(data); err != nil {
