@@ -30,11 +30,11 @@ func TestLibvirt(t *testing.T) {
 	t.Run("EmulatorCreateDestroy", func(t *testing.T) { e.sub(t).emulatorCreateDestroy(emulator) })
 	t.Run("MigrateEmulator", func(t *testing.T) {
 		se := e.sub(t)
-		se.migrate(se.domain("lv-mig-emu", "02", "tpmloop", emulator), 49302)
+		se.migrate(se.domain("lv-mig-emu", "02", "tpmloop", emulator), 29302) // below the ephemeral port range: no outgoing connection can hold it
 	})
 	t.Run("MigrateExternal", func(t *testing.T) {
 		se := e.sub(t)
-		se.migrate(se.domain("lv-mig-ext", "03", "tpmloop", external("lv-mig-ext")), 49303)
+		se.migrate(se.domain("lv-mig-ext", "03", "tpmloop", external("lv-mig-ext")), 29303)
 	})
 	t.Run("SaveRestoreEmulator", func(t *testing.T) {
 		se := e.sub(t)
@@ -111,7 +111,7 @@ func (e *lvEnv) encrypted() {
 		t.Errorf("swtpm log does not mention the sha384 bank:\n%s", tail(string(logData), 1500))
 	}
 	before := e.waitRows(d.serial("A"), 0, 3, 2*time.Minute)
-	e.virsh("A", "migrate", "--live", d.Name, lvURIB, "--migrateuri", "tcp://127.0.0.1:49308")
+	e.virsh("A", "migrate", "--live", d.Name, lvURIB, "--migrateuri", "tcp://127.0.0.1:29308")
 	raw, _ := os.ReadFile(d.serial("A"))
 	before = lvRows(string(raw))
 	after := e.waitRows(d.serial("B"), before[len(before)-1].n, 2, time.Minute)
