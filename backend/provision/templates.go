@@ -70,45 +70,35 @@ func EKTemplateRSA(bits int, sign, decrypt bool) tpm2.TPMTPublic {
 // EKTemplateP384 is the TCG EK template H-3: ECC NIST P-384, SHA-384, PolicyB, AES-256, empty
 // unique.
 func EKTemplateP384(sign, decrypt bool) tpm2.TPMTPublic {
-	sym := aesCFB(256)
-	if sign {
-		sym = nullSym
-	}
-	return tpm2.TPMTPublic{
-		Type:             tpm2.TPMAlgECC,
-		NameAlg:          tpm2.TPMAlgSHA384,
-		ObjectAttributes: ekAttributes(true, sign, decrypt),
-		AuthPolicy:       tpm2.TPM2BDigest{Buffer: policyBSHA384},
-		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
-			Symmetric: sym,
-			Scheme:    tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
-			CurveID:   tpm2.TPMECCNistP384,
-			KDF:       tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
-		}),
-		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
-	}
+	return ekTemplateECC(tpm2.TPMECCNistP384, tpm2.TPMAlgSHA384, policyBSHA384, true, 256, 0, sign, decrypt)
 }
 
 // EKTemplateP256 is the TCG EK template L-2: ECC NIST P-256, SHA-256, PolicyA, AES-128, 32-byte
 // zero x and y.
 func EKTemplateP256(sign, decrypt bool) tpm2.TPMTPublic {
-	sym := aesCFB(128)
+	return ekTemplateECC(tpm2.TPMECCNistP256, tpm2.TPMAlgSHA256, policyASHA256, false, 128, 32, sign, decrypt)
+}
+
+// ekTemplateECC is an ECC EK template; uniqueLen is the size of the zero-filled x and y. A
+// signing EK has no symmetric algorithm.
+func ekTemplateECC(curve tpm2.TPMECCCurve, nameAlg tpm2.TPMAlgID, policy []byte, userWithAuth bool, aesBits, uniqueLen int, sign, decrypt bool) tpm2.TPMTPublic {
+	sym := aesCFB(aesBits)
 	if sign {
 		sym = nullSym
 	}
 	return tpm2.TPMTPublic{
 		Type:             tpm2.TPMAlgECC,
-		NameAlg:          tpm2.TPMAlgSHA256,
-		ObjectAttributes: ekAttributes(false, sign, decrypt),
-		AuthPolicy:       tpm2.TPM2BDigest{Buffer: policyASHA256},
+		NameAlg:          nameAlg,
+		ObjectAttributes: ekAttributes(userWithAuth, sign, decrypt),
+		AuthPolicy:       tpm2.TPM2BDigest{Buffer: policy},
 		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
 			Symmetric: sym,
 			Scheme:    tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgNull},
-			CurveID:   tpm2.TPMECCNistP256,
+			CurveID:   curve,
 			KDF:       tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
 		}),
 		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
-			X: tpm2.TPM2BECCParameter{Buffer: make([]byte, 32)}, Y: tpm2.TPM2BECCParameter{Buffer: make([]byte, 32)}}),
+			X: tpm2.TPM2BECCParameter{Buffer: make([]byte, uniqueLen)}, Y: tpm2.TPM2BECCParameter{Buffer: make([]byte, uniqueLen)}}),
 	}
 }
 
