@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"slices"
 
+	"github.com/google/go-tpm/tpm2/transport"
+
 	"github.com/vtpmd/vtpmd/backend/blob"
 	"github.com/vtpmd/vtpmd/backend/localca"
 	"github.com/vtpmd/vtpmd/backend/provision"
@@ -82,11 +84,10 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 	if err := st.Lock(relockRetries); err != nil {
 		return nil, fmt.Errorf("lock TPM state %s: %w", cfg.StateURI, err)
 	}
-	states, err := st.States()
+	exists, err := hasPermanent(st)
 	if err != nil {
 		return nil, fmt.Errorf("read TPM state %s: %w", cfg.StateURI, err)
 	}
-	exists := slices.ContainsFunc(states, func(s store.State) bool { return s.Name == emulator.StatePermanent.Name() })
 	mem := emulator.NewMemStore()
 	switch {
 	case cfg.Reconfigure && !exists:
@@ -118,9 +119,7 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 		return nil, err
 	}
 	res := &ManufactureResult{TPM: TPMInfo(eng)}
-	tpm := tpmclient.SendFunc(eng.Process)
-	switch {
-	case !cfg.TPM2:
+	if !cfg.TPM2 {
 		send := provision.Send12(eng.Process)
 		if err := provision.Startup12(send); err != nil {
 			return nil, err
@@ -135,25 +134,12 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 		if res.TPM12, err = provision.TPM12(ctx, send, po); err != nil {
 			return nil, err
 		}
-	case cfg.Reconfigure:
+	} else {
+		tpm := tpmclient.SendFunc(eng.Process)
 		if err := tpmclient.Startup(tpm); err != nil {
 			return nil, fmt.Errorf("TPM2_Startup: %w", err)
 		}
-		if err := provision.Reconfigure(tpm, cfg.Provision.PCRBanks, log); err != nil {
-			return nil, err
-		}
-	default:
-		if err := tpmclient.Startup(tpm); err != nil {
-			return nil, fmt.Errorf("TPM2_Startup: %w", err)
-		}
-		po := cfg.Provision
-		po.Log = log
-		if (po.EKCert || po.PlatformCert) && cfg.NewCertifier != nil {
-			if po.Certifier, err = cfg.NewCertifier(ctx, res.TPM); err != nil {
-				return nil, err
-			}
-		}
-		if res.Result, err = provision.TPM2(ctx, tpm, po); err != nil {
+		if res.Result, err = manufactureTPM2(ctx, tpm, cfg, res.TPM, log); err != nil {
 			return nil, err
 		}
 	}
@@ -176,6 +162,31 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 	return res, nil
 }
 
+// manufactureTPM2 reconfigures or provisions a started TPM 2.
+func manufactureTPM2(ctx context.Context, tpm transport.TPM, cfg ManufactureConfig, info localca.TPMInfo, log *slog.Logger) (*provision.Result, error) {
+	if cfg.Reconfigure {
+		return nil, provision.Reconfigure(tpm, cfg.Provision.PCRBanks, log)
+	}
+	po := cfg.Provision
+	po.Log = log
+	if (po.EKCert || po.PlatformCert) && cfg.NewCertifier != nil {
+		var err error
+		if po.Certifier, err = cfg.NewCertifier(ctx, info); err != nil {
+			return nil, err
+		}
+	}
+	return provision.TPM2(ctx, tpm, po)
+}
+
+// hasPermanent reports whether st holds a permanent state blob.
+func hasPermanent(st *store.Store) (bool, error) {
+	states, err := st.States()
+	if err != nil {
+		return false, err
+	}
+	return slices.ContainsFunc(states, func(s store.State) bool { return s.Name == emulator.StatePermanent.Name() }), nil
+}
+
 // HasState reports whether the state location holds a TPM's permanent state (of the given
 // version), without taking its lock: swtpm_setup's early check, before anything else is read.
 func HasState(uri string, tpm2 bool) (bool, error) {
@@ -184,11 +195,7 @@ func HasState(uri string, tpm2 bool) (bool, error) {
 		return false, err
 	}
 	defer st.Close()
-	states, err := st.States()
-	if err != nil {
-		return false, err
-	}
-	return slices.ContainsFunc(states, func(s store.State) bool { return s.Name == emulator.StatePermanent.Name() }), nil
+	return hasPermanent(st)
 }
 
 // TPMInfo is what libtpms says about the TPM (TPMLIB_INFO_TPMSPECIFICATION and
