@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"encoding/binary"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -22,6 +23,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/backend/localca"
+	"github.com/vtpmd/vtpmd/backend/provision"
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 )
 
@@ -366,21 +368,19 @@ func copyDir(t *testing.T, src, dst string) {
 	}
 }
 
-// tpm12Cap sends TPM_GetCapability(capArea, subCap) over a data channel and returns the data.
+// tpm12Cap runs TPM_GetCapability(capArea, subCap) over a data channel; ok is false when the
+// TPM refuses it.
 func tpm12Cap(t *testing.T, c net.Conn, capArea, subCap uint32) ([]byte, bool) {
 	t.Helper()
-	cmd := []byte{0x00, 0xc1, 0, 0, 0, 22, 0, 0, 0, 0x65}
-	cmd = binary.BigEndian.AppendUint32(cmd, capArea)
-	cmd = binary.BigEndian.AppendUint32(cmd, 4)
-	cmd = binary.BigEndian.AppendUint32(cmd, subCap)
-	rsp, err := tpmclient.RoundTrip(c, cmd)
+	send := provision.Send12(func(cmd []byte) ([]byte, error) { return tpmclient.RoundTrip(c, cmd) })
+	data, err := provision.Capability12(send, capArea, binary.BigEndian.AppendUint32(nil, subCap))
+	if errors.Is(err, provision.ErrTPM12) {
+		return nil, false
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	if binary.BigEndian.Uint32(rsp[6:10]) != 0 || len(rsp) < 14 {
-		return nil, false
-	}
-	return rsp[14:], true
+	return data, true
 }
 
 // TestVtpmdSetupTPM12: libvirt's TPM 1.2 first-start invocation (no --tpm2), plus

@@ -198,14 +198,14 @@ func TPM2(ctx context.Context, t transport.TPM, o Options) (*Result, error) {
 				res.PlatformCert = platform
 			}
 			if ek.Cert != nil {
-				if err := WriteCertificate(t, spec.certIndex, ek.Cert, o.LockNVRAM); err != nil {
+				if err := WriteNV(t, spec.certIndex, ek.Cert, o.LockNVRAM); err != nil {
 					return nil, fmt.Errorf("store %s EK certificate: %w", spec.label, err)
 				}
 				ek.CertIndex = spec.certIndex
 				log.Info(fmt.Sprintf("Successfully created NVRAM area 0x%x for %s EK certificate.", spec.certIndex, spec.label))
 			}
 			if platform != nil {
-				if err := WriteCertificate(t, IndexPlatformCert, platform, o.LockNVRAM); err != nil {
+				if err := WriteNV(t, IndexPlatformCert, platform, o.LockNVRAM); err != nil {
 					return nil, fmt.Errorf("store platform certificate: %w", err)
 				}
 				log.Info(fmt.Sprintf("Successfully created NVRAM area 0x%x for platform certificate.", IndexPlatformCert))
@@ -319,14 +319,9 @@ var certNVAttributes = tpm2.TPMANV{
 	NoDA: true, PlatformCreate: true, NT: tpm2.TPMNTOrdinary,
 }
 
-// WriteCertificate stores a certificate in a platform-created NV index (defining it), in
-// 1024-byte writes, and write-locks it when lock is set.
-func WriteCertificate(t transport.TPM, index uint32, cert []byte, lock bool) error {
-	return WriteNV(t, index, cert, lock)
-}
-
-// WriteNV defines index with swtpm_setup's certificate attributes, writes data and
-// optionally write-locks it.
+// WriteNV defines index with swtpm_setup's certificate attributes (a platform-created index),
+// writes data in 1024-byte writes and write-locks it when lock is set: for certificates and
+// stored EK templates alike.
 func WriteNV(t transport.TPM, index uint32, data []byte, lock bool) error {
 	if len(data) == 0 || len(data) > 0xffff {
 		return fmt.Errorf("%w: NV data of %d bytes", ErrOptions, len(data))

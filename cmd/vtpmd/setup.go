@@ -355,17 +355,20 @@ func runSetup(c *cli.Context, name string) error {
 	case res.Kept:
 		return nil
 	}
-	if dir := c.String("write-ek-cert-files"); dir != "" && res.TPM12 != nil && res.TPM12.EKCert != nil {
-		if err := atomicfile.WriteFile(filepath.Join(dir, "ek-rsa2048.crt"), res.TPM12.EKCert, 0o640); err != nil {
-			return fail("Could not write EK certificate file: %v", err)
+	if dir := c.String("write-ek-cert-files"); dir != "" {
+		certs := map[string][]byte{} // file kind -> DER
+		if res.TPM12 != nil && res.TPM12.EKCert != nil {
+			certs["rsa2048"] = res.TPM12.EKCert
 		}
-	}
-	if dir := c.String("write-ek-cert-files"); dir != "" && res.Result != nil {
-		for _, ek := range res.EKs {
-			if ek.Cert == nil {
-				continue
+		if res.Result != nil {
+			for _, ek := range res.EKs {
+				if ek.Cert != nil {
+					certs[ek.Kind] = ek.Cert
+				}
 			}
-			if err := atomicfile.WriteFile(filepath.Join(dir, "ek-"+ek.Kind+".crt"), ek.Cert, 0o640); err != nil {
+		}
+		for kind, der := range certs {
+			if err := atomicfile.WriteFile(filepath.Join(dir, "ek-"+kind+".crt"), der, 0o640); err != nil {
 				return fail("Could not write EK certificate file: %v", err)
 			}
 		}
