@@ -110,24 +110,38 @@ func (in *Instance) Start() error { return in.Init(0) }
 
 // Init implements CMD_INIT: a TPM reset. A running TPM is shut down first.
 func (in *Instance) Init(flags uint32) error {
+	_, err := in.powerOn(flags, nil)
+	return err
+}
+
+// StartWith powers the TPM on as --flags not-need-init does and runs startup (a
+// TPM2_Startup or TPM_Startup command) before anything is made durable, so that both land in
+// one state write. It returns the startup command's response.
+func (in *Instance) StartWith(startup []byte) ([]byte, error) { return in.powerOn(0, startup) }
+
+func (in *Instance) powerOn(flags uint32, startup []byte) ([]byte, error) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	if in.eng.Running() {
 		in.autoShutdownLocked()
 		in.eng.Stop()
 	}
-	if !in.deferLock {
+	if !in.deferLock || startup != nil {
 		if err := in.lockLocked(); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	// libtpms may write its state several times while it powers on; nobody is answered in
-	// between, so one fsync at the end keeps the guarantee.
+	// libtpms may write its state several times while it powers on (and runs the startup
+	// command); nobody is answered in between, so one fsync at the end keeps the guarantee.
 	ds, deferrable := in.cfg.Store.(deferredSyncer)
 	if deferrable {
 		ds.Defer()
 	}
 	err := in.eng.Start()
+	var resp []byte
+	if err == nil && startup != nil {
+		resp, err = in.eng.Process(startup)
+	}
 	if deferrable {
 		if serr := ds.Sync(); serr != nil && err == nil {
 			in.eng.Stop()
@@ -136,14 +150,14 @@ func (in *Instance) Init(flags uint32) error {
 	}
 	if err != nil {
 		in.log.Error("tpm init failed", "err", err)
-		return toResult(err)
+		return nil, toResult(err)
 	}
 	if flags&socket.InitFlagDeleteVolatile != 0 {
 		if err := in.cfg.Store.Delete(emulator.StateVolatile, false); err != nil {
 			in.log.Warn("delete volatile state", "err", err)
 		}
 	}
-	return nil
+	return resp, nil
 }
 
 // Stop implements CMD_STOP.

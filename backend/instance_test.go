@@ -106,3 +106,63 @@ func TestStateBlobsAndLocking(t *testing.T) {
 		t.Fatalf("PCR16 after SET_STATEBLOB+INIT = %x, want %x", got, want)
 	}
 }
+
+// recordingStore remembers the last blob of each type libtpms handed over.
+type recordingStore struct {
+	*disk
+	last map[emulator.StateType][]byte
+}
+
+type disk = store.Store
+
+func (r *recordingStore) Store(t emulator.StateType, b []byte) error {
+	r.last[t] = append([]byte(nil), b...)
+	return r.disk.Store(t, b)
+}
+
+// TestStartWith: not-need-init with a startup command powers on and runs TPM2_Startup in one
+// deferral, and returns only once the last permanent state libtpms wrote (the Startup's) is
+// what a fresh reader loads from disk.
+func TestStartWith(t *testing.T) {
+	dir := t.TempDir()
+	st, err := store.Open(dir, store.Options{TPM2: true, Lock: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recordingStore{disk: st, last: map[emulator.StateType][]byte{}}
+	in, err := New(Config{Version: emulator.TPM2, Store: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { in.Close(); st.Close() })
+	resp, err := in.StartWith([]byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp) != 10 || !bytes.Equal(resp[6:10], []byte{0, 0, 0, 0}) {
+		t.Fatalf("TPM2_Startup(CLEAR) answered %x", resp)
+	}
+	if _, err := tpmclient.GetRandom(tpmclient.SendFunc(in.Process), 8); err != nil {
+		t.Fatalf("TPM not started: %v", err)
+	}
+	reader, err := store.Open(dir, store.Options{TPM2: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Close()
+	onDisk, err := reader.Load(emulator.StatePermanent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if last := rec.last[emulator.StatePermanent]; len(last) == 0 || !bytes.Equal(last, onDisk) {
+		t.Fatalf("permanent state on disk (%d bytes) is not the last one written (%d bytes)", len(onDisk), len(last))
+	}
+	// A power-on whose startup the TPM refuses (an unknown startup type) returns its answer.
+	resp, err = in.StartWith([]byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(resp[6:10], []byte{0, 0, 0, 0}) {
+		t.Fatalf("Startup(5) succeeded: %x", resp)
+	}
+}
