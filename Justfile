@@ -3,6 +3,10 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 staticcheck := "honnef.co/go/tools/cmd/staticcheck@v0.8.2"
 
+# urfave/cli without its man/markdown generators: their package init (blackfriday) costs
+# about 1.5 ms of every vtpmd start. Sub-processes (go build in tests and bench) inherit it.
+export GOFLAGS := "-tags=urfave_cli_no_docs"
+
 default: build
 
 # install Debian packages (libtpms-dev, swtpm, qemu, ovmf, tpm2-tools, libvirt ...), idempotent

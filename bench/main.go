@@ -23,7 +23,14 @@ func main() {
 	readme := flag.String("readme", "", "also replace the summary table between the bench markers in this file (README.md)")
 	iters := flag.Int("n", 200, "iterations per latency measurement")
 	instances := flag.String("instances", "1,10,100", "instance counts for the memory measurement")
+	echo := flag.String("echo", "", "internal: serve one unix-socket echo connection at this path (the Go floor)")
 	flag.Parse()
+	if *echo != "" {
+		if err := serveEcho(*echo); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
 	work, err := os.MkdirTemp("", "vtpmd-bench-")
 	if err != nil {
 		log.Fatal(err)
