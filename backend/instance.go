@@ -116,7 +116,7 @@ func (in *Instance) Init(flags uint32) error {
 
 // StartWith powers the TPM on as --flags not-need-init does and runs startup (a
 // TPM2_Startup or TPM_Startup command) before anything is made durable, so that both land in
-// one state write. It returns the startup command's response.
+// one state write. It returns the startup command's response; with a nil startup it is Start.
 func (in *Instance) StartWith(startup []byte) ([]byte, error) { return in.powerOn(0, startup) }
 
 func (in *Instance) powerOn(flags uint32, startup []byte) ([]byte, error) {
@@ -126,6 +126,8 @@ func (in *Instance) powerOn(flags uint32, startup []byte) ([]byte, error) {
 		in.autoShutdownLocked()
 		in.eng.Stop()
 	}
+	// the startup command is a TPM command: like Process, it needs the lock even while an
+	// incoming migration defers it
 	if !in.deferLock || startup != nil {
 		if err := in.lockLocked(); err != nil {
 			return nil, err

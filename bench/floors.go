@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"time"
 )
@@ -44,41 +43,6 @@ func serveEcho(path string) error {
 	}
 	_, err = io.Copy(c, c)
 	return err
-}
-
-// measureBlocks times each function in blocks of back-to-back calls, the servers taking turns
-// block by block: a round trip to a server that has just answered, as in a burst of commands.
-func measureBlocks(rounds, block int, fs map[string]func() error) (map[string]stats, error) {
-	ds := map[string][]time.Duration{}
-	for i := 0; i < rounds; i++ {
-		for _, name := range sortedNames(nil, fs) {
-			for j := 0; j < block; j++ {
-				t0 := time.Now()
-				if err := fs[name](); err != nil {
-					return nil, fmt.Errorf("%s: %w", name, err)
-				}
-				ds[name] = append(ds[name], time.Since(t0))
-			}
-		}
-	}
-	out := map[string]stats{}
-	for name, d := range ds {
-		out[name] = summarize(d)
-	}
-	return out, nil
-}
-
-// sortedNames lists the keys of m, or of fs when m is nil.
-func sortedNames(m map[string]stats, fs map[string]func() error) []string {
-	var names []string
-	for name := range m {
-		names = append(names, name)
-	}
-	for name := range fs {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	return names
 }
 
 // getRandom8 is TPM2_GetRandom(8), answered with 20 bytes.
@@ -123,7 +87,10 @@ func (r *run) floors() (string, error) {
 			f()
 		}
 	}()
-	spawn := func(name string, cmd *exec.Cmd, sock string, req []byte, n int) error {
+	// echo starts an echo server whose last argument is its socket and connects to it.
+	echo := func(name string, argv ...string) error {
+		sock := argv[len(argv)-1]
+		cmd := exec.Command(argv[0], argv[1:]...)
 		cmd.Stderr = os.Stderr
 		if err := cmd.Start(); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
@@ -135,7 +102,7 @@ func (r *run) floors() (string, error) {
 			return fmt.Errorf("%s: %w", name, err)
 		}
 		stops = append(stops, func() { c.Close() })
-		fns[name] = roundTrip(c, req, n)
+		fns[name] = roundTrip(c, getRandom8, len(getRandom8))
 		return nil
 	}
 	src := filepath.Join(r.work, "echo.c")
@@ -146,14 +113,14 @@ func (r *run) floors() (string, error) {
 	if out, err := exec.Command("cc", "-O2", "-o", bin, src).CombinedOutput(); err != nil {
 		return "", fmt.Errorf("cc echo.c: %v: %s", err, out)
 	}
-	if err := spawn("echo server in C (blocking read/write)", exec.Command(bin, filepath.Join(r.work, "echo-c.sock")), filepath.Join(r.work, "echo-c.sock"), getRandom8, len(getRandom8)); err != nil {
+	if err := echo("echo server in C (blocking read/write)", bin, filepath.Join(r.work, "echo-c.sock")); err != nil {
 		return "", err
 	}
 	self, err := os.Executable()
 	if err != nil {
 		return "", err
 	}
-	if err := spawn("echo server in Go (netpoller)", exec.Command(self, "-echo", filepath.Join(r.work, "echo-go.sock")), filepath.Join(r.work, "echo-go.sock"), getRandom8, len(getRandom8)); err != nil {
+	if err := echo("echo server in Go (netpoller)", self, "-echo", filepath.Join(r.work, "echo-go.sock")); err != nil {
 		return "", err
 	}
 	for _, im := range r.impls {
@@ -174,7 +141,7 @@ func (r *run) floors() (string, error) {
 		return "", fmt.Errorf("round trips: %w", err)
 	}
 	for _, set := range []map[string]stats{starts, trips} {
-		for _, name := range sortedNames(set, nil) {
+		for _, name := range sortedKeys(set) {
 			fmt.Fprintf(&b, "| %s | %s | %s |\n", name, fmtDur(set[name].median), fmtDur(set[name].p10))
 		}
 	}

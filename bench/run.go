@@ -122,26 +122,43 @@ type stats struct{ median, p10, p99, mean time.Duration }
 // measureInterleaved runs the functions round-robin, one call each per round, so that load
 // from the rest of the machine falls on all of them alike.
 func measureInterleaved(n int, fs map[string]func() error) (map[string]stats, error) {
+	return measureBlocks(n, 1, fs)
+}
+
+// measureBlocks times each function in blocks of back-to-back calls, the functions taking
+// turns block by block (a block of 1 interleaves them call by call).
+func measureBlocks(rounds, block int, fs map[string]func() error) (map[string]stats, error) {
 	ds := map[string][]time.Duration{}
-	names := make([]string, 0, len(fs))
-	for name := range fs {
+	names := sortedKeys(fs)
+	for i := 0; i < rounds; i++ {
+		for _, name := range names {
+			for j := 0; j < block; j++ {
+				t0 := time.Now()
+				if err := fs[name](); err != nil {
+					return nil, fmt.Errorf("%s: %w", name, err)
+				}
+				ds[name] = append(ds[name], time.Since(t0))
+			}
+		}
+	}
+	return summarizeAll(ds), nil
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	names := make([]string, 0, len(m))
+	for name := range m {
 		names = append(names, name)
 	}
 	sort.Strings(names)
-	for i := 0; i < n; i++ {
-		for _, name := range names {
-			t0 := time.Now()
-			if err := fs[name](); err != nil {
-				return nil, fmt.Errorf("%s: %w", name, err)
-			}
-			ds[name] = append(ds[name], time.Since(t0))
-		}
-	}
+	return names
+}
+
+func summarizeAll(ds map[string][]time.Duration) map[string]stats {
 	out := map[string]stats{}
 	for name, d := range ds {
 		out[name] = summarize(d)
 	}
-	return out, nil
+	return out
 }
 
 func summarize(ds []time.Duration) stats {
@@ -253,11 +270,7 @@ func (r *run) all(counts []int) (string, error) {
 			startDs[im.name] = append(startDs[im.name], d)
 		}
 	}
-	startVals := map[string]stats{}
-	for name, ds := range startDs {
-		startVals[name] = summarize(ds)
-	}
-	startRow := row{name: "start to first answer", vals: startVals}
+	startRow := row{name: "start to first answer", vals: summarizeAll(startDs)}
 
 	// command latency over the socket and in-process
 	rows := []row{}

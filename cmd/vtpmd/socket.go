@@ -682,18 +682,16 @@ func serveSocket(ctx context.Context, c *cli.Context, o *socketOpts, cfg *socket
 		}
 	}()
 	if cfg.notNeedInit {
-		if cfg.startup == 0 {
-			if err := inst.Start(); err != nil {
-				return fmt.Errorf("could not initialize the TPM: %w", err)
-			}
-		} else {
-			resp, err := inst.StartWith(startupCommand(cfg.tpm2, cfg.startup))
-			if err != nil {
-				return fmt.Errorf("could not initialize the TPM: %w", err)
-			}
-			if len(resp) < 10 || binary.BigEndian.Uint32(resp[6:10]) != 0 {
-				return fmt.Errorf("TPM startup (%s) failed: %x", cfg.startupName, resp)
-			}
+		var startup []byte
+		if cfg.startup != 0 {
+			startup = startupCommand(cfg.tpm2, cfg.startup)
+		}
+		resp, err := inst.StartWith(startup)
+		if err != nil {
+			return fmt.Errorf("could not initialize the TPM: %w", err)
+		}
+		if startup != nil && (len(resp) < 10 || binary.BigEndian.Uint32(resp[6:10]) != 0) {
+			return fmt.Errorf("TPM startup (%s) failed: %x", cfg.startupName, resp)
 		}
 	}
 	cfg.serverOpts.Log = log
