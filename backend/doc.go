@@ -4,5 +4,5 @@
 // swtpm-compatible files, atomic durable writes, locking, encryption) and migration blobs.
 //
 // An Instance implements socket.TPM. Every error it returns to the control channel is a
-// socket.Result carrying swtpm's result code for the condition.
+// tpmwire.Result carrying swtpm's result code for the condition.
 package backend

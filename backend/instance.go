@@ -1,11 +1,13 @@
 package backend
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
+
+	"github.com/vtpmd/vtpmd/emulator/libtpms"
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
 
 	"github.com/vtpmd/vtpmd/backend/blob"
 	"github.com/vtpmd/vtpmd/emulator"
@@ -46,13 +48,10 @@ type Config struct {
 // relockRetries is how often a released lock is retried (300 x 10 ms, as swtpm and QEMU).
 const relockRetries = 300
 
-// ordShutdown is TPM2_CC_Shutdown.
-const ordShutdown = 0x145
-
 // Instance is one vTPM: libtpms plus its state.
 type Instance struct {
 	cfg Config
-	eng *emulator.Engine
+	eng *libtpms.Engine
 	log *slog.Logger
 
 	mu          sync.Mutex // serializes lifecycle transitions
@@ -66,7 +65,7 @@ func New(cfg Config) (*Instance, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	eng, err := emulator.Open(cfg.Version, cfg.Store, log)
+	eng, err := libtpms.Open(cfg.Version, cfg.Store, log)
 	if err != nil {
 		return nil, fmt.Errorf("open tpm engine: %w", err)
 	}
@@ -74,7 +73,7 @@ func New(cfg Config) (*Instance, error) {
 }
 
 // Engine exposes the engine (for in-process tools such as provisioning and benchmarks).
-func (in *Instance) Engine() *emulator.Engine { return in.eng }
+func (in *Instance) Engine() *libtpms.Engine { return in.eng }
 
 // Close shuts the TPM down the way swtpm does at exit and releases libtpms and the lock.
 func (in *Instance) Close() {
@@ -180,17 +179,20 @@ func (in *Instance) autoShutdownLocked() {
 	if in.cfg.Version != emulator.TPM2 || in.cfg.DisableAutoShutdown || !in.eng.Running() {
 		return
 	}
-	if in.eng.LastOrdinal() == ordShutdown {
+	if in.eng.LastOrdinal() == tpmwire.CCShutdown {
 		return
 	}
-	for _, su := range []byte{1, 0} { // TPM_SU_STATE, then TPM_SU_CLEAR
-		resp, err := in.eng.Process([]byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x45, 0, su})
-		if err != nil || len(resp) < 10 {
+	for _, su := range []uint16{tpmwire.SUState, tpmwire.SUClear} {
+		resp, err := in.eng.Process(tpmwire.Shutdown2(su))
+		var rc uint32
+		if err == nil {
+			rc, err = tpmwire.ResponseCode(resp)
+		}
+		if err != nil {
 			in.log.Warn("automatic TPM2_Shutdown", "err", err)
 			return
 		}
-		rc := binary.BigEndian.Uint32(resp[6:10])
-		if rc == 0 || rc == 0x100 { // success, or TPM_RC_INITIALIZE: never started up
+		if rc == tpmwire.RCSuccess || rc == tpmwire.RCInitialize { // never started up
 			return
 		}
 		in.log.Warn("automatic TPM2_Shutdown refused", "su", su, "rc", fmt.Sprintf("0x%x", rc))
@@ -203,7 +205,7 @@ func (in *Instance) lockLocked() error {
 	}
 	if err := in.cfg.Store.Lock(in.lockRetries); err != nil {
 		in.log.Error("lock tpm state", "err", err)
-		return fmt.Errorf("%w: %w", socket.ResIOError, err)
+		return fmt.Errorf("%w: %w", tpmwire.ResIOError, err)
 	}
 	in.deferLock = false
 	return nil
@@ -231,7 +233,7 @@ func (in *Instance) Established() (bool, error) {
 
 // SetLocality implements CMD_SET_LOCALITY.
 func (in *Instance) SetLocality(loc uint8) error {
-	emulator.SetLocality(loc)
+	libtpms.SetLocality(loc)
 	return nil
 }
 
@@ -261,7 +263,7 @@ func (in *Instance) StoreVolatile() error {
 	}
 	if err := in.cfg.Store.Store(emulator.StateVolatile, vol); err != nil {
 		in.log.Error("store volatile state", "err", err)
-		return fmt.Errorf("%w: %w", socket.ResFail, err)
+		return fmt.Errorf("%w: %w", tpmwire.ResFail, err)
 	}
 	return nil
 }
@@ -299,7 +301,7 @@ func (in *Instance) LockStorage(retries uint32) error {
 		return nil // nothing to protect yet
 	}
 	if err := in.lockLocked(); err != nil {
-		return fmt.Errorf("%w: %w", socket.ResFail, err)
+		return fmt.Errorf("%w: %w", tpmwire.ResFail, err)
 	}
 	return nil
 }
@@ -313,7 +315,7 @@ func stateType(typ uint32) (emulator.StateType, error) {
 	case socket.BlobSavestate:
 		return emulator.StateSave, nil
 	}
-	return 0, fmt.Errorf("unknown state blob type %d: %w", typ, socket.ResFail)
+	return 0, fmt.Errorf("unknown state blob type %d: %w", typ, tpmwire.ResFail)
 }
 
 // GetStateBlob implements CMD_GET_STATEBLOB: the stored blob re-wrapped as a migration blob.
@@ -392,34 +394,34 @@ func toResult(err error) error {
 	if err == nil {
 		return nil
 	}
-	var r emulator.Result
+	var r tpmwire.Result
 	switch {
 	case errors.As(err, &r):
-		return fmt.Errorf("%w: %w", socket.Result(r), err)
+		return fmt.Errorf("%w: %w", tpmwire.Result(r), err)
 	case errors.Is(err, emulator.ErrNotRunning), errors.Is(err, emulator.ErrRunning):
-		return fmt.Errorf("%w: %w", socket.ResBadOrdinal, err)
+		return fmt.Errorf("%w: %w", tpmwire.ResBadOrdinal, err)
 	}
-	return fmt.Errorf("%w: %w", socket.ResFail, err)
+	return fmt.Errorf("%w: %w", tpmwire.ResFail, err)
 }
 
 // blobResult maps state-format errors to the result codes swtpm answers with.
 func blobResult(err error) error {
-	var code socket.Result
+	var code tpmwire.Result
 	switch {
 	case errors.Is(err, blob.ErrKeyNotFound):
-		code = socket.ResKeyNotFound
+		code = tpmwire.ResKeyNotFound
 	case errors.Is(err, blob.ErrDecrypt):
-		code = socket.ResDecryptError
+		code = tpmwire.ResDecryptError
 	case errors.Is(err, blob.ErrKeyLength):
-		code = socket.ResBadKeyProperty
+		code = tpmwire.ResBadKeyProperty
 	case errors.Is(err, blob.ErrHeaderSize):
-		code = socket.ResBadDataSize
+		code = tpmwire.ResBadDataSize
 	case errors.Is(err, blob.ErrVersion):
-		code = socket.ResBadVersion
+		code = tpmwire.ResBadVersion
 	case errors.Is(err, blob.ErrMalformed):
-		code = socket.ResBadParameter
+		code = tpmwire.ResBadParameter
 	default:
-		code = socket.ResFail
+		code = tpmwire.ResFail
 	}
 	return fmt.Errorf("%w: %w", code, err)
 }

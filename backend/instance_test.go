@@ -5,6 +5,8 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
+
 	"github.com/google/go-tpm/tpm2"
 
 	"github.com/vtpmd/vtpmd/backend/store"
@@ -80,7 +82,7 @@ func TestStateBlobsAndLocking(t *testing.T) {
 	if b, _, err := in.GetStateBlob(socket.BlobSavestate, true); err != nil || b != nil {
 		t.Fatalf("TPM 2 savestate: %v %v", b, err)
 	}
-	if _, _, err := in.GetStateBlob(9, true); !errors.Is(err, socket.ResFail) {
+	if _, _, err := in.GetStateBlob(9, true); !errors.Is(err, tpmwire.ResFail) {
 		t.Fatalf("unknown type: %v", err)
 	}
 	// savestate fetched: the lock is released, so a second instance's store can take it

@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"slices"
 
+	"github.com/vtpmd/vtpmd/emulator/libtpms"
+
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/vtpmd/vtpmd/backend/blob"
@@ -110,7 +112,7 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 	if cfg.Started != nil {
 		cfg.Started()
 	}
-	eng, err := emulator.Open(version, mem, log)
+	eng, err := libtpms.Open(version, mem, log)
 	if err != nil {
 		return nil, fmt.Errorf("open tpm engine: %w", err)
 	}
@@ -200,7 +202,7 @@ func HasState(uri string, tpm2 bool) (bool, error) {
 
 // TPMInfo is what libtpms says about the TPM (TPMLIB_INFO_TPMSPECIFICATION and
 // TPMLIB_INFO_TPMATTRIBUTES), for its EK certificate.
-func TPMInfo(eng *emulator.Engine) localca.TPMInfo {
+func TPMInfo(eng *libtpms.Engine) localca.TPMInfo {
 	info := localca.TPMInfo{Family: "2.0", Revision: 164, Manufacturer: "id:00001014", Model: "swtpm", Version: "id:20191023", TPM2: true}
 	if eng.Version() == emulator.TPM12 {
 		info = localca.TPMInfo{Family: "1.2", Level: 2, Revision: 116, Manufacturer: "id:00001014", Model: "swtpm", Version: "id:00740001"}

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
 )
 
 // echoC is the cheapest server a round trip can have: blocking read, write back.
@@ -46,7 +48,7 @@ func serveEcho(path string) error {
 }
 
 // getRandom8 is TPM2_GetRandom(8), answered with 20 bytes.
-var getRandom8 = []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 0x08}
+var getRandom8 = tpmwire.GetRandom2(8)
 
 // roundTrip writes req and reads n bytes back: the client side of the floor rows, without
 // go-tpm's marshalling.

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vtpmd/vtpmd/emulator/libtpms"
+
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
@@ -257,7 +259,7 @@ func (r *run) all(counts []int) (string, error) {
 	swver, _ := exec.Command(r.impls[1].bin, "--version").CombinedOutput()
 	fmt.Fprintf(&b, "# Benchmarks: vtpmd vs Debian swtpm\n\nWritten by `just bench` (`go run ./bench`) on %s, %s. Reference: %s. libtpms 0x%06x in both (same shared library).\n"+
 		"Ratios are vtpmd / swtpm: below 1 means vtpmd is faster or smaller. Times are medians over the iteration count shown; the in-process column calls libtpms directly (the floor a socket server can approach).\n\n",
-		host, time.Now().UTC().Format("2006-01-02 15:04 UTC"), strings.TrimSpace(string(swver)), emulator.LibraryVersion())
+		host, time.Now().UTC().Format("2006-01-02 15:04 UTC"), strings.TrimSpace(string(swver)), libtpms.LibraryVersion())
 
 	// start-up to first answer; the shutdown afterwards is not timed
 	startDs := map[string][]time.Duration{}
@@ -576,7 +578,7 @@ func (r *run) durability() (string, error) {
 
 // inProcess opens libtpms in this process with a memory store.
 func inProcess() (transport.TPM, func(), error) {
-	e, err := emulator.Open(emulator.TPM2, emulator.NewMemStore(), nil)
+	e, err := libtpms.Open(emulator.TPM2, emulator.NewMemStore(), nil)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -1,14 +1,7 @@
-// Package emulator is the only cgo package of vtpmd: it wraps libtpms as a Go type.
+// Package emulator is the vocabulary of a TPM engine without the engine: the TPM family
+// (Version), libtpms' state blobs (StateType), the Store that keeps them durable, the
+// sentinel errors callers branch on, and an in-memory Store. It is pure Go, so every package
+// that only names these types builds without cgo and without libtpms.
 //
-// libtpms keeps all of its state in C globals, so there is exactly one Engine per process
-// (Open returns ErrInUse for a second one) and every libtpms call is serialized by the
-// Engine's mutex. The one exception is Cancel, which libtpms designs to be called from a
-// second thread while Process runs.
-//
-// The Engine never touches files or sockets: libtpms' NVRAM callbacks are routed to a Store
-// supplied by the caller, which must make a blob durable before Store returns, because the
-// TPM answers the command that caused the write only after the callback returns.
-//
-// Results from libtpms are reported as Result values (TPM 1.2 error space, as swtpm's control
-// channel uses them); TPM 2 command failures are inside the response bytes, not errors.
+// The engine itself, libtpms through cgo, is the subpackage libtpms: the only cgo in vtpmd.
 package emulator

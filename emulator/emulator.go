@@ -3,7 +3,6 @@ package emulator
 import (
 	"errors"
 	"fmt"
-	"sync"
 )
 
 // Version selects the TPM family libtpms emulates.
@@ -58,24 +57,6 @@ func StateTypeByName(name string) (StateType, bool) {
 	return 0, false
 }
 
-// Result is a libtpms result code in the TPM 1.2 error space (TPM_SUCCESS, TPM_FAIL, ...).
-type Result uint32
-
-// Result codes libtpms and swtpm's control channel use.
-const (
-	ResultSuccess         Result = 0x00
-	ResultBadParameter    Result = 0x03
-	ResultFail            Result = 0x09
-	ResultBadOrdinal      Result = 0x0a
-	ResultKeyNotFound     Result = 0x0d
-	ResultBadType         Result = 0x34
-	ResultInvalidPostInit Result = 0x26
-	ResultBadLocality     Result = 0x3d
-	ResultRetry           Result = 0x800
-)
-
-func (r Result) Error() string { return fmt.Sprintf("libtpms result 0x%x", uint32(r)) }
-
 // Sentinel errors callers branch on.
 var (
 	// ErrInUse is returned by Open while another Engine of this process is open.
@@ -99,9 +80,3 @@ type Store interface {
 	// Delete removes the blob; a missing blob is not an error unless mustExist.
 	Delete(t StateType, mustExist bool) error
 }
-
-// engineMu guards the process-wide libtpms slot.
-var (
-	engineMu sync.Mutex
-	current  *Engine
-)

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
+
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 	"github.com/vtpmd/vtpmd/socket"
 )
@@ -59,7 +61,7 @@ func TestSharedStorageMigration(t *testing.T) {
 	}
 	// A plain second instance on the locked directory cannot INIT.
 	other := startEmulator(t, env.bin, state, "--tpm2")
-	if err := ctrlClient(t, other.ctrl).Init(0); !errors.Is(err, socket.ResIOError) {
+	if err := ctrlClient(t, other.ctrl).Init(0); !errors.Is(err, tpmwire.ResIOError) {
 		t.Fatalf("second instance INIT on a locked dir: %v, want TPM_IOERROR", err)
 	}
 	dst := startEmulator(t, env.bin, state, "--tpm2", "--migration", "incoming,release-lock-outgoing")
@@ -72,7 +74,7 @@ func TestSharedStorageMigration(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := sc.GetStateBlob(socket.BlobSavestate, socket.StateFlagDecrypted); !errors.Is(err, socket.ResRetry) {
+	if _, _, err := sc.GetStateBlob(socket.BlobSavestate, socket.StateFlagDecrypted); !errors.Is(err, tpmwire.ResRetry) {
 		t.Fatalf("TPM 2 savestate: %v, want TPM_RETRY (none)", err)
 	}
 	// the lock is released now; the destination takes it with the state
@@ -90,7 +92,7 @@ func TestSharedStorageMigration(t *testing.T) {
 	}
 	// a failed migration would relock the source: it must not get the lock now
 	start := time.Now()
-	if err := sc.LockStorage(10); !errors.Is(err, socket.ResFail) {
+	if err := sc.LockStorage(10); !errors.Is(err, tpmwire.ResFail) {
 		t.Fatalf("source LOCK_STORAGE while the destination holds the lock: %v", err)
 	}
 	if time.Since(start) < 80*time.Millisecond {
@@ -145,7 +147,7 @@ func TestStateBlobBadInput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.SetStateBlob(socket.BlobPermanent, 0, perm); !errors.Is(err, socket.ResBadOrdinal) {
+	if err := c.SetStateBlob(socket.BlobPermanent, 0, perm); !errors.Is(err, tpmwire.ResBadOrdinal) {
 		t.Fatalf("SET_STATEBLOB while running: %v", err)
 	}
 	if err := c.Stop(); err != nil {
@@ -157,16 +159,16 @@ func TestStateBlobBadInput(t *testing.T) {
 		name string
 		typ  uint32
 		blob []byte
-		want socket.Result
+		want tpmwire.Result
 	}{
-		{"truncated", socket.BlobPermanent, perm[:len(perm)-7], socket.ResBadParameter},
+		{"truncated", socket.BlobPermanent, perm[:len(perm)-7], tpmwire.ResBadParameter},
 		// plain state has no integrity protection in swtpm's format; libtpms checks its own
 		// header (a flip deeper inside is only caught with a key: see backend/blob tests)
 		{"bit flip in libtpms header", socket.BlobPermanent, flip(24), 0},
-		{"bad header size", socket.BlobPermanent, func() []byte { b := flip(3); return b }(), socket.ResBadDataSize},
-		{"future version", socket.BlobPermanent, func() []byte { b := append([]byte(nil), perm...); b[1] = 9; return b }(), socket.ResBadVersion},
+		{"bad header size", socket.BlobPermanent, func() []byte { b := flip(3); return b }(), tpmwire.ResBadDataSize},
+		{"future version", socket.BlobPermanent, func() []byte { b := append([]byte(nil), perm...); b[1] = 9; return b }(), tpmwire.ResBadVersion},
 		{"permanent blob as volatile", socket.BlobVolatile, perm, 0},
-		{"unknown type", 7, perm, socket.ResFail},
+		{"unknown type", 7, perm, tpmwire.ResFail},
 		{"encrypted flag without key", socket.BlobPermanent, perm, 0},
 	}
 	for _, tc := range cases {
@@ -179,7 +181,7 @@ func TestStateBlobBadInput(t *testing.T) {
 			if err == nil {
 				t.Fatal("bad blob accepted")
 			}
-			var r socket.Result
+			var r tpmwire.Result
 			if tc.want != 0 && (!errors.As(err, &r) || r != tc.want) {
 				t.Fatalf("result %v, want %v", err, tc.want)
 			}

@@ -7,11 +7,13 @@ import (
 	"net"
 	"os"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
 )
 
 // Client speaks the control channel to a TPM emulator (vtpmd or swtpm): what swtpm_ioctl,
 // QEMU and the tests send. Each method sends one command and reads its whole reply; a non-zero
-// result is returned as a Result error.
+// result is returned as a tpmwire.Result error.
 type Client struct {
 	conn net.Conn
 }
@@ -50,13 +52,13 @@ func (c *Client) readReply(cmd Cmd, respLen int, fullOnError bool) ([]byte, erro
 	if _, err := io.ReadFull(c.conn, resp[:4]); err != nil {
 		return nil, fmt.Errorf("read %s reply: %w", cmd, err)
 	}
-	if r := Result(be32(resp)); r != ResSuccess && !fullOnError {
+	if r := tpmwire.Result(be32(resp)); r != tpmwire.ResSuccess && !fullOnError {
 		return resp[:4], r
 	}
 	if _, err := io.ReadFull(c.conn, resp[4:]); err != nil {
 		return nil, fmt.Errorf("read %s reply: %w", cmd, err)
 	}
-	if r := Result(be32(resp)); r != ResSuccess {
+	if r := tpmwire.Result(be32(resp)); r != tpmwire.ResSuccess {
 		return resp, r
 	}
 	return resp, nil
@@ -172,7 +174,7 @@ func (c *Client) LockStorage(retries uint32) error {
 }
 
 // GetStateBlob sends CMD_GET_STATEBLOB and returns the blob and the reply's state flags. A
-// missing blob is (nil, 0, ResRetry) as swtpm reports it.
+// missing blob is (nil, 0, tpmwire.ResRetry) as swtpm reports it.
 func (c *Client) GetStateBlob(typ, flags uint32) ([]byte, uint32, error) {
 	r, err := c.call(CmdGetStateBlob, putBE32(nil, flags, typ, 0), 16, true)
 	if r == nil {

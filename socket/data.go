@@ -9,17 +9,13 @@ import (
 	"io"
 	"log/slog"
 	"net"
+
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
 )
 
-// TPM response codes the server produces itself.
+// TPM response codes the server produces itself, beyond tpmwire's.
 const (
-	rcFailure      = 0x101 // TPM_RC_FAILURE: TPM 2 not initialized
-	rcCommandSize  = 0x142 // TPM_RC_COMMAND_SIZE
-	rcLocality     = 0x107 // TPM_RC_LOCALITY
-	rcInsufficient = 0x9a  // TPM_RC_INSUFFICIENT
-	tpm12Fail      = 0x09  // TPM_FAIL
-	tpm2SendCmd    = 8     // TPM_SEND_COMMAND of the MS simulator protocol
-	ccSetLocality  = 0x20001000
+	tpm2SendCmd = 8 // TPM_SEND_COMMAND of the MS simulator protocol
 )
 
 // maxDiscard bounds how many bytes of an oversized command are read and dropped to keep the
@@ -50,7 +46,7 @@ func ReadFrame(r io.Reader, tpm2 bool, max int) (*Frame, error) {
 	}
 	f := &Frame{}
 	tag := binary.BigEndian.Uint16(hdr[:2])
-	if tpm2 && tag != 0x8001 && tag != 0x8002 && binary.BigEndian.Uint32(hdr[:4]) == tpm2SendCmd {
+	if tpm2 && tag != tpmwire.TagNoSessions && tag != tpmwire.TagSessions && binary.BigEndian.Uint32(hdr[:4]) == tpm2SendCmd {
 		// u32 TPM_SEND_COMMAND, u8 locality, u32 size, then the command.
 		f.Prefixed = true
 		f.Locality = hdr[4]
@@ -85,24 +81,13 @@ func ReadFrame(r io.Reader, tpm2 bool, max int) (*Frame, error) {
 	return f, nil
 }
 
-// errorResponse is a 10-byte TPM response carrying rc, tagged for the TPM family.
-func errorResponse(tpm2 bool, rc uint32) []byte {
-	tag := uint16(0x8001)
-	if !tpm2 {
-		tag = 0x00c4
-	}
-	b := binary.BigEndian.AppendUint16(nil, tag)
-	b = binary.BigEndian.AppendUint32(b, 10)
-	return binary.BigEndian.AppendUint32(b, rc)
-}
-
 // FatalResponse is what a stopped TPM answers to every command: QEMU tells the TPM version
 // from its tag.
 func FatalResponse(tpm2 bool) []byte {
 	if tpm2 {
-		return errorResponse(true, rcFailure)
+		return tpmwire.ErrorResponse(true, tpmwire.RCFailure)
 	}
-	return errorResponse(false, tpm12Fail)
+	return tpmwire.ErrorResponse(false, uint32(tpmwire.ResFail))
 }
 
 func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, terminate bool) {
@@ -124,7 +109,7 @@ func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, termin
 			return
 		case err != nil || f.Oversize:
 			s.log.Warn("data channel: refusing command", "err", err, "oversize", f.Oversize)
-			resp = errorResponse(tpm2, rcCommandSize)
+			resp = tpmwire.ErrorResponse(tpm2, tpmwire.RCCommandSize)
 		default:
 			resp = s.process(f)
 		}
@@ -166,18 +151,18 @@ func (s *Server) process(f *Frame) []byte {
 		return FatalResponse(tpm2)
 	}
 	cmd := f.Command
-	if tpm2 && binary.BigEndian.Uint32(cmd[6:10]) == ccSetLocality {
+	if tpm2 && binary.BigEndian.Uint32(cmd[6:10]) == tpmwire.CCSetLocality {
 		if !s.opts.AllowSetLocality || len(cmd) < 11 {
 			return FatalResponse(true)
 		}
 		loc := cmd[10]
 		if !s.localityAllowed(loc) {
-			return errorResponse(true, rcLocality)
+			return tpmwire.ErrorResponse(true, tpmwire.RCLocality)
 		}
 		if err := s.tpm.SetLocality(loc); err != nil {
-			return errorResponse(true, rcLocality)
+			return tpmwire.ErrorResponse(true, tpmwire.RCLocality)
 		}
-		return errorResponse(true, 0)
+		return tpmwire.ErrorResponse(true, tpmwire.RCSuccess)
 	}
 	trace := s.log.Enabled(context.Background(), slog.LevelDebug)
 	if trace {

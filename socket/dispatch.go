@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net"
 	"os"
+
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
 )
 
 // after says what the control loop does once a reply is written.
@@ -19,18 +21,18 @@ const (
 )
 
 // resultOf maps a handler error to the control-channel result code, in this one place.
-func resultOf(err error) Result {
+func resultOf(err error) tpmwire.Result {
 	if err == nil {
-		return ResSuccess
+		return tpmwire.ResSuccess
 	}
-	var r Result
+	var r tpmwire.Result
 	if errors.As(err, &r) {
 		return r
 	}
-	return ResFail
+	return tpmwire.ResFail
 }
 
-func res(r Result) []byte { return putBE32(nil, uint32(r)) }
+func res(r tpmwire.Result) []byte { return putBE32(nil, uint32(r)) }
 
 // needRunning says whether a command needs an initialized TPM (swtpm checks it before the
 // payload size).
@@ -50,11 +52,11 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 	}
 	running := s.tpm.Running()
 	if s.needRunning(cmd) && !running {
-		return res(ResBadOrdinal), afterNext
+		return res(tpmwire.ResBadOrdinal), afterNext
 	}
 	exact0 := func(f func() error) ([]byte, after) {
 		if len(p) != 0 {
-			return res(ResBadParameter), afterNext
+			return res(tpmwire.ResBadParameter), afterNext
 		}
 		return res(resultOf(f())), afterNext
 	}
@@ -64,22 +66,22 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 
 	case CmdInit:
 		if len(p) != 4 {
-			return res(ResBadParameter), afterNext
+			return res(tpmwire.ResBadParameter), afterNext
 		}
 		return res(resultOf(s.tpm.Init(be32(p)))), afterNext
 
 	case CmdShutdown:
 		if len(p) != 0 {
-			return res(ResBadParameter), afterNext
+			return res(tpmwire.ResBadParameter), afterNext
 		}
 		if err := s.tpm.Shutdown(); err != nil {
 			s.log.Warn("shutdown", "err", err)
 		}
-		return res(ResSuccess), afterShutdown
+		return res(tpmwire.ResSuccess), afterShutdown
 
 	case CmdGetTPMEstablished:
 		if len(p) != 0 {
-			return res(ResBadParameter), afterNext
+			return res(tpmwire.ResBadParameter), afterNext
 		}
 		bit, err := s.tpm.Established()
 		if err != nil {
@@ -93,10 +95,10 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 
 	case CmdSetLocality:
 		if len(p) < 1 {
-			return res(ResBadParameter), afterNext
+			return res(tpmwire.ResBadParameter), afterNext
 		}
 		if !s.localityAllowed(p[0]) {
-			return res(ResBadLocality), afterNext
+			return res(tpmwire.ResBadLocality), afterNext
 		}
 		return res(resultOf(s.tpm.SetLocality(p[0]))), afterNext
 
@@ -117,10 +119,10 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 
 	case CmdResetTPMEstablished:
 		if len(p) < 1 {
-			return res(ResBadParameter), afterNext
+			return res(tpmwire.ResBadParameter), afterNext
 		}
 		if !s.localityAllowed(p[0]) {
-			return res(ResBadLocality), afterNext
+			return res(tpmwire.ResBadLocality), afterNext
 		}
 		return res(resultOf(s.tpm.ResetEstablished(p[0]))), afterNext
 
@@ -135,7 +137,7 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 
 	case CmdGetConfig:
 		if len(p) != 0 {
-			return res(ResBadParameter), afterNext
+			return res(tpmwire.ResBadParameter), afterNext
 		}
 		return putBE32(nil, 0, s.tpm.Config()), afterNext
 
@@ -144,11 +146,11 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 
 	case CmdSetBufferSize:
 		if len(p) != 4 {
-			return res(ResBadParameter), afterNext
+			return res(tpmwire.ResBadParameter), afterNext
 		}
 		wanted := be32(p)
 		if wanted != 0 && running {
-			return res(ResBadOrdinal), afterNext
+			return res(tpmwire.ResBadOrdinal), afterNext
 		}
 		size, mn, mx, err := s.tpm.SetBufferSize(wanted)
 		if err != nil {
@@ -161,11 +163,11 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 
 	case CmdLockStorage:
 		if len(p) != 4 {
-			return res(ResBadParameter), afterNext
+			return res(tpmwire.ResBadParameter), afterNext
 		}
 		return res(resultOf(s.tpm.LockStorage(be32(p)))), afterNext
 	}
-	return res(ResBadOrdinal), afterNext
+	return res(tpmwire.ResBadOrdinal), afterNext
 }
 
 // localityAllowed: localities 0-4, and 4 only without --locality reject-locality-4.
@@ -175,12 +177,12 @@ func (s *Server) localityAllowed(loc uint8) bool {
 
 func (s *Server) hashData(r *ctrlReader, p []byte) ([]byte, after) {
 	if len(p) < 4 {
-		return res(ResBadParameter), afterNext
+		return res(tpmwire.ResBadParameter), afterNext
 	}
 	length := int(be32(p))
 	data := p[4:]
 	if len(data) > length {
-		return res(ResBadParameter), afterNext
+		return res(tpmwire.ResBadParameter), afterNext
 	}
 	if err := s.tpm.HashData(data); err != nil {
 		return res(resultOf(err)), afterNext
@@ -190,20 +192,20 @@ func (s *Server) hashData(r *ctrlReader, p []byte) ([]byte, after) {
 	for remain > 0 {
 		chunk := buf[:min(remain, len(buf))]
 		if err := r.readMore(chunk); err != nil {
-			return res(ResIOError), afterClose
+			return res(tpmwire.ResIOError), afterClose
 		}
 		if err := s.tpm.HashData(chunk); err != nil {
 			return res(resultOf(err)), afterNext
 		}
 		remain -= len(chunk)
 	}
-	return res(ResSuccess), afterNext
+	return res(tpmwire.ResSuccess), afterNext
 }
 
 // getStateBlob answers with the whole blob in one reply (totlength == length), as QEMU needs.
 func (s *Server) getStateBlob(p []byte) []byte {
 	if len(p) != 12 {
-		return res(ResBadParameter)
+		return res(tpmwire.ResBadParameter)
 	}
 	flags, typ, offset := be32(p), be32(p[4:]), be32(p[8:])
 	blob, enc, err := s.tpm.GetStateBlob(typ, flags&StateFlagDecrypted != 0)
@@ -211,7 +213,7 @@ func (s *Server) getStateBlob(p []byte) []byte {
 		return putBE32(nil, uint32(resultOf(err)), 0, 0, 0)
 	}
 	if blob == nil {
-		return putBE32(nil, uint32(ResRetry), 0, 0, 0)
+		return putBE32(nil, uint32(tpmwire.ResRetry), 0, 0, 0)
 	}
 	var outFlags uint32
 	if enc {
@@ -229,23 +231,23 @@ func (s *Server) getStateBlob(p []byte) []byte {
 // closed), so a refused blob cannot be misread as further commands.
 func (s *Server) setStateBlob(r *ctrlReader, p []byte, running bool) ([]byte, after) {
 	if len(p) < 12 {
-		return res(ResBadParameter), afterNext
+		return res(tpmwire.ResBadParameter), afterNext
 	}
 	flags, typ, length := be32(p), be32(p[4:]), be32(p[8:])
 	first := p[12:]
 	if uint64(len(first)) > uint64(length) {
-		return res(ResBadParameter), afterNext
+		return res(tpmwire.ResBadParameter), afterNext
 	}
 	if length > MaxStateBlob {
-		return res(ResFail), afterClose
+		return res(tpmwire.ResFail), afterClose
 	}
 	blob := make([]byte, length)
 	copy(blob, first)
 	if err := r.readMore(blob[len(first):]); err != nil {
-		return res(ResBadParameter), afterClose
+		return res(tpmwire.ResBadParameter), afterClose
 	}
 	if running {
-		return res(ResBadOrdinal), afterNext
+		return res(tpmwire.ResBadOrdinal), afterNext
 	}
 	if length == 0 {
 		blob = nil
@@ -255,7 +257,7 @@ func (s *Server) setStateBlob(r *ctrlReader, p []byte, running bool) ([]byte, af
 
 func (s *Server) getInfo(p []byte) []byte {
 	if len(p) != 16 {
-		return res(ResBadParameter)
+		return res(tpmwire.ResBadParameter)
 	}
 	flags := uint64(be32(p))<<32 | uint64(be32(p[4:]))
 	offset := be32(p[8:])
@@ -264,7 +266,7 @@ func (s *Server) getInfo(p []byte) []byte {
 		return res(resultOf(err))
 	}
 	if int64(offset) >= int64(len(info)) {
-		return res(ResBadParameter)
+		return res(tpmwire.ResBadParameter)
 	}
 	data := append([]byte(info), 0) // the NUL terminator is counted and sent
 	total := uint32(len(data))
@@ -278,12 +280,12 @@ func (s *Server) getInfo(p []byte) []byte {
 
 func (s *Server) setDataFD(ctx context.Context, req *ctrlRequest) []byte {
 	if len(req.payload) != 0 || req.fd == nil {
-		return res(ResBadParameter)
+		return res(tpmwire.ResBadParameter)
 	}
 	s.mu.Lock()
 	if s.dataSet {
 		s.mu.Unlock()
-		return res(ResIOError)
+		return res(tpmwire.ResIOError)
 	}
 	s.dataSet = true
 	s.mu.Unlock()
@@ -291,13 +293,13 @@ func (s *Server) setDataFD(ctx context.Context, req *ctrlRequest) []byte {
 	if err != nil {
 		s.setDataSet(false)
 		s.log.Warn("SET_DATAFD", "err", err)
-		return res(ResBadParameter)
+		return res(tpmwire.ResBadParameter)
 	}
 	s.goServe(func() {
 		s.serveDataConn(ctx, c, s.opts.Terminate)
 		s.setDataSet(false)
 	})
-	return res(ResSuccess)
+	return res(tpmwire.ResSuccess)
 }
 
 // fileConn turns a passed fd into a net.Conn (it must be a stream socket).

@@ -69,29 +69,6 @@ const (
 	CapsTPM12                     = CapsTPM2 &^ CapSendCommandHeader
 )
 
-// Result is a control-channel result code (ptm_res, libtpms' TPM 1.2 error space). It is an
-// error so that handlers can return it; the dispatcher turns any error into one.
-type Result uint32
-
-// Result codes used on the control channel.
-const (
-	ResSuccess        Result = 0x00  // TPM_SUCCESS
-	ResBadParameter   Result = 0x03  // TPM_BAD_PARAMETER
-	ResFail           Result = 0x09  // TPM_FAIL
-	ResBadOrdinal     Result = 0x0a  // TPM_BAD_ORDINAL: unknown command or wrong TPM state
-	ResKeyNotFound    Result = 0x0d  // TPM_KEYNOTFOUND
-	ResSize           Result = 0x17  // TPM_SIZE
-	ResIOError        Result = 0x1f  // TPM_IOERROR
-	ResDecryptError   Result = 0x21  // TPM_DECRYPT_ERROR
-	ResBadKeyProperty Result = 0x28  // TPM_BAD_KEY_PROPERTY
-	ResBadDataSize    Result = 0x2b  // TPM_BAD_DATASIZE
-	ResBadVersion     Result = 0x2e  // TPM_BAD_VERSION
-	ResBadLocality    Result = 0x3d  // TPM_BAD_LOCALITY
-	ResRetry          Result = 0x800 // TPM_RETRY: "no such blob" for GET_STATEBLOB
-)
-
-func (r Result) Error() string { return fmt.Sprintf("ptm result 0x%08x", uint32(r)) }
-
 // Init flags and state-blob flags.
 const (
 	InitFlagDeleteVolatile uint32 = 1 // PTM_INIT_FLAG_DELETE_VOLATILE
@@ -114,7 +91,8 @@ const (
 const MaxStateBlob = 512 << 10
 
 // TPM is what the server drives: one vTPM instance. backend.Instance implements it. Methods
-// return a Result (or an error that is mapped to ResFail) for the control channel.
+// return errors; the control channel answers with the tpmwire.Result in an error's chain, or
+// TPM_FAIL.
 type TPM interface {
 	// Capabilities is the GET_CAPABILITY word.
 	Capabilities() uint32

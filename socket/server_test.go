@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
+
 	"golang.org/x/sys/unix"
 )
 
@@ -54,7 +56,7 @@ func (f *fakeTPM) Established() (bool, error) { return true, nil }
 func (f *fakeTPM) SetLocality(l uint8) error  { f.mu.Lock(); f.locality = l; f.mu.Unlock(); return nil }
 func (f *fakeTPM) ResetEstablished(l uint8) error {
 	if l < 3 {
-		return ResBadLocality
+		return tpmwire.ResBadLocality
 	}
 	return nil
 }
@@ -77,7 +79,7 @@ func (f *fakeTPM) Cancel() error {
 func (f *fakeTPM) StoreVolatile() error { return nil }
 func (f *fakeTPM) GetStateBlob(typ uint32, decrypt bool) ([]byte, bool, error) {
 	if typ > 3 {
-		return nil, false, ResFail
+		return nil, false, tpmwire.ResFail
 	}
 	return f.blobs[typ], false, nil
 }
@@ -281,7 +283,7 @@ func TestDataChannelViaSetDataFD(t *testing.T) {
 	extra := os.NewFile(uintptr(fds[0]), "x")
 	defer extra.Close()
 	defer unix.Close(fds[1])
-	if err := c.SetDataFD(extra); !errors.Is(err, ResIOError) {
+	if err := c.SetDataFD(extra); !errors.Is(err, tpmwire.ResIOError) {
 		t.Fatalf("second SET_DATAFD: %v", err)
 	}
 	// QEMU's version probe before INIT: a TPM 2 tagged fatal error in one read

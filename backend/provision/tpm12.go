@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
+
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
 )
 
 // TPM 1.2 constants (TPM Main Part 2) used by manufacturing.
@@ -83,49 +85,36 @@ type Send12 func(cmd []byte) ([]byte, error)
 // ErrTPM12 is wrapped when a TPM 1.2 command fails.
 var ErrTPM12 = errors.New("TPM 1.2 command failed")
 
-func cmd12(tag uint16, ord uint32, params ...[]byte) []byte {
-	b := binary.BigEndian.AppendUint16(nil, tag)
-	b = binary.BigEndian.AppendUint32(b, 0)
-	b = binary.BigEndian.AppendUint32(b, ord)
-	for _, p := range params {
-		b = append(b, p...)
-	}
-	binary.BigEndian.PutUint32(b[2:], uint32(len(b)))
-	return b
-}
-
 func (s Send12) run(name string, cmd []byte) ([]byte, error) {
 	rsp, err := s(cmd)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	if len(rsp) < 10 {
-		return nil, fmt.Errorf("%s: %w: short response of %d bytes", name, ErrTPM12, len(rsp))
+	rc, err := tpmwire.ResponseCode(rsp)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w: %w", name, ErrTPM12, err)
 	}
-	if rc := binary.BigEndian.Uint32(rsp[6:10]); rc != 0 {
+	if rc != 0 {
 		return nil, fmt.Errorf("%s: %w: 0x%x", name, ErrTPM12, rc)
 	}
 	return rsp, nil
 }
 
-func u16(v uint16) []byte { return binary.BigEndian.AppendUint16(nil, v) }
-func u32(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
-
 // Startup12 sends TPM_Startup(ST_CLEAR).
 func Startup12(send Send12) error {
-	_, err := send.run("TPM_Startup", cmd12(tag12RquCommand, ord12Startup, u16(1)))
+	_, err := send.run("TPM_Startup", tpmwire.Command(tag12RquCommand, ord12Startup, tpmwire.U16(1)))
 	return err
 }
 
 // keyParms12 is TPM_KEY_PARMS for a 2048-bit RSA OAEP storage or endorsement key.
 func keyParms12(sigScheme uint16) []byte {
-	b := u32(1) // TPM_ALG_RSA
-	b = append(b, u16(3)...)
-	b = append(b, u16(sigScheme)...)
-	b = append(b, u32(12)...)   // parmSize
-	b = append(b, u32(2048)...) // keyLength
-	b = append(b, u32(2)...)    // numPrimes
-	return append(b, u32(0)...) // exponentSize: default 65537
+	b := tpmwire.U32(1) // TPM_ALG_RSA
+	b = append(b, tpmwire.U16(3)...)
+	b = append(b, tpmwire.U16(sigScheme)...)
+	b = append(b, tpmwire.U32(12)...)   // parmSize
+	b = append(b, tpmwire.U32(2048)...) // keyLength
+	b = append(b, tpmwire.U32(2)...)    // numPrimes
+	return append(b, tpmwire.U32(0)...) // exponentSize: default 65537
 }
 
 // TPM12 manufactures a started TPM 1.2 the way swtpm_setup does: physical presence, enable and
@@ -143,10 +132,10 @@ func TPM12(ctx context.Context, send Send12, o Options12) (*Result12, error) {
 		name string
 		cmd  []byte
 	}{
-		{"TSC_PhysicalPresence", cmd12(tag12RquCommand, tscOrdPhysicalPresence, u16(physPresenceCmdEnable))},
-		{"TSC_PhysicalPresence", cmd12(tag12RquCommand, tscOrdPhysicalPresence, u16(physPresencePresent))},
-		{"TPM_PhysicalEnable", cmd12(tag12RquCommand, ord12PhysicalEnable)},
-		{"TPM_PhysicalSetDeactivated", cmd12(tag12RquCommand, ord12PhysicalSetDeactivated, []byte{0})},
+		{"TSC_PhysicalPresence", tpmwire.Command(tag12RquCommand, tscOrdPhysicalPresence, tpmwire.U16(physPresenceCmdEnable))},
+		{"TSC_PhysicalPresence", tpmwire.Command(tag12RquCommand, tscOrdPhysicalPresence, tpmwire.U16(physPresencePresent))},
+		{"TPM_PhysicalEnable", tpmwire.Command(tag12RquCommand, ord12PhysicalEnable)},
+		{"TPM_PhysicalSetDeactivated", tpmwire.Command(tag12RquCommand, ord12PhysicalSetDeactivated, []byte{0})},
 	} {
 		if _, err := send.run(c.name, c.cmd); err != nil {
 			return nil, err
@@ -205,7 +194,7 @@ func createEK12(send Send12) (*rsa.PublicKey, error) {
 	if _, err := rand.Read(nonce); err != nil {
 		return nil, err
 	}
-	rsp, err := send.run("TPM_CreateEndorsementKeyPair", cmd12(tag12RquCommand, ord12CreateEndorsementKeyPair, nonce, keyParms12(2)))
+	rsp, err := send.run("TPM_CreateEndorsementKeyPair", tpmwire.Command(tag12RquCommand, ord12CreateEndorsementKeyPair, nonce, keyParms12(2)))
 	if err != nil {
 		return nil, err
 	}
@@ -220,7 +209,7 @@ func createEK12(send Send12) (*rsa.PublicKey, error) {
 // takeOwnership12 runs TPM_OIAP and TPM_TakeOwnership: the owner and SRK secrets encrypted to
 // the EK with RSA-OAEP (SHA-1, label "TCPA"), a 2048-bit SRK, authorized with the owner secret.
 func takeOwnership12(send Send12, ek *rsa.PublicKey, owner, srk [20]byte) error {
-	rsp, err := send.run("TPM_OIAP", cmd12(tag12RquCommand, ord12OIAP))
+	rsp, err := send.run("TPM_OIAP", tpmwire.Command(tag12RquCommand, ord12OIAP))
 	if err != nil {
 		return err
 	}
@@ -237,19 +226,19 @@ func takeOwnership12(send Send12, ek *rsa.PublicKey, owner, srk [20]byte) error 
 		return fmt.Errorf("encrypt SRK secret: %w", err)
 	}
 	// TPM_KEY12 for the SRK: storage key, auth always, no PCRs, no public key or data yet
-	srkParms := u16(0x0028)                     // TPM_TAG_KEY12
-	srkParms = append(srkParms, 0, 0)           // fill
-	srkParms = append(srkParms, u16(0x0011)...) // TPM_KEY_STORAGE
-	srkParms = append(srkParms, u32(0)...)      // keyFlags
-	srkParms = append(srkParms, 1)              // TPM_AUTH_ALWAYS
+	srkParms := tpmwire.U16(0x0028)                     // TPM_TAG_KEY12
+	srkParms = append(srkParms, 0, 0)                   // fill
+	srkParms = append(srkParms, tpmwire.U16(0x0011)...) // TPM_KEY_STORAGE
+	srkParms = append(srkParms, tpmwire.U32(0)...)      // keyFlags
+	srkParms = append(srkParms, 1)                      // TPM_AUTH_ALWAYS
 	srkParms = append(srkParms, keyParms12(1)...)
-	srkParms = append(srkParms, u32(0)...) // PCRInfoSize
-	srkParms = append(srkParms, u32(0)...) // pubKey
-	srkParms = append(srkParms, u32(0)...) // encData
-	params := u16(0x0005)                  // TPM_PID_OWNER
-	params = append(params, u32(uint32(len(encOwner)))...)
+	srkParms = append(srkParms, tpmwire.U32(0)...) // PCRInfoSize
+	srkParms = append(srkParms, tpmwire.U32(0)...) // pubKey
+	srkParms = append(srkParms, tpmwire.U32(0)...) // encData
+	params := tpmwire.U16(0x0005)                  // TPM_PID_OWNER
+	params = append(params, tpmwire.U32(uint32(len(encOwner)))...)
 	params = append(params, encOwner...)
-	params = append(params, u32(uint32(len(encSRK)))...)
+	params = append(params, tpmwire.U32(uint32(len(encSRK)))...)
 	params = append(params, encSRK...)
 	params = append(params, srkParms...)
 
@@ -258,35 +247,35 @@ func takeOwnership12(send Send12, ek *rsa.PublicKey, owner, srk [20]byte) error 
 		return err
 	}
 	// HMAC over SHA-1(ordinal || parameters), nonceEven, nonceOdd, continueAuthSession
-	digest := sha1.Sum(append(u32(ord12TakeOwnership), params...))
+	digest := sha1.Sum(append(tpmwire.U32(ord12TakeOwnership), params...))
 	mac := hmac.New(sha1.New, owner[:])
 	mac.Write(digest[:])
 	mac.Write(nonceEven)
 	mac.Write(nonceOdd)
 	mac.Write([]byte{0})
-	cmd := cmd12(tag12RquAuth1, ord12TakeOwnership, params, authHandle, nonceOdd, []byte{0}, mac.Sum(nil))
+	cmd := tpmwire.Command(tag12RquAuth1, ord12TakeOwnership, params, authHandle, nonceOdd, []byte{0}, mac.Sum(nil))
 	_, err = send.run("TPM_TakeOwnership", cmd)
 	return err
 }
 
 // pcrInfoShort12 is an empty TPM_PCR_INFO_SHORT (no PCRs, all localities).
 func pcrInfoShort12() []byte {
-	b := append(u16(3), 0, 0, 0) // sizeOfSelect 3, nothing selected
-	b = append(b, 0x1f)          // TPM_LOC_ALL
+	b := append(tpmwire.U16(3), 0, 0, 0) // sizeOfSelect 3, nothing selected
+	b = append(b, 0x1f)                  // TPM_LOC_ALL
 	return append(b, make([]byte, 20)...)
 }
 
 // defineNV12 runs TPM_NV_DefineSpace without authorization (allowed while nvLocked is FALSE).
 func defineNV12(send Send12, index, attrs, size uint32) error {
-	pub := u16(0x0018) // TPM_TAG_NV_DATA_PUBLIC
-	pub = append(pub, u32(index)...)
+	pub := tpmwire.U16(0x0018) // TPM_TAG_NV_DATA_PUBLIC
+	pub = append(pub, tpmwire.U32(index)...)
 	pub = append(pub, pcrInfoShort12()...)
 	pub = append(pub, pcrInfoShort12()...)
-	pub = append(pub, u16(0x0017)...) // TPM_TAG_NV_ATTRIBUTES
-	pub = append(pub, u32(attrs)...)
+	pub = append(pub, tpmwire.U16(0x0017)...) // TPM_TAG_NV_ATTRIBUTES
+	pub = append(pub, tpmwire.U32(attrs)...)
 	pub = append(pub, 0, 0, 0) // bReadSTClear, bWriteSTClear, bWriteDefine
-	pub = append(pub, u32(size)...)
-	_, err := send.run(fmt.Sprintf("TPM_NV_DefineSpace 0x%x", index), cmd12(tag12RquCommand, ord12NVDefineSpace, pub, make([]byte, 20)))
+	pub = append(pub, tpmwire.U32(size)...)
+	_, err := send.run(fmt.Sprintf("TPM_NV_DefineSpace 0x%x", index), tpmwire.Command(tag12RquCommand, ord12NVDefineSpace, pub, make([]byte, 20)))
 	return err
 }
 
@@ -296,7 +285,7 @@ func writeNV12(send Send12, index uint32, data []byte) error {
 		return err
 	}
 	_, err := send.run(fmt.Sprintf("TPM_NV_WriteValue 0x%x", index),
-		cmd12(tag12RquCommand, ord12NVWriteValue, u32(index), u32(0), u32(uint32(len(data))), data))
+		tpmwire.Command(tag12RquCommand, ord12NVWriteValue, tpmwire.U32(index), tpmwire.U32(0), tpmwire.U32(uint32(len(data))), data))
 	return err
 }
 
@@ -323,7 +312,7 @@ func ParseStoredCert12(data []byte) (der []byte, ok bool) {
 
 // Capability12 runs TPM_GetCapability(capArea, subCap) and returns the response data.
 func Capability12(send Send12, capArea uint32, subCap []byte) ([]byte, error) {
-	rsp, err := send.run("TPM_GetCapability", cmd12(tag12RquCommand, ord12GetCapability, u32(capArea), u32(uint32(len(subCap))), subCap))
+	rsp, err := send.run("TPM_GetCapability", tpmwire.Command(tag12RquCommand, ord12GetCapability, tpmwire.U32(capArea), tpmwire.U32(uint32(len(subCap))), subCap))
 	if err != nil {
 		return nil, err
 	}

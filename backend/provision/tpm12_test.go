@@ -9,13 +9,16 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/vtpmd/vtpmd/emulator/libtpms"
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
+
 	"github.com/vtpmd/vtpmd/backend/localca"
 	"github.com/vtpmd/vtpmd/emulator"
 )
 
-func startTPM12(t *testing.T) (*emulator.Engine, Send12) {
+func startTPM12(t *testing.T) (*libtpms.Engine, Send12) {
 	t.Helper()
-	eng, err := emulator.Open(emulator.TPM12, emulator.NewMemStore(), nil)
+	eng, err := libtpms.Open(emulator.TPM12, emulator.NewMemStore(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,7 +47,7 @@ func (c caCertifier12) PlatformCertificate(ctx context.Context, ek crypto.Public
 
 // readNV12 reads an index without authorization (possible only while nvLocked is FALSE).
 func readNV12(send Send12, index, size uint32) ([]byte, error) {
-	rsp, err := send.run("TPM_NV_ReadValue", cmd12(tag12RquCommand, 0xcf, u32(index), u32(0), u32(size)))
+	rsp, err := send.run("TPM_NV_ReadValue", tpmwire.Command(tag12RquCommand, 0xcf, tpmwire.U32(index), tpmwire.U32(0), tpmwire.U32(size)))
 	if err != nil {
 		return nil, err
 	}
@@ -53,7 +56,7 @@ func readNV12(send Send12, index, size uint32) ([]byte, error) {
 
 func nvSize12(t *testing.T, send Send12, index uint32) uint32 {
 	t.Helper()
-	pub, err := Capability12(send, 0x11, u32(index)) // TPM_CAP_NV_INDEX
+	pub, err := Capability12(send, 0x11, tpmwire.U32(index)) // TPM_CAP_NV_INDEX
 	if err != nil {
 		t.Fatalf("NV index 0x%x: %v", index, err)
 	}
@@ -62,7 +65,7 @@ func nvSize12(t *testing.T, send Send12, index uint32) uint32 {
 
 func owned12(t *testing.T, send Send12) bool {
 	t.Helper()
-	b, err := Capability12(send, 5, u32(0x111)) // TPM_CAP_PROPERTY, TPM_CAP_PROP_OWNER
+	b, err := Capability12(send, 5, tpmwire.U32(0x111)) // TPM_CAP_PROPERTY, TPM_CAP_PROP_OWNER
 	if err != nil {
 		t.Fatal(err)
 	}

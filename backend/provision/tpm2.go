@@ -3,7 +3,6 @@ package provision
 import (
 	"context"
 	"crypto"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -12,6 +11,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
 )
 
 // Persistent handles and NV indices of the TCG EK Credential Profile, as swtpm_setup uses them.
@@ -437,23 +437,18 @@ func AllocatePCRBanks(t transport.TPM, banks []string) ([]string, error) {
 	// go-tpm has no TPM2_PCR_Allocate: TPM_ST_SESSIONS, TPM_RH_PLATFORM with an empty
 	// password session, then the selection.
 	params := tpm2.Marshal(sel)
-	cmd := binary.BigEndian.AppendUint16(nil, uint16(tpm2.TPMSTSessions))
-	cmd = binary.BigEndian.AppendUint32(cmd, 0) // size, set below
-	cmd = binary.BigEndian.AppendUint32(cmd, uint32(tpm2.TPMCCPCRAllocate))
-	cmd = binary.BigEndian.AppendUint32(cmd, uint32(tpm2.TPMRHPlatform))
-	cmd = binary.BigEndian.AppendUint32(cmd, 9) // authorization area: TPM_RS_PW, no nonce, no attributes, no hmac
-	cmd = binary.BigEndian.AppendUint32(cmd, uint32(tpm2.TPMRSPW))
-	cmd = append(cmd, 0, 0, 0, 0, 0)
-	cmd = append(cmd, params...)
-	binary.BigEndian.PutUint32(cmd[2:], uint32(len(cmd)))
+	cmd := tpmwire.Command(tpmwire.TagSessions, uint32(tpm2.TPMCCPCRAllocate), tpmwire.U32(uint32(tpm2.TPMRHPlatform)),
+		// authorization area: TPM_RS_PW, no nonce, no attributes, no hmac
+		tpmwire.U32(9), tpmwire.U32(uint32(tpm2.TPMRSPW)), []byte{0, 0, 0, 0, 0}, params)
 	rsp, err := t.Send(cmd)
 	if err != nil {
 		return nil, fmt.Errorf("TPM2_PCR_Allocate: %w", err)
 	}
-	if len(rsp) < 10 {
-		return nil, fmt.Errorf("TPM2_PCR_Allocate: short response (%d bytes)", len(rsp))
+	rc, err := tpmwire.ResponseCode(rsp)
+	if err != nil {
+		return nil, fmt.Errorf("TPM2_PCR_Allocate: %w", err)
 	}
-	if rc := binary.BigEndian.Uint32(rsp[6:10]); rc != 0 {
+	if rc != 0 {
 		return nil, fmt.Errorf("TPM2_PCR_Allocate: %w", tpm2.TPMRC(rc))
 	}
 	// response: parameterSize, allocationSuccess, maxPCR, sizeNeeded, sizeAvailable

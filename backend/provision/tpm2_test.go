@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/vtpmd/vtpmd/emulator/libtpms"
+
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
@@ -24,9 +26,9 @@ import (
 )
 
 // startTPM starts libtpms in-process on mem (empty: a new TPM) and sends TPM2_Startup(CLEAR).
-func startTPM(t *testing.T, mem *emulator.MemStore) (*emulator.Engine, transport.TPM) {
+func startTPM(t *testing.T, mem *emulator.MemStore) (*libtpms.Engine, transport.TPM) {
 	t.Helper()
-	eng, err := emulator.Open(emulator.TPM2, mem, nil)
+	eng, err := libtpms.Open(emulator.TPM2, mem, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +44,7 @@ func startTPM(t *testing.T, mem *emulator.MemStore) (*emulator.Engine, transport
 }
 
 // restart powers the TPM off and on again (Startup(CLEAR)).
-func restart(t *testing.T, eng *emulator.Engine, tpm transport.TPM) {
+func restart(t *testing.T, eng *libtpms.Engine, tpm transport.TPM) {
 	t.Helper()
 	eng.Stop()
 	if err := eng.Start(); err != nil {

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmd/vtpmd/emulator/libtpms"
+
 	"github.com/vtpmd/vtpmd/backend/blob"
 	"github.com/vtpmd/vtpmd/emulator"
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
@@ -21,7 +23,7 @@ import (
 // a volatile state in s, libtpms resumes it, so the PCR shows what swtpm extended.
 func bootAndReadPCR(t *testing.T, s *Store) []byte {
 	t.Helper()
-	e, err := emulator.Open(emulator.TPM2, s, nil)
+	e, err := libtpms.Open(emulator.TPM2, s, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +91,7 @@ func TestSwtpmToVtpmd(t *testing.T) {
 // state stored, as vtpmd leaves it after CMD_STORE_VOLATILE.
 func writeVtpmdState(t *testing.T, s *Store, digest []byte) {
 	t.Helper()
-	e, err := emulator.Open(emulator.TPM2, s, nil)
+	e, err := libtpms.Open(emulator.TPM2, s, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
+
 	"github.com/vtpmd/vtpmd/socket"
 )
 
@@ -226,7 +228,7 @@ func unwrapSyscall(err error) error {
 
 // resultErr formats a failed command as swtpm_ioctl does.
 func resultErr(name string, err error) error {
-	var r socket.Result
+	var r tpmwire.Result
 	if errors.As(err, &r) {
 		return cliMessage(fmt.Sprintf("TPM result from PTM_%s: 0x%x", name, uint32(r)))
 	}
@@ -305,8 +307,8 @@ func runIoctl(c *socket.Client, req *ioctlRequest, out io.Writer, in io.Reader) 
 		return ioctlHash(c, req.arg, in)
 	case "save":
 		b, _, err := c.GetStateBlob(req.blobType, 0)
-		var r socket.Result
-		if err != nil && !(errors.As(err, &r) && r&socket.ResRetry != 0) {
+		var r tpmwire.Result
+		if err != nil && !(errors.As(err, &r) && r&tpmwire.ResRetry != 0) {
 			return resultErr("GET_STATEBLOB", err)
 		}
 		if err := os.WriteFile(req.file, b, 0o600); err != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
 )
 
 // SendFunc sends one raw command and returns the raw response.
@@ -24,11 +25,11 @@ type SendFunc func(cmd []byte) ([]byte, error)
 func (f SendFunc) Send(cmd []byte) ([]byte, error) {
 	for i := 0; ; i++ {
 		resp, err := f(cmd)
-		if err != nil || len(resp) < 10 || i > 20 {
+		if err != nil || i > 20 {
 			return resp, err
 		}
-		rc := binary.BigEndian.Uint32(resp[6:10])
-		if rc != 0x922 && rc != 0x908 {
+		rc, herr := tpmwire.ResponseCode(resp)
+		if herr != nil || (rc != tpmwire.RCRetry && rc != tpmwire.RCYielded) {
 			return resp, nil
 		}
 		time.Sleep(time.Millisecond)

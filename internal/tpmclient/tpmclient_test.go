@@ -5,13 +5,15 @@ import (
 	"crypto/sha256"
 	"testing"
 
+	"github.com/vtpmd/vtpmd/emulator/libtpms"
+
 	"github.com/google/go-tpm/tpm2"
 
 	"github.com/vtpmd/vtpmd/emulator"
 )
 
 func TestCommandsInProcess(t *testing.T) {
-	e, err := emulator.Open(emulator.TPM2, emulator.NewMemStore(), nil)
+	e, err := libtpms.Open(emulator.TPM2, emulator.NewMemStore(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

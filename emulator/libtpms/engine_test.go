@@ -1,10 +1,12 @@
-package emulator
+package libtpms
 
 import (
 	"bytes"
 	"encoding/binary"
 	"errors"
 	"testing"
+
+	"github.com/vtpmd/vtpmd/emulator"
 )
 
 var (
@@ -31,22 +33,22 @@ func pcrRead16(t *testing.T, e *Engine) []byte {
 }
 
 func TestEngineLifecycle(t *testing.T) {
-	st := NewMemStore()
-	e, err := Open(TPM2, st, nil)
+	st := emulator.NewMemStore()
+	e, err := Open(emulator.TPM2, st, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.Close)
-	if _, err := Open(TPM2, st, nil); !errors.Is(err, ErrInUse) {
-		t.Fatalf("second Open: %v, want ErrInUse", err)
+	if _, err := Open(emulator.TPM2, st, nil); !errors.Is(err, emulator.ErrInUse) {
+		t.Fatalf("second Open: %v, want emulator.ErrInUse", err)
 	}
-	if _, err := e.Process(startupClear); !errors.Is(err, ErrNotRunning) {
+	if _, err := e.Process(startupClear); !errors.Is(err, emulator.ErrNotRunning) {
 		t.Fatalf("Process before Start: %v", err)
 	}
 	if err := e.Start(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := st.Load(StatePermanent); err != nil {
+	if _, err := st.Load(emulator.StatePermanent); err != nil {
 		t.Fatal("manufacture did not store permall")
 	}
 	resp, err := e.Process(startupClear)
@@ -73,15 +75,15 @@ func TestEngineLifecycle(t *testing.T) {
 	if err != nil || len(vol) == 0 {
 		t.Fatalf("VolatileState: %v", err)
 	}
-	perm, err := e.GetState(StatePermanent)
+	perm, err := e.GetState(emulator.StatePermanent)
 	if err != nil || len(perm) == 0 {
 		t.Fatalf("GetState: %v", err)
 	}
 	e.Stop()
-	if err := e.SetState(StatePermanent, perm); err != nil {
+	if err := e.SetState(emulator.StatePermanent, perm); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.SetState(StateVolatile, vol); err != nil {
+	if err := e.SetState(emulator.StateVolatile, vol); err != nil {
 		t.Fatal(err)
 	}
 	if err := e.Start(); err != nil {
@@ -90,7 +92,7 @@ func TestEngineLifecycle(t *testing.T) {
 	if got := pcrRead16(t, e); !bytes.Equal(got, pcr) {
 		t.Fatalf("PCR16 after resume = %x, want %x", got, pcr)
 	}
-	if err := e.SetState(StatePermanent, perm); !errors.Is(err, ErrRunning) {
+	if err := e.SetState(emulator.StatePermanent, perm); !errors.Is(err, emulator.ErrRunning) {
 		t.Fatalf("SetState while running: %v", err)
 	}
 	// a second Startup is refused by the TPM itself (TPM_RC_INITIALIZE), not as an error.
@@ -101,13 +103,13 @@ func TestEngineLifecycle(t *testing.T) {
 }
 
 func TestEngineRejectsGarbageState(t *testing.T) {
-	st := NewMemStore()
-	e, err := Open(TPM2, st, nil)
+	st := emulator.NewMemStore()
+	e, err := Open(emulator.TPM2, st, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.Close)
-	if err := e.SetState(StatePermanent, []byte("not a libtpms blob at all")); err == nil {
+	if err := e.SetState(emulator.StatePermanent, []byte("not a libtpms blob at all")); err == nil {
 		t.Fatal("SetState accepted garbage")
 	}
 	if _, _, _, err := e.SetBufferSize(0); err != nil {
@@ -123,8 +125,8 @@ func TestEngineRejectsGarbageState(t *testing.T) {
 }
 
 func TestEngineTPM12(t *testing.T) {
-	st := NewMemStore()
-	e, err := Open(TPM12, st, nil)
+	st := emulator.NewMemStore()
+	e, err := Open(emulator.TPM12, st, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package emulator
+package libtpms
 
 /*
 #cgo pkg-config: libtpms
@@ -19,6 +19,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"unsafe"
+
+	"github.com/vtpmd/vtpmd/emulator"
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
 )
 
 // cmdBufSize is the reusable C command buffer; larger commands get a one-off allocation.
@@ -27,8 +30,8 @@ const cmdBufSize = 8192
 // Engine is the process's libtpms instance. Its methods are safe for concurrent use; they are
 // serialized internally, except Cancel.
 type Engine struct {
-	version Version
-	store   Store
+	version emulator.Version
+	store   emulator.Store
 	log     *slog.Logger
 
 	mu      sync.Mutex
@@ -41,19 +44,25 @@ type Engine struct {
 	nvErr   error          // guarded by mu; first store error since the last command
 }
 
+// engineMu guards the process-wide libtpms slot.
+var (
+	engineMu sync.Mutex
+	current  *Engine
+)
+
 // locality is libtpms' process-global current locality, read by the getlocality callback.
 var locality atomic.Uint32
 
 // Open claims libtpms for this process and prepares a TPM of the given version whose state
 // lives in s. The TPM starts stopped; call Start to power it on.
-func Open(v Version, s Store, log *slog.Logger) (*Engine, error) {
+func Open(v emulator.Version, s emulator.Store, log *slog.Logger) (*Engine, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	engineMu.Lock()
 	defer engineMu.Unlock()
 	if current != nil {
-		return nil, ErrInUse
+		return nil, emulator.ErrInUse
 	}
 	e := &Engine{version: v, store: s, log: log, cmdBuf: C.malloc(cmdBufSize)}
 	if err := e.chooseLocked(); err != nil {
@@ -66,20 +75,20 @@ func Open(v Version, s Store, log *slog.Logger) (*Engine, error) {
 
 func (e *Engine) chooseLocked() error {
 	ver := C.TPMLIB_TPMVersion(C.TPMLIB_TPM_VERSION_1_2)
-	if e.version == TPM2 {
+	if e.version == emulator.TPM2 {
 		ver = C.TPMLIB_TPM_VERSION_2
 	}
 	if rc := C.TPMLIB_ChooseTPMVersion(ver); rc != C.TPM_SUCCESS {
-		return fmt.Errorf("choose tpm version %s: %w", e.version, Result(rc))
+		return fmt.Errorf("choose tpm version %s: %w", e.version, tpmwire.Result(rc))
 	}
 	if rc := C.vtpmd_register_callbacks(); rc != C.TPM_SUCCESS {
-		return fmt.Errorf("register libtpms callbacks: %w", Result(rc))
+		return fmt.Errorf("register libtpms callbacks: %w", tpmwire.Result(rc))
 	}
 	return nil
 }
 
-// Version reports the TPM family of this engine.
-func (e *Engine) Version() Version { return e.version }
+// emulator.Version reports the TPM family of this engine.
+func (e *Engine) Version() emulator.Version { return e.version }
 
 // Close stops the TPM if it runs and releases libtpms for another Open.
 func (e *Engine) Close() {
@@ -110,16 +119,16 @@ func (e *Engine) Running() bool {
 	return e.running
 }
 
-// Start powers the TPM on (TPMLIB_MainInit): it loads state from the Store, or from blobs set
+// Start powers the TPM on (TPMLIB_MainInit): it loads state from the emulator.Store, or from blobs set
 // with SetState, or manufactures a new TPM when there is none.
 func (e *Engine) Start() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.closed {
-		return ErrClosed
+		return emulator.ErrClosed
 	}
 	if e.running {
-		return ErrRunning
+		return emulator.ErrRunning
 	}
 	e.nvErr = nil
 	rc := C.TPMLIB_MainInit()
@@ -127,9 +136,9 @@ func (e *Engine) Start() error {
 		// MainInit locks the version choice even when it fails; Terminate unlocks it.
 		C.TPMLIB_Terminate()
 		_ = e.chooseLocked()
-		err := error(Result(rc))
+		err := error(tpmwire.Result(rc))
 		if e.nvErr != nil {
-			err = fmt.Errorf("%w (%w)", Result(rc), e.nvErr)
+			err = fmt.Errorf("%w (%w)", tpmwire.Result(rc), e.nvErr)
 		}
 		return fmt.Errorf("start tpm: %w", err)
 	}
@@ -167,7 +176,7 @@ func (e *Engine) Process(cmd []byte) ([]byte, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.running {
-		return nil, ErrNotRunning
+		return nil, emulator.ErrNotRunning
 	}
 	// libtpms decrypts parameters in place, so it always gets a C copy.
 	in := e.cmdBuf
@@ -185,7 +194,7 @@ func (e *Engine) Process(cmd []byte) ([]byte, error) {
 	var respLen C.uint32_t
 	rc := C.TPMLIB_Process(&e.respBuf, &respLen, &e.respCap, (*C.uchar)(in), C.uint32_t(len(cmd)))
 	if rc != C.TPM_SUCCESS {
-		return nil, fmt.Errorf("process command: %w", Result(rc))
+		return nil, fmt.Errorf("process command: %w", tpmwire.Result(rc))
 	}
 	if e.nvErr != nil {
 		return nil, fmt.Errorf("%w: %w", ErrStore, e.nvErr)
@@ -208,11 +217,11 @@ func (e *Engine) Established() (bool, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.running {
-		return false, ErrNotRunning
+		return false, emulator.ErrNotRunning
 	}
 	var b C.TPM_BOOL
 	if rc := C.TPM_IO_TpmEstablished_Get(&b); rc != C.TPM_SUCCESS {
-		return false, Result(rc)
+		return false, tpmwire.Result(rc)
 	}
 	return b != 0, nil
 }
@@ -223,12 +232,12 @@ func (e *Engine) ResetEstablished(loc uint8) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.running {
-		return ErrNotRunning
+		return emulator.ErrNotRunning
 	}
 	prev := locality.Swap(uint32(loc))
 	defer locality.Store(prev)
 	if rc := C.TPM_IO_TpmEstablished_Reset(); rc != C.TPM_SUCCESS {
-		return Result(rc)
+		return tpmwire.Result(rc)
 	}
 	return nil
 }
@@ -257,10 +266,10 @@ func (e *Engine) call(f func() C.TPM_RESULT) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.running {
-		return ErrNotRunning
+		return emulator.ErrNotRunning
 	}
 	if rc := f(); rc != C.TPM_SUCCESS {
-		return Result(rc)
+		return tpmwire.Result(rc)
 	}
 	return nil
 }
@@ -270,32 +279,32 @@ func (e *Engine) VolatileState() ([]byte, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.running {
-		return nil, ErrNotRunning
+		return nil, emulator.ErrNotRunning
 	}
 	var buf *C.uchar
 	var n C.uint32_t
 	if rc := C.TPMLIB_VolatileAll_Store(&buf, &n); rc != C.TPM_SUCCESS {
-		return nil, fmt.Errorf("store volatile state: %w", Result(rc))
+		return nil, fmt.Errorf("store volatile state: %w", tpmwire.Result(rc))
 	}
 	defer C.free(unsafe.Pointer(buf))
 	return C.GoBytes(unsafe.Pointer(buf), C.int(n)), nil
 }
 
-func cState(t StateType) (C.enum_TPMLIB_StateType, error) {
+func cState(t emulator.StateType) (C.enum_TPMLIB_StateType, error) {
 	switch t {
-	case StatePermanent:
+	case emulator.StatePermanent:
 		return C.TPMLIB_STATE_PERMANENT, nil
-	case StateVolatile:
+	case emulator.StateVolatile:
 		return C.TPMLIB_STATE_VOLATILE, nil
-	case StateSave:
+	case emulator.StateSave:
 		return C.TPMLIB_STATE_SAVE_STATE, nil
 	}
-	return 0, fmt.Errorf("state type %d: %w", int(t), ResultBadType)
+	return 0, fmt.Errorf("state type %d: %w", int(t), tpmwire.ResBadType)
 }
 
 // GetState returns a state blob: live when running, else the blob set with SetState or the
-// one in the Store. An empty blob with no error means "none" (e.g. TPM 2 savestate).
-func (e *Engine) GetState(t StateType) ([]byte, error) {
+// one in the emulator.Store. An empty blob with no error means "none" (e.g. TPM 2 savestate).
+func (e *Engine) GetState(t emulator.StateType) ([]byte, error) {
 	st, err := cState(t)
 	if err != nil {
 		return nil, err
@@ -305,7 +314,7 @@ func (e *Engine) GetState(t StateType) ([]byte, error) {
 	var buf *C.uchar
 	var n C.uint32_t
 	if rc := C.TPMLIB_GetState(st, &buf, &n); rc != C.TPM_SUCCESS {
-		return nil, fmt.Errorf("get %s state: %w", t.Name(), Result(rc))
+		return nil, fmt.Errorf("get %s state: %w", t.Name(), tpmwire.Result(rc))
 	}
 	if buf == nil {
 		return nil, nil
@@ -316,7 +325,7 @@ func (e *Engine) GetState(t StateType) ([]byte, error) {
 
 // SetState hands libtpms a state blob for the next Start (the TPM must be stopped). A nil
 // blob clears a previously set one. libtpms validates the blob first.
-func (e *Engine) SetState(t StateType, blob []byte) error {
+func (e *Engine) SetState(t emulator.StateType, blob []byte) error {
 	st, err := cState(t)
 	if err != nil {
 		return err
@@ -324,7 +333,7 @@ func (e *Engine) SetState(t StateType, blob []byte) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.running {
-		return ErrRunning
+		return emulator.ErrRunning
 	}
 	var p unsafe.Pointer
 	if len(blob) > 0 {
@@ -332,7 +341,7 @@ func (e *Engine) SetState(t StateType, blob []byte) error {
 		defer C.free(p)
 	}
 	if rc := C.TPMLIB_SetState(st, (*C.uchar)(p), C.uint32_t(len(blob))); rc != C.TPM_SUCCESS {
-		return fmt.Errorf("set %s state: %w", t.Name(), Result(rc))
+		return fmt.Errorf("set %s state: %w", t.Name(), tpmwire.Result(rc))
 	}
 	return nil
 }
@@ -343,7 +352,7 @@ func (e *Engine) SetBufferSize(wanted uint32) (size, min, max uint32, err error)
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if wanted != 0 && e.running {
-		return 0, 0, 0, ErrRunning
+		return 0, 0, 0, emulator.ErrRunning
 	}
 	var mn, mx C.uint32_t
 	sz := C.TPMLIB_SetBufferSize(C.uint32_t(wanted), &mn, &mx)
@@ -375,12 +384,12 @@ func goNvInit() C.TPM_RESULT { return C.TPM_SUCCESS }
 func goNvLoad(data **C.uchar, length *C.uint32_t, _ C.uint32_t, name *C.char) (rc C.TPM_RESULT) {
 	defer recoverCallback(&rc)
 	e := current
-	t, ok := StateTypeByName(C.GoString(name))
+	t, ok := emulator.StateTypeByName(C.GoString(name))
 	if e == nil || !ok {
 		return C.TPM_FAIL
 	}
 	b, err := e.store.Load(t)
-	if errors.Is(err, ErrNotExist) || (err == nil && len(b) == 0) {
+	if errors.Is(err, emulator.ErrNotExist) || (err == nil && len(b) == 0) {
 		return C.TPM_RETRY
 	}
 	if err != nil {
@@ -399,7 +408,7 @@ func goNvLoad(data **C.uchar, length *C.uint32_t, _ C.uint32_t, name *C.char) (r
 func goNvStore(data *C.uchar, length C.uint32_t, _ C.uint32_t, name *C.char) (rc C.TPM_RESULT) {
 	defer recoverCallback(&rc)
 	e := current
-	t, ok := StateTypeByName(C.GoString(name))
+	t, ok := emulator.StateTypeByName(C.GoString(name))
 	if e == nil || !ok {
 		return C.TPM_FAIL
 	}
@@ -417,7 +426,7 @@ func goNvStore(data *C.uchar, length C.uint32_t, _ C.uint32_t, name *C.char) (rc
 func goNvDelete(_ C.uint32_t, name *C.char, mustExist C.TPM_BOOL) (rc C.TPM_RESULT) {
 	defer recoverCallback(&rc)
 	e := current
-	t, ok := StateTypeByName(C.GoString(name))
+	t, ok := emulator.StateTypeByName(C.GoString(name))
 	if e == nil || !ok {
 		return C.TPM_FAIL
 	}
