@@ -23,7 +23,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/backend/localca"
-	"github.com/vtpmd/vtpmd/backend/provision"
+	"github.com/vtpmd/vtpmd/backend/setup/provision"
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 )
 

@@ -16,10 +16,10 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/vtpmd/vtpmd/backend"
 	"github.com/vtpmd/vtpmd/backend/blob"
 	"github.com/vtpmd/vtpmd/backend/localca"
-	"github.com/vtpmd/vtpmd/backend/provision"
+	"github.com/vtpmd/vtpmd/backend/setup"
+	"github.com/vtpmd/vtpmd/backend/setup/provision"
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
 )
 
@@ -252,7 +252,7 @@ func runSetup(c *cli.Context, name string) error {
 	}
 	// swtpm_setup decides about existing state before it reads its configuration or keys
 	if !reconfigure && (c.Bool("not-overwrite") || !c.Bool("overwrite")) {
-		exists, err := backend.HasState(state, tpm2)
+		exists, err := setup.HasState(state, tpm2)
 		switch {
 		case err != nil:
 			return fail("%v", err)
@@ -325,7 +325,7 @@ func runSetup(c *cli.Context, name string) error {
 		what = "reconfiguration"
 	}
 	ending := func() { log.Info(fmt.Sprintf("Ending vTPM manufacturing @ %s", setupTime())) }
-	res, err := backend.Manufacture(c.Context, backend.ManufactureConfig{
+	res, err := setup.Manufacture(c.Context, setup.ManufactureConfig{
 		StateURI: state, TPM2: tpm2, StateKey: key,
 		Overwrite: c.Bool("overwrite"), NotOverwrite: c.Bool("not-overwrite"), Reconfigure: reconfigure,
 		Provision: po,
@@ -345,7 +345,7 @@ func runSetup(c *cli.Context, name string) error {
 		Log:     log,
 	})
 	switch {
-	case errors.Is(err, backend.ErrStateExists):
+	case errors.Is(err, setup.ErrStateExists):
 		return fail("Found existing TPM state 'permall'.")
 	case err != nil:
 		log.Error(err.Error())
@@ -383,7 +383,7 @@ func runSetup(c *cli.Context, name string) error {
 
 // displayResult prints what was made (swtpm_setup 0.7.1 accepts --display and prints nothing;
 // vtpmd says what it made).
-func displayResult(res *backend.ManufactureResult) {
+func displayResult(res *setup.ManufactureResult) {
 	fmt.Printf("TPM %s, manufacturer %s, model %s, firmware %s\n", res.TPM.Family, res.TPM.Manufacturer, res.TPM.Model, res.TPM.Version)
 	if r := res.TPM12; r != nil {
 		if r.EK != nil {

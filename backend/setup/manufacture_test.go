@@ -1,4 +1,4 @@
-package backend
+package setup
 
 import (
 	"context"
@@ -7,7 +7,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/vtpmd/vtpmd/backend/provision"
+	"github.com/vtpmd/vtpmd/backend/setup/provision"
 	"github.com/vtpmd/vtpmd/backend/store"
 )
 

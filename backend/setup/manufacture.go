@@ -1,4 +1,4 @@
-package backend
+package setup
 
 import (
 	"context"
@@ -14,11 +14,15 @@ import (
 
 	"github.com/vtpmd/vtpmd/backend/blob"
 	"github.com/vtpmd/vtpmd/backend/localca"
-	"github.com/vtpmd/vtpmd/backend/provision"
+	"github.com/vtpmd/vtpmd/backend/setup/provision"
 	"github.com/vtpmd/vtpmd/backend/store"
 	"github.com/vtpmd/vtpmd/emulator"
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 )
+
+// lockRetries is how often a released state lock is retried (300 x 10 ms, as a starting
+// vTPM does), so a vTPM that is just stopping does not fail the run.
+const lockRetries = 300
 
 // Sentinel errors of Manufacture.
 var (
@@ -83,7 +87,7 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 		return nil, fmt.Errorf("open TPM state %s: %w", cfg.StateURI, err)
 	}
 	defer st.Close()
-	if err := st.Lock(relockRetries); err != nil {
+	if err := st.Lock(lockRetries); err != nil {
 		return nil, fmt.Errorf("lock TPM state %s: %w", cfg.StateURI, err)
 	}
 	exists, err := hasPermanent(st)
