@@ -42,7 +42,10 @@ type Config struct {
 	// DisableAutoShutdown turns off the TPM2_Shutdown(SU_STATE) sent before a re-INIT, STOP or
 	// exit (--flags disable-auto-shutdown).
 	DisableAutoShutdown bool
-	Log                 *slog.Logger
+	// Guard sees every data-channel command and every successful TPM2_Startup(CLEAR); nil:
+	// none.
+	Guard Guard
+	Log   *slog.Logger
 }
 
 // relockRetries is how often a released lock is retried (300 x 10 ms, as swtpm and QEMU).
@@ -141,7 +144,7 @@ func (in *Instance) powerOn(flags uint32, startup []byte) ([]byte, error) {
 	err := in.eng.Start()
 	var resp []byte
 	if err == nil && startup != nil {
-		resp, err = in.eng.Process(startup)
+		resp, err = in.process(startup)
 	}
 	if deferrable {
 		if serr := ds.Sync(); serr != nil && err == nil {
@@ -151,7 +154,7 @@ func (in *Instance) powerOn(flags uint32, startup []byte) ([]byte, error) {
 	}
 	if err != nil {
 		in.log.Error("tpm init failed", "err", err)
-		return nil, toResult(err)
+		return nil, err
 	}
 	if flags&socket.InitFlagDeleteVolatile != 0 {
 		if err := in.cfg.Store.Delete(emulator.StateVolatile, false); err != nil {
@@ -205,7 +208,7 @@ func (in *Instance) lockLocked() error {
 	}
 	if err := in.cfg.Store.Lock(in.lockRetries); err != nil {
 		in.log.Error("lock tpm state", "err", err)
-		return fmt.Errorf("%w: %w", tpmwire.ResIOError, err)
+		return fmt.Errorf("%w: %w", ErrLock, err)
 	}
 	in.deferLock = false
 	return nil
@@ -219,16 +222,51 @@ func (in *Instance) Process(cmd []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: %w", ErrLockLost, err)
 	}
 	in.mu.Unlock()
-	return in.eng.Process(cmd)
+	return in.process(cmd)
 }
 
-// ErrLockLost means the state lock could not be re-taken; swtpm terminates in this case.
-var ErrLockLost = errors.New("backend: cannot re-acquire the state lock")
+// process runs a command through the guard: refused commands are answered by the guard, and
+// a successful TPM2_Startup(CLEAR) is followed by the guard's own commands.
+func (in *Instance) process(cmd []byte) ([]byte, error) {
+	g := in.cfg.Guard
+	if g == nil {
+		return in.eng.Process(cmd)
+	}
+	if resp := g.Check(cmd); resp != nil {
+		return resp, nil
+	}
+	resp, err := in.eng.Process(cmd)
+	if err != nil || !in.IsTPM2() || !isStartupClear(cmd) {
+		return resp, err
+	}
+	if rc, rerr := tpmwire.ResponseCode(resp); rerr != nil || rc != tpmwire.RCSuccess {
+		return resp, nil
+	}
+	if err := g.Started(in.eng.Process); err != nil {
+		return nil, fmt.Errorf("guard after TPM2_Startup(CLEAR): %w", err)
+	}
+	return resp, nil
+}
+
+// isStartupClear reports a TPM2_Startup(SU_CLEAR) command.
+func isStartupClear(cmd []byte) bool {
+	h, err := tpmwire.ParseHeader(cmd)
+	return err == nil && h.Code == tpmwire.CCStartup && len(cmd) >= tpmwire.HeaderSize+2 &&
+		cmd[tpmwire.HeaderSize] == 0 && cmd[tpmwire.HeaderSize+1] == byte(tpmwire.SUClear)
+}
+
+// Sentinel errors callers branch on.
+var (
+	// ErrLock is wrapped when the state lock cannot be taken.
+	ErrLock = errors.New("backend: cannot lock the tpm state")
+	// ErrLockLost means the state lock could not be re-taken for a data-channel command;
+	// swtpm terminates in this case.
+	ErrLockLost = errors.New("backend: cannot re-acquire the state lock")
+)
 
 // Established implements CMD_GET_TPMESTABLISHED.
 func (in *Instance) Established() (bool, error) {
-	b, err := in.eng.Established()
-	return b, toResult(err)
+	return in.eng.Established()
 }
 
 // SetLocality implements CMD_SET_LOCALITY.
@@ -238,16 +276,16 @@ func (in *Instance) SetLocality(loc uint8) error {
 }
 
 // ResetEstablished implements CMD_RESET_TPMESTABLISHED.
-func (in *Instance) ResetEstablished(loc uint8) error { return toResult(in.eng.ResetEstablished(loc)) }
+func (in *Instance) ResetEstablished(loc uint8) error { return in.eng.ResetEstablished(loc) }
 
 // HashStart implements CMD_HASH_START.
-func (in *Instance) HashStart() error { return toResult(in.eng.HashStart()) }
+func (in *Instance) HashStart() error { return in.eng.HashStart() }
 
 // HashData implements CMD_HASH_DATA.
-func (in *Instance) HashData(b []byte) error { return toResult(in.eng.HashData(b)) }
+func (in *Instance) HashData(b []byte) error { return in.eng.HashData(b) }
 
 // HashEnd implements CMD_HASH_END.
-func (in *Instance) HashEnd() error { return toResult(in.eng.HashEnd()) }
+func (in *Instance) HashEnd() error { return in.eng.HashEnd() }
 
 // Cancel implements CMD_CANCEL_TPM_CMD; it does not wait for the engine lock.
 func (in *Instance) Cancel() error {
@@ -259,11 +297,11 @@ func (in *Instance) Cancel() error {
 func (in *Instance) StoreVolatile() error {
 	vol, err := in.eng.VolatileState()
 	if err != nil {
-		return toResult(err)
+		return err
 	}
 	if err := in.cfg.Store.Store(emulator.StateVolatile, vol); err != nil {
 		in.log.Error("store volatile state", "err", err)
-		return fmt.Errorf("%w: %w", tpmwire.ResFail, err)
+		return fmt.Errorf("store volatile state: %w", err)
 	}
 	return nil
 }
@@ -282,8 +320,7 @@ func (in *Instance) Config() uint32 {
 
 // SetBufferSize implements CMD_SET_BUFFERSIZE.
 func (in *Instance) SetBufferSize(wanted uint32) (uint32, uint32, uint32, error) {
-	s, mn, mx, err := in.eng.SetBufferSize(wanted)
-	return s, mn, mx, toResult(err)
+	return in.eng.SetBufferSize(wanted)
 }
 
 // Info implements CMD_GET_INFO.
@@ -300,10 +337,7 @@ func (in *Instance) LockStorage(retries uint32) error {
 	if in.deferLock {
 		return nil // nothing to protect yet
 	}
-	if err := in.lockLocked(); err != nil {
-		return fmt.Errorf("%w: %w", tpmwire.ResFail, err)
-	}
-	return nil
+	return in.lockLocked()
 }
 
 func stateType(typ uint32) (emulator.StateType, error) {
@@ -315,7 +349,7 @@ func stateType(typ uint32) (emulator.StateType, error) {
 	case socket.BlobSavestate:
 		return emulator.StateSave, nil
 	}
-	return 0, fmt.Errorf("unknown state blob type %d: %w", typ, tpmwire.ResFail)
+	return 0, fmt.Errorf("unknown state blob type %d", typ)
 }
 
 // GetStateBlob implements CMD_GET_STATEBLOB: the stored blob re-wrapped as a migration blob.
@@ -333,7 +367,7 @@ func (in *Instance) GetStateBlob(typ uint32, decrypt bool) ([]byte, bool, error)
 	case emulator.StateVolatile:
 		plain, err = in.eng.VolatileState()
 		if err != nil {
-			return nil, false, toResult(err)
+			return nil, false, err
 		}
 		// swtpm stores, reads back and deletes it, so a later INIT never resumes a stale state.
 		if err := in.cfg.Store.Delete(emulator.StateVolatile, false); err != nil {
@@ -345,7 +379,7 @@ func (in *Instance) GetStateBlob(typ uint32, decrypt bool) ([]byte, bool, error)
 			plain, err = nil, nil
 		}
 		if err != nil {
-			return nil, false, fmt.Errorf("load %s: %w", t.Name(), blobResult(err))
+			return nil, false, fmt.Errorf("load %s: %w", t.Name(), err)
 		}
 	}
 	if t == emulator.StateSave && in.cfg.Store.Locked() {
@@ -357,7 +391,7 @@ func (in *Instance) GetStateBlob(typ uint32, decrypt bool) ([]byte, bool, error)
 	}
 	b, enc, err := blob.WrapMigration(plain, in.cfg.StateKey, in.cfg.MigrationKey, decrypt)
 	if err != nil {
-		return nil, false, fmt.Errorf("wrap %s: %w", t.Name(), blobResult(err))
+		return nil, false, fmt.Errorf("wrap %s: %w", t.Name(), err)
 	}
 	return b, enc, nil
 }
@@ -379,49 +413,12 @@ func (in *Instance) SetStateBlob(typ uint32, encrypted bool, b []byte) error {
 		plain, err = blob.UnwrapMigration(b, encrypted, in.cfg.StateKey, in.cfg.MigrationKey)
 		if err != nil {
 			in.log.Error("refusing state blob", "type", t.Name(), "err", err)
-			return fmt.Errorf("unwrap %s blob: %w", t.Name(), blobResult(err))
+			return fmt.Errorf("unwrap %s blob: %w", t.Name(), err)
 		}
 	}
 	if err := in.eng.SetState(t, plain); err != nil {
 		in.log.Error("refusing state blob", "type", t.Name(), "err", err)
-		return toResult(err)
+		return err
 	}
 	return nil
-}
-
-// toResult maps engine errors to control-channel results.
-func toResult(err error) error {
-	if err == nil {
-		return nil
-	}
-	var r tpmwire.Result
-	switch {
-	case errors.As(err, &r):
-		return fmt.Errorf("%w: %w", tpmwire.Result(r), err)
-	case errors.Is(err, emulator.ErrNotRunning), errors.Is(err, emulator.ErrRunning):
-		return fmt.Errorf("%w: %w", tpmwire.ResBadOrdinal, err)
-	}
-	return fmt.Errorf("%w: %w", tpmwire.ResFail, err)
-}
-
-// blobResult maps state-format errors to the result codes swtpm answers with.
-func blobResult(err error) error {
-	var code tpmwire.Result
-	switch {
-	case errors.Is(err, blob.ErrKeyNotFound):
-		code = tpmwire.ResKeyNotFound
-	case errors.Is(err, blob.ErrDecrypt):
-		code = tpmwire.ResDecryptError
-	case errors.Is(err, blob.ErrKeyLength):
-		code = tpmwire.ResBadKeyProperty
-	case errors.Is(err, blob.ErrHeaderSize):
-		code = tpmwire.ResBadDataSize
-	case errors.Is(err, blob.ErrVersion):
-		code = tpmwire.ResBadVersion
-	case errors.Is(err, blob.ErrMalformed):
-		code = tpmwire.ResBadParameter
-	default:
-		code = tpmwire.ResFail
-	}
-	return fmt.Errorf("%w: %w", code, err)
 }

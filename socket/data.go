@@ -157,10 +157,10 @@ func (s *Server) process(f *Frame) []byte {
 		}
 		loc := cmd[10]
 		if !s.localityAllowed(loc) {
-			return tpmwire.ErrorResponse(true, tpmwire.RCLocality)
+			return tpmwire.ErrorResponse(true, tpmwire.RCSetLocalityRefused)
 		}
 		if err := s.tpm.SetLocality(loc); err != nil {
-			return tpmwire.ErrorResponse(true, tpmwire.RCLocality)
+			return tpmwire.ErrorResponse(true, tpmwire.RCSetLocalityRefused)
 		}
 		return tpmwire.ErrorResponse(true, tpmwire.RCSuccess)
 	}

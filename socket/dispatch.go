@@ -20,16 +20,23 @@ const (
 	afterShutdown              // finish the server
 )
 
-// resultOf maps a handler error to the control-channel result code, in this one place.
-func resultOf(err error) tpmwire.Result {
-	if err == nil {
-		return tpmwire.ResSuccess
-	}
+// ResultInChain is the default Options.ResultOf: the tpmwire.Result in err's chain, else
+// TPM_FAIL.
+func ResultInChain(err error) tpmwire.Result {
 	var r tpmwire.Result
 	if errors.As(err, &r) {
 		return r
 	}
 	return tpmwire.ResFail
+}
+
+// resultOf is where a handler's error becomes the control channel's result code: the one place
+// codes are attached. The TPM's conditions are classified by Options.ResultOf.
+func (s *Server) resultOf(err error) tpmwire.Result {
+	if err == nil {
+		return tpmwire.ResSuccess
+	}
+	return s.opts.ResultOf(err)
 }
 
 func res(r tpmwire.Result) []byte { return putBE32(nil, uint32(r)) }
@@ -58,7 +65,7 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 		if len(p) != 0 {
 			return res(tpmwire.ResBadParameter), afterNext
 		}
-		return res(resultOf(f())), afterNext
+		return res(s.resultOf(f())), afterNext
 	}
 	switch cmd {
 	case CmdGetCapability:
@@ -68,7 +75,7 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 		if len(p) != 4 {
 			return res(tpmwire.ResBadParameter), afterNext
 		}
-		return res(resultOf(s.tpm.Init(be32(p)))), afterNext
+		return res(s.resultOf(s.tpm.Init(be32(p)))), afterNext
 
 	case CmdShutdown:
 		if len(p) != 0 {
@@ -85,7 +92,7 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 		}
 		bit, err := s.tpm.Established()
 		if err != nil {
-			return res(resultOf(err)), afterNext
+			return res(s.resultOf(err)), afterNext
 		}
 		b := putBE32(nil, 0)
 		if bit {
@@ -100,7 +107,7 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 		if !s.localityAllowed(p[0]) {
 			return res(tpmwire.ResBadLocality), afterNext
 		}
-		return res(resultOf(s.tpm.SetLocality(p[0]))), afterNext
+		return res(s.resultOf(s.tpm.SetLocality(p[0]))), afterNext
 
 	case CmdHashStart:
 		return exact0(s.tpm.HashStart)
@@ -124,7 +131,7 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 		if !s.localityAllowed(p[0]) {
 			return res(tpmwire.ResBadLocality), afterNext
 		}
-		return res(resultOf(s.tpm.ResetEstablished(p[0]))), afterNext
+		return res(s.resultOf(s.tpm.ResetEstablished(p[0]))), afterNext
 
 	case CmdGetStateBlob:
 		return s.getStateBlob(p), afterNext
@@ -154,7 +161,7 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 		}
 		size, mn, mx, err := s.tpm.SetBufferSize(wanted)
 		if err != nil {
-			return res(resultOf(err)), afterNext
+			return res(s.resultOf(err)), afterNext
 		}
 		return putBE32(nil, 0, size, mn, mx), afterNext
 
@@ -165,7 +172,11 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 		if len(p) != 4 {
 			return res(tpmwire.ResBadParameter), afterNext
 		}
-		return res(resultOf(s.tpm.LockStorage(be32(p)))), afterNext
+		if err := s.tpm.LockStorage(be32(p)); err != nil {
+			s.log.Error("LOCK_STORAGE", "err", err)
+			return res(tpmwire.ResFail), afterNext // whatever stopped the lock, as swtpm
+		}
+		return res(tpmwire.ResSuccess), afterNext
 	}
 	return res(tpmwire.ResBadOrdinal), afterNext
 }
@@ -185,7 +196,7 @@ func (s *Server) hashData(r *ctrlReader, p []byte) ([]byte, after) {
 		return res(tpmwire.ResBadParameter), afterNext
 	}
 	if err := s.tpm.HashData(data); err != nil {
-		return res(resultOf(err)), afterNext
+		return res(s.resultOf(err)), afterNext
 	}
 	remain := length - len(data)
 	buf := make([]byte, 4096)
@@ -195,7 +206,7 @@ func (s *Server) hashData(r *ctrlReader, p []byte) ([]byte, after) {
 			return res(tpmwire.ResIOError), afterClose
 		}
 		if err := s.tpm.HashData(chunk); err != nil {
-			return res(resultOf(err)), afterNext
+			return res(s.resultOf(err)), afterNext
 		}
 		remain -= len(chunk)
 	}
@@ -210,7 +221,7 @@ func (s *Server) getStateBlob(p []byte) []byte {
 	flags, typ, offset := be32(p), be32(p[4:]), be32(p[8:])
 	blob, enc, err := s.tpm.GetStateBlob(typ, flags&StateFlagDecrypted != 0)
 	if err != nil {
-		return putBE32(nil, uint32(resultOf(err)), 0, 0, 0)
+		return putBE32(nil, uint32(s.resultOf(err)), 0, 0, 0)
 	}
 	if blob == nil {
 		return putBE32(nil, uint32(tpmwire.ResRetry), 0, 0, 0)
@@ -252,7 +263,7 @@ func (s *Server) setStateBlob(r *ctrlReader, p []byte, running bool) ([]byte, af
 	if length == 0 {
 		blob = nil
 	}
-	return res(resultOf(s.tpm.SetStateBlob(typ, flags&StateFlagEncrypted != 0, blob))), afterNext
+	return res(s.resultOf(s.tpm.SetStateBlob(typ, flags&StateFlagEncrypted != 0, blob))), afterNext
 }
 
 func (s *Server) getInfo(p []byte) []byte {
@@ -263,7 +274,7 @@ func (s *Server) getInfo(p []byte) []byte {
 	offset := be32(p[8:])
 	info, err := s.tpm.Info(flags)
 	if err != nil {
-		return res(resultOf(err))
+		return res(s.resultOf(err))
 	}
 	if int64(offset) >= int64(len(info)) {
 		return res(tpmwire.ResBadParameter)

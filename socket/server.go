@@ -3,10 +3,13 @@ package socket
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"sync"
+
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
 )
 
 // Options are the swtpm behaviours a Server reproduces.
@@ -23,6 +26,9 @@ type Options struct {
 	AllowSetLocality bool
 	// Log receives protocol traces at debug level and errors.
 	Log *slog.Logger
+	// ResultOf classifies a TPM method's error as a control-channel result code (nil:
+	// ResultInChain). backend.ResultOf is the table for a backend.Instance.
+	ResultOf func(error) tpmwire.Result
 }
 
 // Server serves one TPM on swtpm's control and data channels.
@@ -45,6 +51,9 @@ func NewServer(tpm TPM, opts Options) *Server {
 	log := opts.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
+	}
+	if opts.ResultOf == nil {
+		opts.ResultOf = ResultInChain
 	}
 	return &Server{tpm: tpm, opts: opts, log: log, done: make(chan struct{})}
 }
@@ -71,27 +80,53 @@ func (s *Server) finish(reason string) {
 // connections were closed by ctx).
 func (s *Server) Wait() { s.wg.Wait() }
 
-// ServeCtrl accepts control clients one at a time until ctx is done or the server finishes.
-func (s *Server) ServeCtrl(ctx context.Context, ln net.Listener) {
-	s.goServe(func() { s.acceptLoop(ctx, ln, func(c net.Conn) { s.serveCtrlConn(ctx, c) }) })
+// ErrNoChannel is returned when neither a control nor a data channel is configured.
+var ErrNoChannel = errors.New("no control channel and no data channel: use --ctrl and/or --server")
+
+// Serve serves the control channel and the data channel (either may be nil) on their own
+// goroutines and returns; Done tells when the server should exit, Wait when it has. The
+// endpoints' Terminate and Disconnect settings apply. The caller closes the endpoints.
+func (s *Server) Serve(ctx context.Context, ctrl, data *Endpoint) error {
+	if ctrl == nil && data == nil {
+		return ErrNoChannel
+	}
+	if ctrl != nil {
+		s.opts.CtrlTerminate = s.opts.CtrlTerminate || ctrl.spec.Terminate
+		if err := s.serveCtrl(ctx, ctrl); err != nil {
+			return err
+		}
+	}
+	if data != nil {
+		s.opts.Disconnect = s.opts.Disconnect || data.spec.Disconnect
+		s.setDataSet(true)
+		if data.conn != nil {
+			// an inherited data connection (--fd, --server fd=): losing it ends the server
+			s.goServe(func() { s.serveDataConn(ctx, data.conn, true) })
+		} else {
+			s.goServe(func() { s.acceptLoop(ctx, data.ln, func(c net.Conn) { s.serveDataConn(ctx, c, s.opts.Terminate) }) })
+		}
+	}
+	return nil
 }
 
-// ServeCtrlConn serves an already connected control client (--ctrl ...,clientfd=N).
+// serveCtrl accepts control clients one at a time, or serves the one inherited client
+// (--ctrl ...,clientfd=N).
+func (s *Server) serveCtrl(ctx context.Context, ctrl *Endpoint) error {
+	if ctrl.conn == nil {
+		s.goServe(func() { s.acceptLoop(ctx, ctrl.ln, func(c net.Conn) { s.serveCtrlConn(ctx, c) }) })
+		return nil
+	}
+	c, ok := ctrl.conn.(net.Conn)
+	if !ok {
+		return fmt.Errorf("%s: the control channel must be a socket", ctrl.spec.Name)
+	}
+	s.goServe(func() { s.serveCtrlConn(ctx, c) })
+	return nil
+}
+
+// ServeCtrlConn serves an already connected control client.
 func (s *Server) ServeCtrlConn(ctx context.Context, c net.Conn) {
 	s.goServe(func() { s.serveCtrlConn(ctx, c) })
-}
-
-// ServeData accepts data clients one at a time (--server with a listening socket).
-func (s *Server) ServeData(ctx context.Context, ln net.Listener) {
-	s.setDataSet(true)
-	s.goServe(func() { s.acceptLoop(ctx, ln, func(c net.Conn) { s.serveDataConn(ctx, c, s.opts.Terminate) }) })
-}
-
-// ServeDataConn serves an already connected data channel (--fd, --server ...,fd=N: a stream
-// socket or a character device); losing it ends the server.
-func (s *Server) ServeDataConn(ctx context.Context, c io.ReadWriteCloser) {
-	s.setDataSet(true)
-	s.goServe(func() { s.serveDataConn(ctx, c, true) })
 }
 
 // goServe runs f on a goroutine that Wait waits for.

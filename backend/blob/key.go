@@ -34,6 +34,15 @@ func (k *Key) Len() int {
 	return len(k.b)
 }
 
+// Zero overwrites the key's bytes (a nil key is a no-op): a key is cleared once nothing
+// needs it.
+func (k *Key) Zero() {
+	if k == nil {
+		return
+	}
+	clear(k.b)
+}
+
 // Is256 reports an AES-256 key.
 func (k *Key) Is256() bool { return k.Len() == 32 }
 
@@ -190,6 +199,16 @@ func readSource(path string, fd int, limit int) (b []byte, tooLong bool, err err
 		return b[:limit], true, nil
 	}
 	return b, false, nil
+}
+
+// LoadKeyOption parses swtpm's key option string (ParseKeyOption) and loads the key it names
+// (LoadKey).
+func LoadKeyOption(raw string) (*Key, error) {
+	spec, err := ParseKeyOption(raw)
+	if err != nil {
+		return nil, err
+	}
+	return LoadKey(spec)
 }
 
 // LoadKey reads the key a spec describes, the way swtpm does:

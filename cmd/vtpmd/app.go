@@ -6,13 +6,14 @@ import (
 	"os"
 
 	"github.com/urfave/cli/v2"
+	"github.com/vtpmd/vtpmd/backend"
 )
 
 // version is the vtpmd release; swtpmCompatVersion is the swtpm version whose interfaces
 // vtpmd reproduces (what --print-capabilities and --version report in swtpm's place).
 const (
 	version            = "0.1.0"
-	swtpmCompatVersion = "0.8.0"
+	swtpmCompatVersion = backend.SwtpmCompatVersion
 )
 
 func newVtpmdApp() *cli.App {

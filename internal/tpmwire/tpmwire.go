@@ -43,13 +43,16 @@ const (
 
 // TPM 2 response codes vtpmd produces or branches on.
 const (
-	RCSuccess     uint32 = 0x000
-	RCInitialize  uint32 = 0x100 // TPM_RC_INITIALIZE: TPM2_Startup not done yet
-	RCFailure     uint32 = 0x101 // TPM_RC_FAILURE: failure mode, or not powered on
-	RCLocality    uint32 = 0x107 // TPM_RC_LOCALITY
-	RCCommandSize uint32 = 0x142 // TPM_RC_COMMAND_SIZE
-	RCYielded     uint32 = 0x908 // TPM_RC_YIELDED
-	RCRetry       uint32 = 0x922 // TPM_RC_RETRY
+	RCSuccess    uint32 = 0x000
+	RCInitialize uint32 = 0x100 // TPM_RC_INITIALIZE: TPM2_Startup not done yet
+	RCFailure    uint32 = 0x101 // TPM_RC_FAILURE: failure mode, or not powered on
+	RCLocality   uint32 = 0x907 // TPM_RC_LOCALITY (RC_WARN + 7): the command's locality is not allowed
+	// RCSetLocalityRefused is what swtpm answers a refused TPM2_CC_SET_LOCALITY: its own
+	// TPM_RC_LOCALITY value, without the warning bit.
+	RCSetLocalityRefused uint32 = 0x107
+	RCCommandSize        uint32 = 0x142 // TPM_RC_COMMAND_SIZE
+	RCYielded            uint32 = 0x908 // TPM_RC_YIELDED
+	RCRetry              uint32 = 0x922 // TPM_RC_RETRY
 )
 
 // ErrShort is returned for a buffer shorter than a header or than the size it declares.

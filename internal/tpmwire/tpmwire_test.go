@@ -17,7 +17,7 @@ func TestCommands(t *testing.T) {
 		{"TPM2_Shutdown(STATE)", Shutdown2(SUState), []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x45, 0, 1}},
 		{"TPM_Startup(ST_CLEAR)", Startup12(STClear), []byte{0x00, 0xc1, 0, 0, 0, 0x0c, 0, 0, 0, 0x99, 0, 1}},
 		{"TPM2_GetRandom(8)", GetRandom2(8), []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8}},
-		{"TPM 2 error", ErrorResponse(true, RCLocality), []byte{0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x07}},
+		{"TPM 2 error", ErrorResponse(true, RCSetLocalityRefused), []byte{0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x07}},
 		{"TPM 1.2 error", ErrorResponse(false, uint32(ResFail)), []byte{0x00, 0xc4, 0, 0, 0, 0x0a, 0, 0, 0, 0x09}},
 		{"params concatenated", Command(TagSessions, 0x12b, U32(0x4000000c), nil, []byte{1}), []byte{0x80, 0x02, 0, 0, 0, 0x0f, 0, 0, 0x01, 0x2b, 0x40, 0, 0, 0x0c, 1}},
 	}

@@ -1,4 +1,4 @@
-package main
+package daemon
 
 import (
 	"context"
@@ -8,17 +8,29 @@ import (
 	"strconv"
 	"syscall"
 
-	"github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
 )
 
 // daemonEnv carries the readiness pipe's fd number to the re-executed daemon.
 const daemonEnv = "VTPMD_DAEMON_READY_FD"
 
-// daemonize implements --daemon. Go cannot fork, so the binary re-executes itself in a new
+// ErrChildFailed is returned by Detach in the parent when the daemon exited before it was
+// ready; ExitCode says with which status.
+type ErrChildFailed struct{ Status int }
+
+func (e *ErrChildFailed) Error() string { return fmt.Sprintf("daemon exited with status %d", e.Status) }
+
+// ExitCode is the daemon's exit status, for the parent to exit with.
+func (e *ErrChildFailed) ExitCode() int { return e.Status }
+
+// IsDetached reports whether this process is the re-executed daemon (so --daemon must not
+// detach again).
+func IsDetached() bool { return os.Getenv(daemonEnv) != "" }
+
+// Detach implements --daemon. Go cannot fork, so the binary re-executes itself in a new
 // session with the same arguments and inherited fds; the parent exits once the child is ready
 // (sockets and pid file exist), or with the child's failure, as swtpm's --daemon does.
-func daemonize(ctx context.Context) error {
+func Detach(ctx context.Context) error {
 	exe, err := os.Readlink("/proc/self/exe")
 	if err != nil {
 		return fmt.Errorf("daemonize: %w", err)
@@ -78,13 +90,13 @@ func daemonize(ctx context.Context) error {
 	}
 	var ws syscall.WaitStatus
 	if _, err := syscall.Wait4(pid, &ws, 0, nil); err == nil && ws.Exited() && ws.ExitStatus() != 0 {
-		return cli.Exit("", ws.ExitStatus())
+		return &ErrChildFailed{Status: ws.ExitStatus()}
 	}
-	return cli.Exit("", 1)
+	return &ErrChildFailed{Status: 1}
 }
 
-// signalReady tells a waiting --daemon parent that the sockets are up, then detaches stdio.
-func signalReady() {
+// SignalReady tells a waiting --daemon parent that the sockets are up, then detaches stdio.
+func SignalReady() {
 	s := os.Getenv(daemonEnv)
 	if s == "" {
 		return

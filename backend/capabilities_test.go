@@ -1,0 +1,22 @@
+package backend
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestCapabilities(t *testing.T) {
+	c2 := Capabilities(true)
+	c1 := Capabilities(false)
+	for _, want := range []string{`"type": "swtpm"`, `"tpm-2.0"`, `"cmdarg-pwd-fd"`, `"cmdarg-migration"`, `"rsa-keysize-2048"`} {
+		if !strings.Contains(c2, want) {
+			t.Errorf("--tpm2 capabilities lack %s: %s", want, c2)
+		}
+	}
+	if strings.Contains(c1, "rsa-keysize") {
+		t.Errorf("rsa-keysize listed without --tpm2: %s", c1)
+	}
+	if !strings.HasPrefix(c2, `{ "type": "swtpm", "features": [ "tpm-1.2", "tpm-2.0", "tpm-send-command-header"`) {
+		t.Errorf("feature order differs from swtpm's: %s", c2)
+	}
+}

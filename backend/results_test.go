@@ -1,0 +1,36 @@
+package backend
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/vtpmd/vtpmd/backend/blob"
+	"github.com/vtpmd/vtpmd/emulator"
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
+)
+
+func TestResultOf(t *testing.T) {
+	tests := []struct {
+		name string
+		err  error
+		want tpmwire.Result
+	}{
+		{"libtpms result wins", fmt.Errorf("init: %w (%w)", tpmwire.ResDecryptError, blob.ErrMalformed), tpmwire.ResDecryptError},
+		{"not running", fmt.Errorf("x: %w", emulator.ErrNotRunning), tpmwire.ResBadOrdinal},
+		{"running", emulator.ErrRunning, tpmwire.ResBadOrdinal},
+		{"lock", fmt.Errorf("%w: %w", ErrLock, errors.New("EAGAIN")), tpmwire.ResIOError},
+		{"wrong key", fmt.Errorf("load permall: %w", blob.ErrDecrypt), tpmwire.ResDecryptError},
+		{"no key", blob.ErrKeyNotFound, tpmwire.ResKeyNotFound},
+		{"key length", blob.ErrKeyLength, tpmwire.ResBadKeyProperty},
+		{"header size", blob.ErrHeaderSize, tpmwire.ResBadDataSize},
+		{"version", blob.ErrVersion, tpmwire.ResBadVersion},
+		{"malformed", blob.ErrMalformed, tpmwire.ResBadParameter},
+		{"anything else", errors.New("disk full"), tpmwire.ResFail},
+	}
+	for _, tt := range tests {
+		if got := ResultOf(tt.err); got != tt.want {
+			t.Errorf("%s: ResultOf = %#x, want %#x", tt.name, uint32(got), uint32(tt.want))
+		}
+	}
+}

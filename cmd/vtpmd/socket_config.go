@@ -1,0 +1,99 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/vtpmd/vtpmd/backend"
+	"github.com/vtpmd/vtpmd/backend/blob"
+	"github.com/vtpmd/vtpmd/emulator"
+	"github.com/vtpmd/vtpmd/internal/daemon"
+	"github.com/vtpmd/vtpmd/socket"
+)
+
+// socketConfig turns swtpm socket's flags into a backend.RunConfig (without the state
+// location and the logger, which runSocket fills in).
+func socketConfig(c *cli.Context, o *socketOpts, tpm2 bool) (backend.RunConfig, error) {
+	cfg := backend.RunConfig{Version: emulator.TPM12}
+	if tpm2 {
+		cfg.Version = emulator.TPM2
+	}
+	if o.key.set != nil || o.migKey.set != nil {
+		cfg.Keys = backend.KeyOptions{State: o.key.raw(), Migration: o.migKey.raw()}
+	}
+	var err error
+	if cfg.PowerOn, cfg.Startup, err = startupFlags(o); err != nil {
+		return cfg, err
+	}
+	cfg.DisableAutoShutdown = o.flags.set.Bool("disable-auto-shutdown", false)
+	cfg.IncomingMigration = o.migration.set.Bool("incoming", false)
+	cfg.Server = socket.Options{
+		Terminate:        c.Bool("terminate"),
+		RejectLocality4:  o.locality.set.Bool("reject-locality-4", false),
+		AllowSetLocality: o.locality.set.Bool("allow-set-locality", false),
+	}
+	if o.seccomp.set != nil {
+		switch a := o.seccomp.set.String("action", "kill"); a {
+		case "none", "kill", "log":
+		default:
+			return cfg, fmt.Errorf("--seccomp: unsupported action '%s'", a)
+		}
+	}
+	if cfg.PidFile, err = pidFlags(o); err != nil {
+		return cfg, err
+	}
+	if cfg.Ctrl, err = socket.ParseCtrl(o.ctrl.set); err != nil {
+		return cfg, err
+	}
+	port := -1
+	if c.IsSet("port") {
+		port = c.Int("port")
+	}
+	cfg.Data, err = socket.ParseData(o.server.set, port, c.Int("fd"))
+	return cfg, err
+}
+
+// startupFlags reads --flags not-need-init and startup-* (which imply not-need-init).
+func startupFlags(o *socketOpts) (powerOn bool, st backend.Startup, err error) {
+	f := o.flags.set
+	powerOn = f.Bool("not-need-init", false)
+	seen := false
+	for name, s := range map[string]backend.Startup{"startup-clear": backend.StartupClear, "startup-state": backend.StartupState,
+		"startup-deactivated": backend.StartupDeactivated, "startup-none": backend.StartupNone} {
+		if !f.Bool(name, false) {
+			continue
+		}
+		if seen {
+			return false, 0, errors.New("--flags: only one of the startup-* options may be given")
+		}
+		seen, powerOn, st = true, true, s
+	}
+	return powerOn, st, nil
+}
+
+// pidFlags reads --pid file=|fd=.
+func pidFlags(o *socketOpts) (daemon.PidFile, error) {
+	p := daemon.PidFile{FD: -1}
+	s := o.pid.set
+	if s == nil {
+		return p, nil
+	}
+	p.Path = s.String("file", "")
+	fd, err := s.Int("fd", -1)
+	if err != nil {
+		return p, fmt.Errorf("--pid: %w", err)
+	}
+	p.FD = fd
+	if p.Path == "" && p.FD < 0 {
+		return p, errors.New("--pid: file= or fd= is required")
+	}
+	return p, nil
+}
+
+// runAs is daemon.RunAs, for vtpmd setup's --runas.
+var runAs = daemon.RunAs
+
+// loadKey is blob.LoadKeyOption, for vtpmd setup's key options.
+var loadKey = blob.LoadKeyOption
