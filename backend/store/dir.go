@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
 )
 
 // maxBlob bounds what is read as one stored blob; libtpms blobs are below 128 KiB.
@@ -45,12 +47,13 @@ func (d *dirBackend) file(name string) string {
 	return filepath.Join(d.dir, "tpm-00."+name)
 }
 
-// tmp is swtpm's temporary name: TMP2-00.<name> or TMP-00.<name>.
-func (d *dirBackend) tmp(name string) string {
+// tmpName is swtpm's temporary file name, in the state directory: TMP2-00.<name> or
+// TMP-00.<name>.
+func (d *dirBackend) tmpName(name string) string {
 	if d.opts.TPM2 {
-		return filepath.Join(d.dir, "TMP2-00."+name)
+		return "TMP2-00." + name
 	}
-	return filepath.Join(d.dir, "TMP-00."+name)
+	return "TMP-00." + name
 }
 
 func (d *dirBackend) lockFile() (string, int, uint32) {
@@ -153,34 +156,14 @@ func (d *dirBackend) apply(changes []change) error {
 	return fsyncDir(d.dir, d.opts.NoFsync)
 }
 
+// writeFile replaces one blob file; apply fsyncs the directory once for all of them.
 func (d *dirBackend) writeFile(name string, data []byte) error {
-	tmp, final := d.tmp(name), d.file(name)
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, os.FileMode(d.opts.Mode))
-	if err != nil {
-		return fmt.Errorf("create %s: %w", tmp, err)
-	}
-	err = func() error {
-		if d.opts.ModeSet { // exact mode, whatever the umask
-			if err := f.Chmod(os.FileMode(d.opts.Mode)); err != nil {
-				return fmt.Errorf("chmod %s: %w", tmp, err)
-			}
-		}
-		if _, err := f.Write(data); err != nil {
-			return fmt.Errorf("write %s: %w", tmp, err)
-		}
-		return fsyncFile(f, d.opts.NoFsync)
-	}()
-	if cerr := f.Close(); err == nil && cerr != nil {
-		err = fmt.Errorf("close %s: %w", tmp, cerr)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	hook("rename", final)
-	if err := os.Rename(tmp, final); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("rename %s: %w", tmp, err)
-	}
-	return nil
+	return atomicfile.Write(d.file(name), data, atomicfile.Options{
+		Perm:      os.FileMode(d.opts.Mode),
+		ExactPerm: d.opts.ModeSet, // exact mode, whatever the umask
+		TempName:  d.tmpName(name),
+		NoFsync:   d.opts.NoFsync,
+		NoDirSync: true,
+		Trace:     hook,
+	})
 }

@@ -12,10 +12,10 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
-	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
 )
 
 // Linear store layout (swtpm's file:// backend), all little endian: u64 magic, u8 version,
@@ -483,111 +483,22 @@ func (l *linearBackend) apply(changes []change) error {
 // create the temporary file (a confinement profile may allow only the store file itself), it
 // reports done=false having changed nothing, and the caller writes in place.
 func (l *linearBackend) replace(img []byte) (done bool, err error) {
-	tmp := l.path + ".tmp"
-	perm := os.FileMode(l.opts.Mode)
-	exact := l.opts.ModeSet
-	var owner *syscall.Stat_t
-	var xattrs map[string][]byte
-	orig, err := os.OpenFile(l.path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	err = atomicfile.Write(l.path, img, atomicfile.Options{
+		Perm:      os.FileMode(l.opts.Mode),
+		ExactPerm: l.opts.ModeSet,
+		Keep:      atomicfile.KeepAll,
+		TempName:  filepath.Base(l.path) + ".tmp",
+		NoFsync:   l.opts.NoFsync,
+		Trace:     hook,
+	})
 	switch {
 	case err == nil:
-		st, err := orig.Stat()
-		if err == nil {
-			xattrs, err = keptXattrs(orig)
-		}
-		orig.Close()
-		switch {
-		case err != nil:
-			return false, nil // cannot tell what to keep: write in place
-		case !st.Mode().IsRegular():
-			return false, fmt.Errorf("%s is no longer a regular file", l.path)
-		}
-		if !exact {
-			perm, exact = st.Mode().Perm(), true
-		}
-		owner, _ = st.Sys().(*syscall.Stat_t)
-	case !errors.Is(err, fs.ErrNotExist):
-		return false, err
+		return true, nil
+	case errors.Is(err, atomicfile.ErrCannotKeep),
+		errors.Is(err, atomicfile.ErrCreateTemp) && (errors.Is(err, fs.ErrPermission) || errors.Is(err, unix.EROFS)):
+		return false, nil
 	}
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_NOFOLLOW|unix.O_CLOEXEC, perm)
-	if err != nil {
-		if errors.Is(err, fs.ErrPermission) || errors.Is(err, unix.EROFS) {
-			return false, nil
-		}
-		return false, fmt.Errorf("create %s: %w", tmp, err)
-	}
-	err = func() error {
-		if owner != nil && (int(owner.Uid) != os.Geteuid() || int(owner.Gid) != os.Getegid()) {
-			if err := f.Chown(int(owner.Uid), int(owner.Gid)); err != nil {
-				return errCannotKeep
-			}
-		}
-		if exact {
-			if err := f.Chmod(perm); err != nil {
-				return fmt.Errorf("chmod %s: %w", tmp, err)
-			}
-		}
-		for name, v := range xattrs {
-			if err := unix.Fsetxattr(int(f.Fd()), name, v, 0); err != nil {
-				return errCannotKeep
-			}
-		}
-		if _, err := f.Write(img); err != nil {
-			return fmt.Errorf("write %s: %w", tmp, err)
-		}
-		return fsyncFile(f, l.opts.NoFsync)
-	}()
-	if cerr := f.Close(); err == nil && cerr != nil {
-		err = fmt.Errorf("close %s: %w", tmp, cerr)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		if errors.Is(err, errCannotKeep) {
-			return false, nil
-		}
-		return false, err
-	}
-	hook("rename", l.path)
-	if err := os.Rename(tmp, l.path); err != nil {
-		os.Remove(tmp)
-		return false, fmt.Errorf("rename %s: %w", tmp, err)
-	}
-	return true, fsyncDir(filepath.Dir(l.path), l.opts.NoFsync)
-}
-
-var errCannotKeep = errors.New("cannot keep the store file's owner or attributes")
-
-// keptXattrs returns the extended attributes a replacement file must carry over: security
-// labels (security.*) and ACLs (system.posix_acl_*).
-func keptXattrs(f *os.File) (map[string][]byte, error) {
-	fd := int(f.Fd())
-	n, err := unix.Flistxattr(fd, nil)
-	if errors.Is(err, unix.ENOTSUP) || n == 0 && err == nil {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	list := make([]byte, n)
-	if n, err = unix.Flistxattr(fd, list); err != nil {
-		return nil, err
-	}
-	out := map[string][]byte{}
-	for _, name := range strings.Split(string(list[:n]), "\x00") {
-		if !strings.HasPrefix(name, "security.") && !strings.HasPrefix(name, "system.posix_acl_") {
-			continue
-		}
-		sz, err := unix.Fgetxattr(fd, name, nil)
-		if err != nil {
-			return nil, err
-		}
-		v := make([]byte, sz)
-		if sz, err = unix.Fgetxattr(fd, name, v); err != nil {
-			return nil, err
-		}
-		out[name] = v[:sz]
-	}
-	return out, nil
+	return false, err
 }
 
 // writeInPlace updates the store where it is (block devices, and regular files whose lock is

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/backend/blob"
 	"github.com/vtpmd/vtpmd/emulator"
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
 )
 
 var (
@@ -392,8 +393,8 @@ func (s *Store) Close() error {
 	return nil
 }
 
-// testHook, when set by tests, is told about each durability step ("fsync", "rename",
-// "fsync-dir", "write-in-place") with the path concerned.
+// testHook, when set by tests, is told about each durability step (atomicfile's "fsync",
+// "rename" and "fsync-dir", and "write-in-place") with the path concerned.
 var testHook func(op, path string)
 
 func hook(op, path string) {
@@ -407,26 +408,18 @@ func fsyncFile(f *os.File, noFsync bool) error {
 	if noFsync {
 		return nil
 	}
-	hook("fsync", f.Name())
+	hook(atomicfile.StepFsync, f.Name())
 	if err := f.Sync(); err != nil {
 		return fmt.Errorf("fsync %s: %w", f.Name(), err)
 	}
 	return nil
 }
 
-// fsyncDir fsyncs a directory, making renames in it durable.
+// fsyncDir fsyncs a directory, making the renames apply did in it durable.
 func fsyncDir(dir string, noFsync bool) error {
 	if noFsync {
 		return nil
 	}
-	f, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open directory for fsync: %w", err)
-	}
-	defer f.Close()
-	hook("fsync-dir", dir)
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("fsync directory %s: %w", dir, err)
-	}
-	return nil
+	hook(atomicfile.StepFsyncDir, dir)
+	return atomicfile.SyncDir(dir)
 }
