@@ -1,3 +1,7 @@
+//go:build cgo
+
+// These tests run against libtpms itself (emulator/libtpms, cgo); the package does not need it.
+
 package provision
 
 import (
