@@ -1,7 +1,7 @@
 package socket
 
 import (
-	"encoding/binary"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -18,9 +18,31 @@ type Client struct {
 	conn net.Conn
 }
 
+// dialTimeout bounds connecting to a control channel.
+const dialTimeout = 10 * time.Second
+
+// MaxHashData is the most data one CMD_HASH_DATA carries (the data array of ptm_hdata).
+const MaxHashData = 4096
+
+// Reply sizes of the control commands the client sends, the result word included. A non-zero
+// result ends a reply after the result word (replyResult bytes), except for GET_STATEBLOB.
+const (
+	replyResult       = 4  // ptm_res
+	replyResultU32    = 8  // ptm_res + one u32: capabilities, tpmEstablished, configuration flags
+	replyGetInfo      = 12 // ptm_res, totlength, length; the data follows
+	replyBufferSize   = 16 // ptm_res, buffersize, minsize, maxsize
+	replyGetStateBlob = 16 // ptm_res, state_flags, totlength, length; the blob follows
+)
+
 // Dial connects to a control channel: network "unix" with a path, or "tcp" with host:port.
 func Dial(network, addr string) (*Client, error) {
-	c, err := net.DialTimeout(network, addr, 10*time.Second)
+	return DialContext(context.Background(), network, addr)
+}
+
+// DialContext is Dial that also gives up when ctx ends.
+func DialContext(ctx context.Context, network, addr string) (*Client, error) {
+	d := net.Dialer{Timeout: dialTimeout}
+	c, err := d.DialContext(ctx, network, addr)
 	if err != nil {
 		return nil, err
 	}
@@ -49,13 +71,13 @@ func (c *Client) call(cmd Cmd, payload []byte, respLen int, fullOnError bool) ([
 
 func (c *Client) readReply(cmd Cmd, respLen int, fullOnError bool) ([]byte, error) {
 	resp := make([]byte, respLen)
-	if _, err := io.ReadFull(c.conn, resp[:4]); err != nil {
+	if _, err := io.ReadFull(c.conn, resp[:replyResult]); err != nil {
 		return nil, fmt.Errorf("read %s reply: %w", cmd, err)
 	}
 	if r := tpmwire.Result(be32(resp)); r != tpmwire.ResSuccess && !fullOnError {
-		return resp[:4], r
+		return resp[:replyResult], r
 	}
-	if _, err := io.ReadFull(c.conn, resp[4:]); err != nil {
+	if _, err := io.ReadFull(c.conn, resp[replyResult:]); err != nil {
 		return nil, fmt.Errorf("read %s reply: %w", cmd, err)
 	}
 	if r := tpmwire.Result(be32(resp)); r != tpmwire.ResSuccess {
@@ -66,7 +88,7 @@ func (c *Client) readReply(cmd Cmd, respLen int, fullOnError bool) ([]byte, erro
 
 // GetCapability sends CMD_GET_CAPABILITY.
 func (c *Client) GetCapability() (uint32, error) {
-	r, err := c.call(CmdGetCapability, nil, 8, false)
+	r, err := c.call(CmdGetCapability, nil, replyResultU32, false)
 	if err != nil {
 		return 0, err
 	}
@@ -75,58 +97,71 @@ func (c *Client) GetCapability() (uint32, error) {
 
 // Init sends CMD_INIT.
 func (c *Client) Init(flags uint32) error {
-	_, err := c.call(CmdInit, putBE32(nil, flags), 4, false)
+	_, err := c.call(CmdInit, putBE32(nil, flags), replyResult, false)
 	return err
 }
 
 // Shutdown sends CMD_SHUTDOWN.
-func (c *Client) Shutdown() error { _, err := c.call(CmdShutdown, nil, 4, false); return err }
+func (c *Client) Shutdown() error { _, err := c.call(CmdShutdown, nil, replyResult, false); return err }
 
 // Stop sends CMD_STOP.
-func (c *Client) Stop() error { _, err := c.call(CmdStop, nil, 4, false); return err }
+func (c *Client) Stop() error { _, err := c.call(CmdStop, nil, replyResult, false); return err }
 
 // GetEstablished sends CMD_GET_TPMESTABLISHED (always an 8-byte reply).
 func (c *Client) GetEstablished() (bool, error) {
-	r, err := c.call(CmdGetTPMEstablished, nil, 8, false)
+	r, err := c.call(CmdGetTPMEstablished, nil, replyResultU32, false)
 	if err != nil {
 		return false, err
 	}
 	return r[4] != 0, nil
 }
 
-// SetLocality sends CMD_SET_LOCALITY the way QEMU does (u8 + 3 pad bytes).
+// putLocality encodes the payload of SET_LOCALITY and RESET_TPMESTABLISHED the way QEMU and
+// swtpm_ioctl send it: ptm_loc's u8 locality, padded to the size of the union's result word.
+func putLocality(loc uint8) []byte { return []byte{loc, 0, 0, 0} }
+
+// SetLocality sends CMD_SET_LOCALITY.
 func (c *Client) SetLocality(loc uint8) error {
-	_, err := c.call(CmdSetLocality, []byte{loc, 0, 0, 0}, 4, false)
+	_, err := c.call(CmdSetLocality, putLocality(loc), replyResult, false)
 	return err
 }
 
 // ResetEstablished sends CMD_RESET_TPMESTABLISHED.
 func (c *Client) ResetEstablished(loc uint8) error {
-	_, err := c.call(CmdResetTPMEstablished, []byte{loc, 0, 0, 0}, 4, false)
+	_, err := c.call(CmdResetTPMEstablished, putLocality(loc), replyResult, false)
 	return err
 }
 
 // HashStart sends CMD_HASH_START.
-func (c *Client) HashStart() error { _, err := c.call(CmdHashStart, nil, 4, false); return err }
+func (c *Client) HashStart() error {
+	_, err := c.call(CmdHashStart, nil, replyResult, false)
+	return err
+}
 
-// HashData sends one CMD_HASH_DATA.
+// HashData sends one CMD_HASH_DATA; b is at most MaxHashData bytes.
 func (c *Client) HashData(b []byte) error {
-	_, err := c.call(CmdHashData, append(putBE32(nil, uint32(len(b))), b...), 4, false)
+	_, err := c.call(CmdHashData, append(putBE32(nil, uint32(len(b))), b...), replyResult, false)
 	return err
 }
 
 // HashEnd sends CMD_HASH_END.
-func (c *Client) HashEnd() error { _, err := c.call(CmdHashEnd, nil, 4, false); return err }
+func (c *Client) HashEnd() error { _, err := c.call(CmdHashEnd, nil, replyResult, false); return err }
 
 // Cancel sends CMD_CANCEL_TPM_CMD.
-func (c *Client) Cancel() error { _, err := c.call(CmdCancelTPMCmd, nil, 4, false); return err }
+func (c *Client) Cancel() error {
+	_, err := c.call(CmdCancelTPMCmd, nil, replyResult, false)
+	return err
+}
 
 // StoreVolatile sends CMD_STORE_VOLATILE.
-func (c *Client) StoreVolatile() error { _, err := c.call(CmdStoreVolatile, nil, 4, false); return err }
+func (c *Client) StoreVolatile() error {
+	_, err := c.call(CmdStoreVolatile, nil, replyResult, false)
+	return err
+}
 
 // GetConfig sends CMD_GET_CONFIG.
 func (c *Client) GetConfig() (uint32, error) {
-	r, err := c.call(CmdGetConfig, nil, 8, false)
+	r, err := c.call(CmdGetConfig, nil, replyResultU32, false)
 	if err != nil {
 		return 0, err
 	}
@@ -135,7 +170,7 @@ func (c *Client) GetConfig() (uint32, error) {
 
 // SetBufferSize sends CMD_SET_BUFFERSIZE (0 queries).
 func (c *Client) SetBufferSize(n uint32) (size, min, max uint32, err error) {
-	r, err := c.call(CmdSetBufferSize, putBE32(nil, n), 16, false)
+	r, err := c.call(CmdSetBufferSize, putBE32(nil, n), replyBufferSize, false)
 	if err != nil {
 		return 0, 0, 0, err
 	}
@@ -147,7 +182,7 @@ func (c *Client) GetInfo(flags uint64) (string, error) {
 	var out []byte
 	for {
 		p := putBE32(nil, uint32(flags>>32), uint32(flags), uint32(len(out)), 0)
-		r, err := c.call(CmdGetInfo, p, 12, false)
+		r, err := c.call(CmdGetInfo, p, replyGetInfo, false)
 		if err != nil {
 			return "", err
 		}
@@ -169,18 +204,18 @@ func (c *Client) GetInfo(flags uint64) (string, error) {
 
 // LockStorage sends CMD_LOCK_STORAGE.
 func (c *Client) LockStorage(retries uint32) error {
-	_, err := c.call(CmdLockStorage, putBE32(nil, retries), 4, false)
+	_, err := c.call(CmdLockStorage, putBE32(nil, retries), replyResult, false)
 	return err
 }
 
 // GetStateBlob sends CMD_GET_STATEBLOB and returns the blob and the reply's state flags. A
 // missing blob is (nil, 0, tpmwire.ResRetry) as swtpm reports it.
 func (c *Client) GetStateBlob(typ, flags uint32) ([]byte, uint32, error) {
-	r, err := c.call(CmdGetStateBlob, putBE32(nil, flags, typ, 0), 16, true)
+	r, err := c.call(CmdGetStateBlob, putBE32(nil, flags, typ, 0), replyGetStateBlob, true)
 	if r == nil {
 		return nil, 0, err
 	}
-	if len(r) < 16 { // 4-byte error reply (TPM not running)
+	if len(r) < replyGetStateBlob { // 4-byte error reply (TPM not running)
 		return nil, 0, err
 	}
 	outFlags, total, n := be32(r[4:]), be32(r[8:]), be32(r[12:])
@@ -208,7 +243,7 @@ func (c *Client) SetStateBlob(typ, flags uint32, blob []byte) error {
 			return fmt.Errorf("send SET_STATEBLOB data: %w", err)
 		}
 	}
-	_, err := c.readReply(CmdSetStateBlob, 4, false)
+	_, err := c.readReply(CmdSetStateBlob, replyResult, false)
 	return err
 }
 
@@ -218,11 +253,11 @@ func (c *Client) SetDataFD(f *os.File) error {
 	if !ok {
 		return fmt.Errorf("SET_DATAFD needs a unix control socket")
 	}
-	msg := binary.BigEndian.AppendUint32(nil, uint32(CmdSetDataFD))
+	msg := putBE32(nil, uint32(CmdSetDataFD))
 	if _, _, err := uc.WriteMsgUnix(msg, rightsFor(f), nil); err != nil {
 		return fmt.Errorf("send SET_DATAFD: %w", err)
 	}
-	_, err := c.readReply(CmdSetDataFD, 4, false)
+	_, err := c.readReply(CmdSetDataFD, replyResult, false)
 	return err
 }
 
