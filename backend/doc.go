@@ -1,8 +1,14 @@
-// Package backend is one vTPM instance: the lifecycle state machine that swtpm's control
-// channel drives (stopped / running, INIT as a TPM reset, automatic TPM2_Shutdown before a
-// re-INIT, STOP or exit), the state store it keeps its blobs in (subpackages store and blob:
-// swtpm-compatible files, atomic durable writes, locking, encryption) and migration blobs.
+// Package backend serves one vTPM instance. Instance is the lifecycle state machine that swtpm's
+// control channel drives (stopped / running, INIT as a TPM reset, automatic TPM2_Shutdown before
+// a re-INIT, STOP or exit), over the state store it keeps its blobs in (subpackages store and
+// blob: swtpm-compatible files, atomic durable writes, locking, encryption) and migration blobs.
+// Run serves one instance from a RunConfig: keys, channels, state, power-on, until shutdown.
 //
-// An Instance implements socket.TPM. Every error it returns to the control channel is a
-// tpmwire.Result carrying swtpm's result code for the condition.
+// Two seams are where the host manager plugs in: a KeySource (where the state and migration
+// keys come from: swtpm's key options today) and a Guard (sees every data-channel command and
+// every successful TPM2_Startup(CLEAR): host PCR projection).
+//
+// An Instance implements socket.TPM. Its methods return plain, wrapped errors; ResultOf is the
+// one table that turns them into swtpm's control-channel result codes, applied by the socket's
+// dispatcher.
 package backend

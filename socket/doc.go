@@ -4,13 +4,17 @@
 // listeners QEMU, libvirt, swtpm_ioctl, swtpm_setup and the tss2 swtpm TCTI connect to.
 //
 // It knows nothing of libtpms or files: a Server drives one TPM (an interface implemented by
-// backend.Instance). Control and data connections are served on their own goroutines, so a
-// CMD_CANCEL_TPM_CMD reaches a command that is executing. Responses on each connection stay in
-// request order; at most one control client and one data client are served at a time, as swtpm
-// does, and a new control client is accepted when the previous one closed.
+// backend.Instance). Listening is here too: a ListenSpec is parsed once from swtpm's --ctrl or
+// --server sub-options, opened into an Endpoint, and Server.Serve serves both channels. Result
+// codes are attached in one place, the dispatcher, through Options.ResultOf.
 //
-// The byte-level contract is ../shared/reference/swtpm-interfaces.md §1–§2: request and
-// response sizes, result codes, the order of state and size checks, the 500 ms window to
-// complete a partly received control message, whole-blob GET_STATEBLOB replies
-// (totlength == length) and streamed SET_STATEBLOB bodies.
+// Control and data connections are served on their own goroutines, so a CMD_CANCEL_TPM_CMD
+// reaches a command that is executing. Responses on each connection stay in request order; at
+// most one control client and one data client are served at a time, as swtpm does, and a new
+// control client is accepted when the previous one closed.
+//
+// The byte-level contract is swtpm's (its tpm_ioctl.h and the observed behaviour of swtpm
+// 0.7–0.9, see docs/notes.md): request and response sizes, result codes, the order of state and
+// size checks, the 500 ms window to complete a partly received control message, whole-blob
+// GET_STATEBLOB replies (totlength == length) and streamed SET_STATEBLOB bodies.
 package socket
