@@ -51,7 +51,8 @@ func connect(ctx context.Context, ep Endpoint) (*socket.Client, error) {
 	return nil, failf(ErrConnect, err, "Connect failed: %v", bareErrno(err))
 }
 
-// bareErrno is the errno text alone ("No such file or directory"), as the C tool prints it.
+// bareErrno is the errno alone ("no such file or directory"), without Go's "dial unix …"
+// prefix, as the C tool prints strerror alone.
 func bareErrno(err error) error {
 	var se *os.SyscallError
 	if errors.As(err, &se) {
