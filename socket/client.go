@@ -69,6 +69,12 @@ func (c *Client) call(cmd Cmd, payload []byte, respLen int, fullOnError bool) ([
 	return c.readReply(cmd, respLen, fullOnError)
 }
 
+// command sends cmd+payload and reads a reply that is the result word alone.
+func (c *Client) command(cmd Cmd, payload []byte) error {
+	_, err := c.call(cmd, payload, replyResult, false)
+	return err
+}
+
 func (c *Client) readReply(cmd Cmd, respLen int, fullOnError bool) ([]byte, error) {
 	resp := make([]byte, respLen)
 	if _, err := io.ReadFull(c.conn, resp[:replyResult]); err != nil {
@@ -96,16 +102,13 @@ func (c *Client) GetCapability() (uint32, error) {
 }
 
 // Init sends CMD_INIT.
-func (c *Client) Init(flags uint32) error {
-	_, err := c.call(CmdInit, putBE32(nil, flags), replyResult, false)
-	return err
-}
+func (c *Client) Init(flags uint32) error { return c.command(CmdInit, putBE32(nil, flags)) }
 
 // Shutdown sends CMD_SHUTDOWN.
-func (c *Client) Shutdown() error { _, err := c.call(CmdShutdown, nil, replyResult, false); return err }
+func (c *Client) Shutdown() error { return c.command(CmdShutdown, nil) }
 
 // Stop sends CMD_STOP.
-func (c *Client) Stop() error { _, err := c.call(CmdStop, nil, replyResult, false); return err }
+func (c *Client) Stop() error { return c.command(CmdStop, nil) }
 
 // GetEstablished sends CMD_GET_TPMESTABLISHED (always an 8-byte reply).
 func (c *Client) GetEstablished() (bool, error) {
@@ -121,43 +124,29 @@ func (c *Client) GetEstablished() (bool, error) {
 func putLocality(loc uint8) []byte { return []byte{loc, 0, 0, 0} }
 
 // SetLocality sends CMD_SET_LOCALITY.
-func (c *Client) SetLocality(loc uint8) error {
-	_, err := c.call(CmdSetLocality, putLocality(loc), replyResult, false)
-	return err
-}
+func (c *Client) SetLocality(loc uint8) error { return c.command(CmdSetLocality, putLocality(loc)) }
 
 // ResetEstablished sends CMD_RESET_TPMESTABLISHED.
 func (c *Client) ResetEstablished(loc uint8) error {
-	_, err := c.call(CmdResetTPMEstablished, putLocality(loc), replyResult, false)
-	return err
+	return c.command(CmdResetTPMEstablished, putLocality(loc))
 }
 
 // HashStart sends CMD_HASH_START.
-func (c *Client) HashStart() error {
-	_, err := c.call(CmdHashStart, nil, replyResult, false)
-	return err
-}
+func (c *Client) HashStart() error { return c.command(CmdHashStart, nil) }
 
 // HashData sends one CMD_HASH_DATA; b is at most MaxHashData bytes.
 func (c *Client) HashData(b []byte) error {
-	_, err := c.call(CmdHashData, append(putBE32(nil, uint32(len(b))), b...), replyResult, false)
-	return err
+	return c.command(CmdHashData, append(putBE32(nil, uint32(len(b))), b...))
 }
 
 // HashEnd sends CMD_HASH_END.
-func (c *Client) HashEnd() error { _, err := c.call(CmdHashEnd, nil, replyResult, false); return err }
+func (c *Client) HashEnd() error { return c.command(CmdHashEnd, nil) }
 
 // Cancel sends CMD_CANCEL_TPM_CMD.
-func (c *Client) Cancel() error {
-	_, err := c.call(CmdCancelTPMCmd, nil, replyResult, false)
-	return err
-}
+func (c *Client) Cancel() error { return c.command(CmdCancelTPMCmd, nil) }
 
 // StoreVolatile sends CMD_STORE_VOLATILE.
-func (c *Client) StoreVolatile() error {
-	_, err := c.call(CmdStoreVolatile, nil, replyResult, false)
-	return err
-}
+func (c *Client) StoreVolatile() error { return c.command(CmdStoreVolatile, nil) }
 
 // GetConfig sends CMD_GET_CONFIG.
 func (c *Client) GetConfig() (uint32, error) {
@@ -204,8 +193,7 @@ func (c *Client) GetInfo(flags uint64) (string, error) {
 
 // LockStorage sends CMD_LOCK_STORAGE.
 func (c *Client) LockStorage(retries uint32) error {
-	_, err := c.call(CmdLockStorage, putBE32(nil, retries), replyResult, false)
-	return err
+	return c.command(CmdLockStorage, putBE32(nil, retries))
 }
 
 // GetStateBlob sends CMD_GET_STATEBLOB and returns the blob and the reply's state flags. A
