@@ -76,11 +76,7 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 		log = slog.New(slog.DiscardHandler)
 	}
 	if !cfg.TPM2 && cfg.Reconfigure {
-		return nil, fmt.Errorf("manufacture: a TPM 1.2 cannot be reconfigured")
-	}
-	version := emulator.TPM12
-	if cfg.TPM2 {
-		version = emulator.TPM2
+		return nil, errors.New("manufacture: a TPM 1.2 cannot be reconfigured")
 	}
 	st, err := store.Open(cfg.StateURI, store.Options{TPM2: cfg.TPM2, Lock: true, StateKey: cfg.StateKey})
 	if err != nil {
@@ -90,31 +86,61 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 	if err := st.Lock(lockRetries); err != nil {
 		return nil, fmt.Errorf("lock TPM state %s: %w", cfg.StateURI, err)
 	}
+	mem, kept, err := startingState(st, cfg, log)
+	switch {
+	case err != nil:
+		return nil, err
+	case kept:
+		return &ManufactureResult{Kept: true}, nil
+	}
+	if cfg.Started != nil {
+		cfg.Started()
+	}
+	res, err := runTPM(ctx, cfg, mem, log)
+	if err != nil {
+		return nil, err
+	}
+	if err := replaceState(st, mem, cfg.StateURI); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// startingState is the in-memory store the TPM starts from: empty for a new TPM, the
+// existing permanent state to reconfigure. Existing state is kept (kept is true) with
+// NotOverwrite, and ErrStateExists without Overwrite.
+func startingState(st *store.Store, cfg ManufactureConfig, log *slog.Logger) (mem *emulator.MemStore, kept bool, err error) {
 	exists, err := hasPermanent(st)
 	if err != nil {
-		return nil, fmt.Errorf("read TPM state %s: %w", cfg.StateURI, err)
+		return nil, false, fmt.Errorf("read TPM state %s: %w", cfg.StateURI, err)
 	}
-	mem := emulator.NewMemStore()
+	mem = emulator.NewMemStore()
 	switch {
 	case cfg.Reconfigure && !exists:
 		// as swtpm_setup: reconfiguring nothing makes a fresh TPM with those banks
 	case cfg.Reconfigure:
 		perm, err := st.Load(emulator.StatePermanent)
 		if err != nil {
-			return nil, fmt.Errorf("load TPM state %s: %w", cfg.StateURI, err)
+			return nil, false, fmt.Errorf("load TPM state %s: %w", cfg.StateURI, err)
 		}
 		if err := mem.Store(emulator.StatePermanent, perm); err != nil {
-			return nil, err
+			return nil, false, fmt.Errorf("copy TPM state %s: %w", cfg.StateURI, err)
 		}
 	case exists && cfg.NotOverwrite:
 		log.Info("Not overwriting existing state file.")
-		return &ManufactureResult{Kept: true}, nil
+		return nil, true, nil
 	case exists && !cfg.Overwrite:
-		return nil, ErrStateExists
+		return nil, false, ErrStateExists
 	}
+	return mem, false, nil
+}
 
-	if cfg.Started != nil {
-		cfg.Started()
+// runTPM powers on libtpms on mem, provisions (or reconfigures) it and powers it off, so
+// that mem holds the new permanent state.
+func runTPM(ctx context.Context, cfg ManufactureConfig, mem *emulator.MemStore, log *slog.Logger) (*ManufactureResult, error) {
+	version := emulator.TPM12
+	if cfg.TPM2 {
+		version = emulator.TPM2
 	}
 	eng, err := libtpms.Open(version, mem, log)
 	if err != nil {
@@ -125,47 +151,56 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 		return nil, err
 	}
 	res := &ManufactureResult{TPM: TPMInfo(eng)}
-	if !cfg.TPM2 {
-		send := provision.Send12(eng.Process)
-		if err := provision.Startup12(send); err != nil {
-			return nil, err
-		}
-		po := cfg.Provision12
-		po.Log = log
-		if po.EKCert && cfg.NewCertifier != nil {
-			if po.Certifier, err = cfg.NewCertifier(ctx, res.TPM); err != nil {
-				return nil, err
-			}
-		}
-		if res.TPM12, err = provision.TPM12(ctx, send, po); err != nil {
-			return nil, err
-		}
-	} else {
+	if cfg.TPM2 {
 		tpm := tpmclient.SendFunc(eng.Process)
 		if err := tpmclient.Startup(tpm); err != nil {
 			return nil, fmt.Errorf("TPM2_Startup: %w", err)
 		}
-		if res.Result, err = manufactureTPM2(ctx, tpm, cfg, res.TPM, log); err != nil {
-			return nil, err
-		}
+		res.Result, err = manufactureTPM2(ctx, tpm, cfg, res.TPM, log)
+	} else {
+		res.TPM12, err = manufactureTPM12(ctx, provision.Send12(eng.Process), cfg, res.TPM, log)
+	}
+	if err != nil {
+		return nil, err
 	}
 	eng.Stop()
+	return res, nil
+}
+
+// replaceState makes mem's permanent state the one at the state location uri.
+func replaceState(st *store.Store, mem *emulator.MemStore, uri string) error {
 	perm, err := mem.Load(emulator.StatePermanent)
 	if err != nil {
-		return nil, fmt.Errorf("manufactured TPM has no permanent state: %w", err)
+		return fmt.Errorf("manufactured TPM has no permanent state: %w", err)
 	}
 	// Stale volatile and saved state belong to the TPM being replaced (or, on reconfigure, to
 	// a power cycle that the Startup(CLEAR) above superseded); they go first, so a crash before
 	// the new permanent state lands leaves the old TPM whole.
 	for _, t := range []emulator.StateType{emulator.StateVolatile, emulator.StateSave} {
 		if err := st.Delete(t, false); err != nil {
-			return nil, fmt.Errorf("remove old %s state: %w", t.Name(), err)
+			return fmt.Errorf("remove old %s state: %w", t.Name(), err)
 		}
 	}
 	if err := st.Store(emulator.StatePermanent, perm); err != nil {
-		return nil, fmt.Errorf("store TPM state %s: %w", cfg.StateURI, err)
+		return fmt.Errorf("store TPM state %s: %w", uri, err)
 	}
-	return res, nil
+	return nil
+}
+
+// manufactureTPM12 provisions a started TPM 1.2.
+func manufactureTPM12(ctx context.Context, send provision.Send12, cfg ManufactureConfig, info localca.TPMInfo, log *slog.Logger) (*provision.Result12, error) {
+	if err := provision.Startup12(send); err != nil {
+		return nil, err
+	}
+	po := cfg.Provision12
+	po.Log = log
+	if po.EKCert && cfg.NewCertifier != nil {
+		var err error
+		if po.Certifier, err = cfg.NewCertifier(ctx, info); err != nil {
+			return nil, err
+		}
+	}
+	return provision.TPM12(ctx, send, po)
 }
 
 // manufactureTPM2 reconfigures or provisions a started TPM 2.
