@@ -128,18 +128,8 @@ func TPM12(ctx context.Context, send Send12, o Options12) (*Result12, error) {
 	if o.EKCert && o.Certifier == nil {
 		return nil, fmt.Errorf("%w: certificates asked for without a certificate authority", ErrOptions)
 	}
-	for _, c := range []struct {
-		name string
-		cmd  []byte
-	}{
-		{"TSC_PhysicalPresence", tpmwire.Command(tag12RquCommand, tscOrdPhysicalPresence, tpmwire.U16(physPresenceCmdEnable))},
-		{"TSC_PhysicalPresence", tpmwire.Command(tag12RquCommand, tscOrdPhysicalPresence, tpmwire.U16(physPresencePresent))},
-		{"TPM_PhysicalEnable", tpmwire.Command(tag12RquCommand, ord12PhysicalEnable)},
-		{"TPM_PhysicalSetDeactivated", tpmwire.Command(tag12RquCommand, ord12PhysicalSetDeactivated, []byte{0})},
-	} {
-		if _, err := send.run(c.name, c.cmd); err != nil {
-			return nil, err
-		}
+	if err := enable12(send); err != nil {
+		return nil, err
 	}
 	res := &Result12{}
 	if o.CreateEK || o.TakeOwnership || o.EKCert {
@@ -157,26 +147,8 @@ func TPM12(ctx context.Context, send Send12, o Options12) (*Result12, error) {
 		log.Info("Successfully took ownership of the TPM.")
 	}
 	if o.EKCert {
-		var err error
-		if res.EKCert, err = o.Certifier.EKCertificate(ctx, res.EK, false, true); err != nil {
-			return nil, fmt.Errorf("create EK certificate: %w", err)
-		}
-		log.Info("Successfully created EK certificate locally.")
-		if o.PlatformCert {
-			if res.PlatformCert, err = o.Certifier.PlatformCertificate(ctx, res.EK); err != nil {
-				return nil, fmt.Errorf("create platform certificate: %w", err)
-			}
-			log.Info("Successfully created platform certificate locally.")
-		}
-		if err := writeNV12(send, Index12EKCert, StoredCert12(res.EKCert)); err != nil {
+		if err := certify12(ctx, send, o, res, log); err != nil {
 			return nil, err
-		}
-		log.Info("Successfully created NVRAM area for EK certificate.")
-		if res.PlatformCert != nil {
-			if err := writeNV12(send, Index12PlatformCert, StoredCert12(res.PlatformCert)); err != nil {
-				return nil, err
-			}
-			log.Info("Successfully created NVRAM area for Platform certificate.")
 		}
 	}
 	if o.LockNVRAM {
@@ -186,6 +158,51 @@ func TPM12(ctx context.Context, send Send12, o Options12) (*Result12, error) {
 		log.Info("Successfully locked NVRAM access.")
 	}
 	return res, nil
+}
+
+// enable12 asserts physical presence, then enables and activates the TPM 1.2.
+func enable12(send Send12) error {
+	for _, c := range []struct {
+		name string
+		cmd  []byte
+	}{
+		{"TSC_PhysicalPresence", tpmwire.Command(tag12RquCommand, tscOrdPhysicalPresence, tpmwire.U16(physPresenceCmdEnable))},
+		{"TSC_PhysicalPresence", tpmwire.Command(tag12RquCommand, tscOrdPhysicalPresence, tpmwire.U16(physPresencePresent))},
+		{"TPM_PhysicalEnable", tpmwire.Command(tag12RquCommand, ord12PhysicalEnable)},
+		{"TPM_PhysicalSetDeactivated", tpmwire.Command(tag12RquCommand, ord12PhysicalSetDeactivated, []byte{0})},
+	} {
+		if _, err := send.run(c.name, c.cmd); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// certify12 has res.EK's certificate (and the platform certificate, when asked for) issued
+// and stores them in their NV indices.
+func certify12(ctx context.Context, send Send12, o Options12, res *Result12, log *slog.Logger) error {
+	var err error
+	if res.EKCert, err = o.Certifier.EKCertificate(ctx, res.EK, false, true); err != nil {
+		return fmt.Errorf("create EK certificate: %w", err)
+	}
+	log.Info("Successfully created EK certificate locally.")
+	if o.PlatformCert {
+		if res.PlatformCert, err = o.Certifier.PlatformCertificate(ctx, res.EK); err != nil {
+			return fmt.Errorf("create platform certificate: %w", err)
+		}
+		log.Info("Successfully created platform certificate locally.")
+	}
+	if err := writeNV12(send, Index12EKCert, StoredCert12(res.EKCert)); err != nil {
+		return err
+	}
+	log.Info("Successfully created NVRAM area for EK certificate.")
+	if res.PlatformCert != nil {
+		if err := writeNV12(send, Index12PlatformCert, StoredCert12(res.PlatformCert)); err != nil {
+			return err
+		}
+		log.Info("Successfully created NVRAM area for Platform certificate.")
+	}
+	return nil
 }
 
 // createEK12 runs TPM_CreateEndorsementKeyPair and returns the EK.

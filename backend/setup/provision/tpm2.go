@@ -170,7 +170,6 @@ func TPM2(ctx context.Context, t transport.TPM, o Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	decrypt := o.Decryption || !o.AllowSigning
 	res := &Result{}
 	if o.CreateSPK {
 		if err := createSPK(t, o, log); err != nil {
@@ -179,38 +178,10 @@ func TPM2(ctx context.Context, t transport.TPM, o Options) (*Result, error) {
 	}
 	if o.CreateEK {
 		for i, spec := range specs {
-			ek, err := createEK(t, spec, o.AllowSigning, decrypt, o.LockNVRAM, log)
-			if err != nil {
+			// the platform certificate is for the first EK
+			if err := provisionEK(ctx, t, o, spec, i == 0 && o.PlatformCert, res, log); err != nil {
 				return nil, err
 			}
-			if o.EKCert {
-				if ek.Cert, err = o.Certifier.EKCertificate(ctx, ek.Public, o.AllowSigning, decrypt); err != nil {
-					return nil, fmt.Errorf("create %s EK certificate: %w", spec.label, err)
-				}
-				log.Info("Successfully created EK certificate locally.")
-			}
-			var platform []byte
-			if i == 0 && o.PlatformCert {
-				if platform, err = o.Certifier.PlatformCertificate(ctx, ek.Public); err != nil {
-					return nil, fmt.Errorf("create platform certificate: %w", err)
-				}
-				log.Info("Successfully created platform certificate locally.")
-				res.PlatformCert = platform
-			}
-			if ek.Cert != nil {
-				if err := WriteNV(t, spec.certIndex, ek.Cert, o.LockNVRAM); err != nil {
-					return nil, fmt.Errorf("store %s EK certificate: %w", spec.label, err)
-				}
-				ek.CertIndex = spec.certIndex
-				log.Info(fmt.Sprintf("Successfully created NVRAM area 0x%x for %s EK certificate.", spec.certIndex, spec.label))
-			}
-			if platform != nil {
-				if err := WriteNV(t, IndexPlatformCert, platform, o.LockNVRAM); err != nil {
-					return nil, fmt.Errorf("store platform certificate: %w", err)
-				}
-				log.Info(fmt.Sprintf("Successfully created NVRAM area 0x%x for platform certificate.", IndexPlatformCert))
-			}
-			res.EKs = append(res.EKs, *ek)
 		}
 	}
 	if o.PCRBanks != nil {
@@ -222,6 +193,45 @@ func TPM2(ctx context.Context, t transport.TPM, o Options) (*Result, error) {
 		return nil, fmt.Errorf("TPM2_Shutdown: %w", err)
 	}
 	return res, nil
+}
+
+// provisionEK creates the EK of spec with its certificate (and the platform certificate,
+// withPlatform) in NV, and adds them to res.
+func provisionEK(ctx context.Context, t transport.TPM, o Options, spec ekSpec, withPlatform bool, res *Result, log *slog.Logger) error {
+	decrypt := o.Decryption || !o.AllowSigning
+	ek, err := createEK(t, spec, o.AllowSigning, decrypt, o.LockNVRAM, log)
+	if err != nil {
+		return err
+	}
+	if o.EKCert {
+		if ek.Cert, err = o.Certifier.EKCertificate(ctx, ek.Public, o.AllowSigning, decrypt); err != nil {
+			return fmt.Errorf("create %s EK certificate: %w", spec.label, err)
+		}
+		log.Info("Successfully created EK certificate locally.")
+	}
+	var platform []byte
+	if withPlatform {
+		if platform, err = o.Certifier.PlatformCertificate(ctx, ek.Public); err != nil {
+			return fmt.Errorf("create platform certificate: %w", err)
+		}
+		log.Info("Successfully created platform certificate locally.")
+		res.PlatformCert = platform
+	}
+	if ek.Cert != nil {
+		if err := WriteNV(t, spec.certIndex, ek.Cert, o.LockNVRAM); err != nil {
+			return fmt.Errorf("store %s EK certificate: %w", spec.label, err)
+		}
+		ek.CertIndex = spec.certIndex
+		log.Info(fmt.Sprintf("Successfully created NVRAM area 0x%x for %s EK certificate.", spec.certIndex, spec.label))
+	}
+	if platform != nil {
+		if err := WriteNV(t, IndexPlatformCert, platform, o.LockNVRAM); err != nil {
+			return fmt.Errorf("store platform certificate: %w", err)
+		}
+		log.Info(fmt.Sprintf("Successfully created NVRAM area 0x%x for platform certificate.", IndexPlatformCert))
+	}
+	res.EKs = append(res.EKs, *ek)
+	return nil
 }
 
 func activateBanks(t transport.TPM, banks []string, log *slog.Logger) error {
