@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/vtpmd/vtpmd/manager/registry"
 )
 
 // Defaults of the hook configuration.
@@ -85,6 +87,29 @@ func LoadConfig(path string) (*Config, error) {
 		return nil, fmt.Errorf("hook config %s: %w", path, err)
 	}
 	return c, nil
+}
+
+// Overrides are settings from the command line that win over the configuration file.
+type Overrides struct {
+	// StateRoot replaces the configured state root; the registry moves along with it
+	// (<StateRoot>/registry) unless RegistryDir or $VTPMD_REGISTRY places it.
+	StateRoot string
+	// RegistryDir wins over $VTPMD_REGISTRY, which wins over the configuration file.
+	RegistryDir string
+}
+
+// Apply sets what o and $VTPMD_REGISTRY say in c. Run Validate afterwards when o moves the
+// state root (it derives the registry directory again).
+func (c *Config) Apply(o Overrides) {
+	if o.StateRoot != "" {
+		c.StateRoot, c.RegistryDir = o.StateRoot, ""
+	}
+	if d := os.Getenv(registry.DirEnv); d != "" {
+		c.RegistryDir = d
+	}
+	if o.RegistryDir != "" {
+		c.RegistryDir = o.RegistryDir
+	}
 }
 
 // Validate fills in defaults and checks the values.

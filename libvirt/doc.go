@@ -1,6 +1,9 @@
 // Package libvirt plugs vtpmd into libvirt: the qemu hook (`vtpmd hook`), the domain XML it
-// reads, the per-VM registry it keeps, the installer that makes vtpmd the host's swtpm, and a
-// go-libvirt status client.
+// reads, the installer that makes vtpmd the host's swtpm (`vtpmd install`, `uninstall`), and
+// a go-libvirt status client (`vtpmd status`). The hook records each VM in the registry of
+// package manager/registry and runs external backends through package internal/proc; the
+// commands' entry points (RunHook, ShowStatus, RunInstall, RunUninstall) take a typed request
+// and print to the writers they are given.
 //
 // What it promises:
 //
@@ -13,8 +16,8 @@
 //   - For <backend type='external'> the Hook owns one `vtpmd socket` process per VM: started at
 //     prepare (or reconnect when missing), stopped at release. For <backend type='emulator'>
 //     libvirt itself runs vtpmd (through the swtpm links Install creates); the Hook only records.
-//   - Registry files (<dir>/<uuid>.json) are replaced atomically (temp file, fsync, rename,
-//     directory fsync) under an exclusive lock, so a reader sees the old or the new record.
+//   - Registry records are replaced atomically under an exclusive lock (see manager/registry);
+//     registry failures only warn: a VM never fails because bookkeeping did.
 //   - As a migrate/restore filter the Hook prints the rewritten XML on stdout, or nothing when
 //     nothing changed; rewriting touches only <source path='...'> attributes below <devices>.
 //

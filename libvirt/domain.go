@@ -10,6 +10,8 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+
+	"github.com/vtpmd/vtpmd/manager/registry"
 )
 
 // Limits on untrusted domain XML.
@@ -86,26 +88,11 @@ func (t *TPM) StateSubdir() string {
 	return "tpm2"
 }
 
-// Policy is the vtpmd policy element of a domain.
-type Policy struct {
-	// Projection asks for host PCR projection into the vTPM (not applied by the hook yet;
-	// recorded for the manager).
-	Projection *Projection `json:"projection,omitempty"`
-	// KeepState says whether the hook keeps an external backend's state directory when the
-	// domain is released. nil means the default, keep.
-	KeepState *bool `json:"keep_state,omitempty"`
-	// XML is the policy element's content as found, for features that read it later.
-	XML string `json:"xml,omitempty"`
-}
+// Policy is the vtpmd policy element of a domain, as the registry records it.
+type Policy = registry.Policy
 
 // Projection is <vtpmd:projection mode='...' pcr='N'/>.
-type Projection struct {
-	Mode string `json:"mode"` // off, mirror, summary or property
-	PCR  *int   `json:"pcr,omitempty"`
-}
-
-// Keep reports whether an external backend's state should survive release.
-func (p *Policy) Keep() bool { return p == nil || p.KeepState == nil || *p.KeepState }
+type Projection = registry.Projection
 
 // ReadXML reads at most MaxXMLSize bytes of domain XML from r.
 func ReadXML(r io.Reader) ([]byte, error) {

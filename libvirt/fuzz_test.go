@@ -5,6 +5,8 @@ import (
 	"context"
 	"strings"
 	"testing"
+
+	"github.com/vtpmd/vtpmd/manager/registry"
 )
 
 func domainSeeds() []string {
@@ -75,7 +77,7 @@ func FuzzHookXML(f *testing.F) {
 			return // the other operations start and stop processes
 		}
 		var out, errb bytes.Buffer
-		h := &Hook{Config: cfg, Registry: NewRegistry(cfg.RegistryDir), Exe: "/nonexistent", Stdout: &out, Stderr: &errb}
+		h := &Hook{Config: cfg, Registry: registry.New(cfg.RegistryDir), Exe: "/nonexistent", Stdout: &out, Stderr: &errb}
 		err := h.Run(context.Background(), []string{"vm1", op, "begin", "-"}, bytes.NewReader(data))
 		if err != nil && out.Len() > 0 {
 			t.Fatal("output despite error")

@@ -15,6 +15,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/proc"
+	"github.com/vtpmd/vtpmd/manager/registry"
 )
 
 // fakeEnv makes the test binary act as `vtpmd socket`: ok (listen until SIGTERM), fail (exit
@@ -107,7 +110,7 @@ func newHookEnv(t *testing.T, mode string) *hookEnv {
 		t.Fatal(err)
 	}
 	e := &hookEnv{t: t, dir: dir, cfg: cfg, out: &bytes.Buffer{}, errb: &bytes.Buffer{}}
-	e.hook = &Hook{Config: cfg, Registry: NewRegistry(cfg.RegistryDir), Exe: exe, Stdout: e.out, Stderr: e.errb}
+	e.hook = &Hook{Config: cfg, Registry: registry.New(cfg.RegistryDir), Exe: exe, Stdout: e.out, Stderr: e.errb}
 	return e
 }
 
@@ -158,7 +161,7 @@ func TestHookExternalLifecycle(t *testing.T) {
 		t.Fatalf("socket: %v", err)
 	}
 	rec, err := e.hook.Registry.Get(testUUID)
-	if err != nil || rec.PID == 0 || !Alive(rec.PID) || rec.Backend != BackendExternal || rec.Socket != sock {
+	if err != nil || rec.PID == 0 || !proc.Alive(rec.PID) || rec.Backend != string(BackendExternal) || rec.Socket != sock {
 		t.Fatalf("record %+v %v", rec, err)
 	}
 	if rec.StateDir != filepath.Join(e.dir, "st", testUUID, "tpm2") {
@@ -187,7 +190,7 @@ func TestHookExternalLifecycle(t *testing.T) {
 	if err := e.run(x, "vm1", OpRelease, "end", "-"); err != nil {
 		t.Fatal(err)
 	}
-	if Alive(pid) {
+	if proc.Alive(pid) {
 		t.Fatalf("vTPM %d still running after release", pid)
 	}
 	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
@@ -198,7 +201,7 @@ func TestHookExternalLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	rec, _ = e.hook.Registry.Get(testUUID)
-	if rec.PID == 0 || rec.PID == pid || !Alive(rec.PID) {
+	if rec.PID == 0 || rec.PID == pid || !proc.Alive(rec.PID) {
 		t.Fatalf("reconnect did not start: %+v", rec)
 	}
 	if err := e.run(x, "vm1", OpRelease, "end", "-"); err != nil {
@@ -253,7 +256,7 @@ func TestHookStartFailures(t *testing.T) {
 			if time.Since(start) > 3*time.Second {
 				t.Fatalf("took %v", time.Since(start))
 			}
-			if pids := FindInstances("path", sock); len(pids) > 0 {
+			if pids := proc.FindInstances("path", sock); len(pids) > 0 {
 				t.Fatalf("left processes %v", pids)
 			}
 			rec, _ := e.hook.Registry.Get(testUUID)
@@ -402,7 +405,7 @@ func TestHookEmulatorRecords(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rec.Backend != BackendEmulator || !rec.Persistent || len(rec.Events) != 5 ||
+	if rec.Backend != string(BackendEmulator) || !rec.Persistent || len(rec.Events) != 5 ||
 		rec.StateDir != filepath.Join(DefaultLibvirtSwtpmStateDir, testUUID, "tpm2") ||
 		rec.Socket != filepath.Join(DefaultLibvirtSwtpmRunDir, "7-vm1-swtpm.sock") {
 		t.Fatalf("record %+v", rec)

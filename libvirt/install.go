@@ -18,6 +18,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
 )
 
 // Install defaults.
@@ -45,14 +47,17 @@ const (
 
 // InstallOptions say where vtpmd goes. Zero values mean the defaults above.
 type InstallOptions struct {
-	Exe          string   // the vtpmd binary to install; default the running executable
-	BinDir       string   // a directory before /usr/bin in libvirtd's PATH
-	HookDir      string   // libvirt's qemu hook directory
-	HookName     string   // file name of the hook in HookDir
-	ManifestPath string   // what install did, for uninstall
-	Setup        string   // SetupAuto, SetupVtpmd or SetupSystem
-	HookArgs     []string // extra `vtpmd hook` arguments baked into the hook (--config, --registry)
-	Force        bool     // move foreign files aside (NAME.vtpmd-saved) instead of failing
+	Exe          string // the vtpmd binary to install; default the running executable
+	BinDir       string // a directory before /usr/bin in libvirtd's PATH
+	HookDir      string // libvirt's qemu hook directory
+	HookName     string // file name of the hook in HookDir
+	ManifestPath string // what install did, for uninstall
+	Setup        string // SetupAuto, SetupVtpmd or SetupSystem
+	// HookConfig and HookRegistry are baked into the hook as `vtpmd hook --config` and
+	// `--registry` when set; Install checks the configuration first.
+	HookConfig   string
+	HookRegistry string
+	Force        bool // move foreign files aside (NAME.vtpmd-saved) instead of failing
 	// ProcRoot is /proc, for finding libvirtd's PATH (tests change it).
 	ProcRoot string
 }
@@ -108,16 +113,20 @@ type ManifestFile struct {
 	Saved  string `json:"saved,omitempty"`  // where a replaced foreign file was moved
 }
 
-// Report says what install or uninstall did.
-type Report struct {
-	Actions []string `json:"actions"`
-	Notes   []string `json:"notes"`
+// hookArgs are the `vtpmd hook` options baked into the hook.
+func (o *InstallOptions) hookArgs() ([]string, error) {
+	var args []string
+	if o.HookConfig != "" {
+		if _, err := LoadConfig(o.HookConfig); err != nil {
+			return nil, err
+		}
+		args = append(args, "--config", o.HookConfig)
+	}
+	if o.HookRegistry != "" {
+		args = append(args, "--registry", o.HookRegistry)
+	}
+	return args, nil
 }
-
-func (r *Report) did(format string, a ...any) {
-	r.Actions = append(r.Actions, fmt.Sprintf(format, a...))
-}
-func (r *Report) note(format string, a ...any) { r.Notes = append(r.Notes, fmt.Sprintf(format, a...)) }
 
 func readManifest(p string) (*Manifest, error) {
 	data, err := os.ReadFile(p)
@@ -199,6 +208,10 @@ func Install(ctx context.Context, o InstallOptions) (*Report, error) {
 	if err := o.defaults(); err != nil {
 		return nil, err
 	}
+	hookArgs, err := o.hookArgs()
+	if err != nil {
+		return nil, err
+	}
 	rep := &Report{}
 	m, err := readManifest(o.ManifestPath)
 	if err != nil {
@@ -211,7 +224,7 @@ func Install(ctx context.Context, o InstallOptions) (*Report, error) {
 			return err
 		}
 		data, _ := json.MarshalIndent(m, "", "  ")
-		return writeFileAtomic(o.ManifestPath, append(data, '\n'), 0o644)
+		return atomicfile.Write(o.ManifestPath, append(data, '\n'), atomicfile.Options{Perm: 0o644, ExactPerm: true})
 	}
 	// Whatever happens below, remember what was done so far.
 	defer func() { _ = save() }()
@@ -265,7 +278,7 @@ func Install(ctx context.Context, o InstallOptions) (*Report, error) {
 		return rep, err
 	}
 	hookPath := filepath.Join(o.HookDir, o.HookName)
-	if err := installHook(hookPath, HookScript(target, o.HookArgs), o.Force, m, rep); err != nil {
+	if err := installHook(hookPath, HookScript(target, hookArgs), o.Force, m, rep); err != nil {
 		return rep, err
 	}
 
@@ -326,7 +339,7 @@ func installBinary(exe, target string, m *Manifest, rep *Report) error {
 	}
 	// A copy, not a link to the build tree: libvirt runs swtpm as tss, which must be able to
 	// reach and execute it, and rebuilding the tree must not change the host's swtpm.
-	if err := writeFileAtomic(target, buf.Bytes(), 0o755); err != nil {
+	if err := atomicfile.Write(target, buf.Bytes(), atomicfile.Options{Perm: 0o755, ExactPerm: true}); err != nil {
 		return fmt.Errorf("install %s: %w", target, err)
 	}
 	m.put(ManifestFile{Path: target, Kind: "binary", SHA256: sum})
@@ -419,7 +432,7 @@ func installHook(p, script string, force bool, m *Manifest, rep *Report) error {
 			}
 		}
 	}
-	if err := writeFileAtomic(p, []byte(script), 0o755); err != nil {
+	if err := atomicfile.Write(p, []byte(script), atomicfile.Options{Perm: 0o755, ExactPerm: true}); err != nil {
 		return fmt.Errorf("install hook: %w", err)
 	}
 	m.put(ManifestFile{Path: p, Kind: "hook", SHA256: want})

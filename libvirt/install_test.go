@@ -29,7 +29,7 @@ func newInstallEnv(t *testing.T, setup string) *installEnv {
 		HookDir:      filepath.Join(dir, "hooks", "qemu.d"),
 		ManifestPath: filepath.Join(dir, "var", "install.json"),
 		Setup:        setup,
-		HookArgs:     []string{"--registry", "/tmp/it's here"},
+		HookRegistry: "/tmp/it's here",
 		ProcRoot:     filepath.Join(dir, "proc"),
 	}}
 }

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"encoding/json"
-	"fmt"
 	"os"
 
 	"github.com/urfave/cli/v2"
@@ -29,25 +27,6 @@ func installOptions(c *cli.Context) libvirt.InstallOptions {
 	}
 }
 
-func printReport(c *cli.Context, title string, rep *libvirt.Report) {
-	if rep == nil {
-		return
-	}
-	if c.Bool("json") {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		_ = enc.Encode(rep)
-		return
-	}
-	fmt.Println(title)
-	for _, a := range rep.Actions {
-		fmt.Println("  " + a)
-	}
-	for _, n := range rep.Notes {
-		fmt.Println("note: " + n)
-	}
-}
-
 // installCommand links vtpmd as the host's swtpm, swtpm_setup and swtpm_ioctl and installs
 // the libvirt qemu hook.
 func installCommand() *cli.Command {
@@ -70,18 +49,9 @@ func installCommand() *cli.Command {
 			o := installOptions(c)
 			o.Setup = c.String("setup")
 			o.Force = c.Bool("force")
-			if v := c.String("config"); v != "" {
-				if _, err := libvirt.LoadConfig(v); err != nil {
-					return cli.Exit("vtpmd install: "+err.Error(), 1)
-				}
-				o.HookArgs = append(o.HookArgs, "--config", v)
-			}
-			if v := c.String("registry"); v != "" {
-				o.HookArgs = append(o.HookArgs, "--registry", v)
-			}
-			rep, err := libvirt.Install(c.Context, o)
-			printReport(c, "vtpmd install:", rep)
-			if err != nil {
+			o.HookConfig = c.String("config")
+			o.HookRegistry = c.String("registry")
+			if err := libvirt.RunInstall(c.Context, o, os.Stdout, c.Bool("json")); err != nil {
 				return cli.Exit("vtpmd install: "+err.Error(), 1)
 			}
 			return nil
@@ -96,9 +66,7 @@ func uninstallCommand() *cli.Command {
 		Usage: "remove what `vtpmd install` created (root)",
 		Flags: installFlags(),
 		Action: func(c *cli.Context) error {
-			rep, err := libvirt.Uninstall(installOptions(c))
-			printReport(c, "vtpmd uninstall:", rep)
-			if err != nil {
+			if err := libvirt.RunUninstall(installOptions(c), os.Stdout, c.Bool("json")); err != nil {
 				return cli.Exit("vtpmd uninstall: "+err.Error(), 1)
 			}
 			return nil

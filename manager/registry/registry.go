@@ -1,6 +1,7 @@
-package libvirt
+package registry
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -8,18 +9,22 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
 )
 
-// DefaultRegistryDir is where the hook keeps one JSON file per VM.
-const DefaultRegistryDir = "/var/lib/vtpmd/registry"
+// DefaultDir is where the registry keeps one JSON file per VM.
+const DefaultDir = "/var/lib/vtpmd/registry"
 
-// RegistryEnv overrides the registry directory (for tests and manual runs; libvirt runs hooks
-// with a sanitized environment, so installed hooks get --registry baked in instead).
-const RegistryEnv = "VTPMD_REGISTRY"
+// DirEnv names the environment variable that overrides the registry directory (for tests and
+// manual runs; libvirt runs hooks with a sanitized environment, so installed hooks get
+// --registry baked in instead).
+const DirEnv = "VTPMD_REGISTRY"
 
 // maxEvents bounds a record's history; the oldest events are dropped first.
 const maxEvents = 500
@@ -27,43 +32,18 @@ const maxEvents = 500
 // maxRecordSize bounds a registry file read back from disk.
 const maxRecordSize = 4 << 20
 
-// ErrNotFound is returned when a VM has no registry record.
-var ErrNotFound = errors.New("no registry record")
-
-// ErrLocked is returned when the registry lock cannot be had within lockTimeout.
-var ErrLocked = errors.New("registry busy")
+// Sentinel errors.
+var (
+	// ErrNotFound is returned when a VM has no registry record.
+	ErrNotFound = errors.New("no registry record")
+	// ErrLocked is returned when the registry lock cannot be had within lockTimeout.
+	ErrLocked = errors.New("registry busy")
+	// ErrBadUUID is returned for a record key that is not a UUID.
+	ErrBadUUID = errors.New("registry key is not a UUID")
+)
 
 // lockTimeout bounds the wait for the registry lock.
 var lockTimeout = 10 * time.Second
-
-// Record is everything the registry knows about one VM's vTPM.
-type Record struct {
-	UUID     string      `json:"uuid"`
-	Name     string      `json:"name"`
-	Backend  BackendType `json:"backend"`
-	Model    string      `json:"model,omitempty"`
-	Version  string      `json:"version,omitempty"`
-	StateDir string      `json:"state_dir,omitempty"`
-	Socket   string      `json:"socket,omitempty"`
-	// PID is the vTPM process last seen for the VM (0 when it is known to be stopped).
-	PID int `json:"pid,omitempty"`
-	// Exe is /proc/PID/exe of that process when it was recorded.
-	Exe        string    `json:"exe,omitempty"`
-	Policy     *Policy   `json:"policy,omitempty"`
-	Persistent bool      `json:"persistent_state,omitempty"`
-	Updated    time.Time `json:"updated"`
-	Events     []Event   `json:"events"`
-}
-
-// Event is one lifecycle step seen by the hook.
-type Event struct {
-	Time   time.Time `json:"time"`
-	Op     string    `json:"op"`
-	SubOp  string    `json:"subop,omitempty"`
-	PID    int       `json:"pid,omitempty"`
-	Detail string    `json:"detail,omitempty"`
-	Error  string    `json:"error,omitempty"`
-}
 
 // Registry is a directory of VM records.
 type Registry struct {
@@ -71,26 +51,33 @@ type Registry struct {
 	now func() time.Time
 }
 
-// NewRegistry returns the registry in dir ("" means $VTPMD_REGISTRY, else DefaultRegistryDir).
-func NewRegistry(dir string) *Registry {
+// New returns the registry in dir ("" means $VTPMD_REGISTRY, else DefaultDir).
+func New(dir string) *Registry {
 	if dir == "" {
-		dir = os.Getenv(RegistryEnv)
+		dir = os.Getenv(DirEnv)
 	}
 	if dir == "" {
-		dir = DefaultRegistryDir
+		dir = DefaultDir
 	}
 	return &Registry{Dir: filepath.Clean(dir), now: func() time.Time { return time.Now().UTC() }}
 }
 
+var uuidRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
+
 func (r *Registry) path(uuid string) (string, error) {
-	if !ValidUUID(uuid) {
-		return "", fmt.Errorf("%w: registry key %q is not a UUID", ErrInvalid, truncate(uuid, 64))
+	if !uuidRE.MatchString(uuid) {
+		if len(uuid) > 64 {
+			uuid = uuid[:64] + "..."
+		}
+		return "", fmt.Errorf("%w: %q", ErrBadUUID, uuid)
 	}
 	return filepath.Join(r.Dir, strings.ToLower(uuid)+".json"), nil
 }
 
-// lock takes the registry's exclusive lock; the returned func releases it.
-func (r *Registry) lock() (func(), error) {
+// lock takes the registry's exclusive lock; the returned func releases it. It waits at most
+// lockTimeout, or until ctx ends: a hook must not hang libvirt because another process sits on
+// the lock.
+func (r *Registry) lock(ctx context.Context) (func(), error) {
 	if err := os.MkdirAll(r.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("registry: %w", err)
 	}
@@ -98,8 +85,10 @@ func (r *Registry) lock() (func(), error) {
 	if err != nil {
 		return nil, fmt.Errorf("registry lock: %w", err)
 	}
-	// Bounded: a hook must not hang libvirt because another process sits on the lock.
-	deadline := time.Now().Add(lockTimeout)
+	deadline := time.NewTimer(lockTimeout)
+	defer deadline.Stop()
+	retry := time.NewTicker(5 * time.Millisecond)
+	defer retry.Stop()
 	for {
 		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 		if err == nil {
@@ -109,11 +98,15 @@ func (r *Registry) lock() (func(), error) {
 			f.Close()
 			return nil, fmt.Errorf("registry lock: %w", err)
 		}
-		if time.Now().After(deadline) {
+		select {
+		case <-deadline.C:
 			f.Close()
 			return nil, fmt.Errorf("%w: registry %s locked for more than %v", ErrLocked, r.Dir, lockTimeout)
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("registry lock: %w", ctx.Err())
+		case <-retry.C:
 		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -151,12 +144,12 @@ func readRecord(p string) (*Record, error) {
 
 // Update applies fn to the record of uuid (a fresh one when none exists) under the registry
 // lock and writes the result atomically.
-func (r *Registry) Update(uuid string, fn func(*Record) error) (*Record, error) {
+func (r *Registry) Update(ctx context.Context, uuid string, fn func(*Record) error) (*Record, error) {
 	p, err := r.path(uuid)
 	if err != nil {
 		return nil, err
 	}
-	unlock, err := r.lock()
+	unlock, err := r.lock(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -179,15 +172,16 @@ func (r *Registry) Update(uuid string, fn func(*Record) error) (*Record, error) 
 	if err != nil {
 		return nil, fmt.Errorf("registry: encode: %w", err)
 	}
-	if err := writeFileAtomic(p, append(data, '\n'), 0o600); err != nil {
+	if err := atomicfile.Write(p, append(data, '\n'), atomicfile.Options{Perm: 0o600, ExactPerm: true}); err != nil {
 		return nil, fmt.Errorf("registry: %w", err)
 	}
 	return rec, nil
 }
 
-// Append adds one event (timestamped now) and applies fn, if any, to the record.
-func (r *Registry) Append(uuid string, ev Event, fn func(*Record)) (*Record, error) {
-	return r.Update(uuid, func(rec *Record) error {
+// Append adds one event (timestamped now unless it has a time) and applies fn, if any, to the
+// record.
+func (r *Registry) Append(ctx context.Context, uuid string, ev Event, fn func(*Record)) (*Record, error) {
+	return r.Update(ctx, uuid, func(rec *Record) error {
 		if fn != nil {
 			fn(rec)
 		}
@@ -212,7 +206,7 @@ func (r *Registry) List() ([]*Record, []error) {
 	var errs []error
 	for _, e := range entries {
 		n := e.Name()
-		if !strings.HasSuffix(n, ".json") || !ValidUUID(strings.TrimSuffix(n, ".json")) {
+		if !strings.HasSuffix(n, ".json") || !uuidRE.MatchString(strings.TrimSuffix(n, ".json")) {
 			continue
 		}
 		rec, err := readRecord(filepath.Join(r.Dir, n))
@@ -229,44 +223,4 @@ func (r *Registry) List() ([]*Record, []error) {
 		return recs[i].UUID < recs[j].UUID
 	})
 	return recs, errs
-}
-
-// writeFileAtomic replaces p with data: temp file in the same directory, fsync, rename,
-// directory fsync.
-func writeFileAtomic(p string, data []byte, perm fs.FileMode) error {
-	dir := filepath.Dir(p)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(p)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if _, err := f.Write(data); err != nil {
-		return err
-	}
-	if err := f.Chmod(perm); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, p); err != nil {
-		return err
-	}
-	ok = true
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

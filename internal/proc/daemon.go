@@ -1,0 +1,132 @@
+package proc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Sentinel errors of Start.
+var (
+	// ErrExited is wrapped when the daemon exits before it is ready.
+	ErrExited = errors.New("exited before its socket appeared")
+	// ErrNotReady is wrapped when the daemon's socket does not appear in time.
+	ErrNotReady = errors.New("socket did not show up in time")
+)
+
+// Daemon is a long-running process to start detached from the caller: in its own session,
+// in /, with standard input and output on /dev/null and standard error appended to a log.
+// It is ready when it has created its unix socket.
+type Daemon struct {
+	Path string   // executable
+	Args []string // arguments after the program name
+	// Log receives the daemon's standard error; it is created mode 0600 when missing, never
+	// opened through a symbolic link, and its last lines go into Start's errors.
+	Log string
+	// Banner, when set, is written to the log as a timestamped line before the daemon starts
+	// (who starts it, for whom).
+	Banner string
+	// Socket is the unix socket whose appearance means the daemon is ready.
+	Socket string
+	// SocketOwner is the uid the socket must belong to (the daemon may create it as itself
+	// and chown it afterwards); -1 accepts any owner.
+	SocketOwner int
+	// Wait bounds the wait for the socket.
+	Wait time.Duration
+}
+
+// Started is a daemon that Start saw become ready.
+type Started struct {
+	PID int
+	Exe string // /proc/PID/exe once ready, "" if unreadable
+}
+
+// Start launches d and waits until its socket appears, it exits, d.Wait passes or ctx ends;
+// in the last two cases it kills the daemon. The daemon outlives the caller.
+func Start(ctx context.Context, d Daemon) (*Started, error) {
+	logf, err := os.OpenFile(d.Log, os.O_WRONLY|os.O_CREATE|os.O_APPEND|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open log: %w", err)
+	}
+	defer logf.Close()
+	devnull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer devnull.Close()
+	if d.Banner != "" {
+		fmt.Fprintf(logf, "%s %s\n", time.Now().UTC().Format(time.RFC3339Nano), d.Banner)
+	}
+	cmd := exec.Command(d.Path, d.Args...)
+	cmd.Dir = "/"
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, devnull, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", d.Path, err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	if err := d.waitReady(ctx, exited); err != nil {
+		_ = cmd.Process.Kill()
+		return nil, err
+	}
+	pid := cmd.Process.Pid
+	return &Started{PID: pid, Exe: Exe(pid)}, nil
+}
+
+// waitReady polls for the socket until the daemon exits, d.Wait passes or ctx ends.
+func (d *Daemon) waitReady(ctx context.Context, exited <-chan error) error {
+	deadline := time.NewTimer(d.Wait)
+	defer deadline.Stop()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if d.socketReady() {
+			return nil
+		}
+		select {
+		case err := <-exited:
+			return fmt.Errorf("%s %w (%v): %s", d.Path, ErrExited, err, LogTail(d.Log))
+		case <-deadline.C:
+			return fmt.Errorf("%s: %w: %s within %v: %s", d.Path, ErrNotReady, d.Socket, d.Wait, LogTail(d.Log))
+		case <-ctx.Done():
+			return fmt.Errorf("%s: wait for %s: %w", d.Path, d.Socket, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// socketReady reports whether the daemon's socket exists, with the expected owner.
+func (d *Daemon) socketReady() bool {
+	fi, err := os.Lstat(d.Socket)
+	if err != nil || fi.Mode()&os.ModeSocket == 0 {
+		return false
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	return d.SocketOwner < 0 || !ok || int(st.Uid) == d.SocketOwner
+}
+
+// LogTail returns the last lines (at most 4, of the last KiB) of a log, for error messages.
+func LogTail(p string) string {
+	f, err := os.Open(p)
+	if err != nil {
+		return "(no log)"
+	}
+	defer f.Close()
+	const n = 1024
+	if fi, err := f.Stat(); err == nil && fi.Size() > n {
+		_, _ = f.Seek(fi.Size()-n, io.SeekStart)
+	}
+	data, _ := io.ReadAll(io.LimitReader(f, n))
+	s := strings.TrimSpace(string(data))
+	if lines := strings.Split(s, "\n"); len(lines) > 4 {
+		s = strings.Join(lines[len(lines)-4:], "\n")
+	}
+	return "log " + p + ": " + s
+}
