@@ -218,25 +218,12 @@ func Install(ctx context.Context, o InstallOptions) (*Report, error) {
 		return nil, err
 	}
 	m.BinDir = o.BinDir
-	save := func() error {
-		m.Installed = time.Now().UTC()
-		if err := os.MkdirAll(filepath.Dir(o.ManifestPath), 0o755); err != nil {
-			return err
-		}
-		data, _ := json.MarshalIndent(m, "", "  ")
-		return atomicfile.Write(o.ManifestPath, append(data, '\n'), atomicfile.Options{Perm: 0o644, ExactPerm: true})
-	}
 	// Whatever happens below, remember what was done so far.
-	defer func() { _ = save() }()
+	defer func() { _ = m.save(o.ManifestPath) }()
 
-	exe := o.Exe
-	if exe == "" {
-		if exe, err = os.Executable(); err != nil {
-			return nil, fmt.Errorf("find own executable: %w", err)
-		}
-	}
-	if exe, err = filepath.EvalSymlinks(exe); err != nil {
-		return nil, fmt.Errorf("resolve %s: %w", o.Exe, err)
+	exe, err := resolveExe(o.Exe)
+	if err != nil {
+		return nil, err
 	}
 	if err := os.MkdirAll(o.BinDir, 0o755); err != nil {
 		return nil, err
@@ -245,7 +232,59 @@ func Install(ctx context.Context, o InstallOptions) (*Report, error) {
 	if err := installBinary(exe, target, m, rep); err != nil {
 		return rep, err
 	}
+	if err := installLinks(ctx, o, target, m, rep); err != nil {
+		return rep, err
+	}
+	if err := mkdirRecorded(o.HookDir, m, rep); err != nil {
+		return rep, err
+	}
+	hookPath := filepath.Join(o.HookDir, o.HookName)
+	if err := installHook(hookPath, HookScript(target, hookArgs), o.Force, m, rep); err != nil {
+		return rep, err
+	}
 
+	checkLibvirtdPath(o.ProcRoot, o.BinDir, rep)
+	rep.note("restart libvirtd (or virtqemud) so it looks up swtpm, swtpm_setup and swtpm_ioctl again: it caches their paths; VMs already running keep their current swtpm")
+	rep.note("libvirtd reads hooks at start and on SIGHUP: `kill -HUP $(pidof libvirtd)` if you do not restart it")
+	rep.note("undo all of this with `vtpmd uninstall` (manifest: %s)", o.ManifestPath)
+	if err := m.save(o.ManifestPath); err != nil {
+		return rep, fmt.Errorf("write manifest: %w", err)
+	}
+	return rep, nil
+}
+
+// save writes the manifest to p, stamped now.
+func (m *Manifest) save(p string) error {
+	m.Installed = time.Now().UTC()
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return err
+	}
+	data, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode manifest: %w", err)
+	}
+	return atomicfile.Write(p, append(data, '\n'), atomicfile.Options{Perm: 0o644, ExactPerm: true})
+}
+
+// resolveExe is the real path of the vtpmd binary to install ("" means the running one).
+func resolveExe(exe string) (string, error) {
+	if exe == "" {
+		self, err := os.Executable()
+		if err != nil {
+			return "", fmt.Errorf("find own executable: %w", err)
+		}
+		exe = self
+	}
+	resolved, err := filepath.EvalSymlinks(exe)
+	if err != nil {
+		return "", fmt.Errorf("resolve %s: %w", exe, err)
+	}
+	return resolved, nil
+}
+
+// installLinks links swtpm and swtpm_ioctl, and swtpm_setup when vtpmd's setup is used, to
+// the installed vtpmd (target).
+func installLinks(ctx context.Context, o InstallOptions, target string, m *Manifest, rep *Report) error {
 	names := []string{"swtpm", "swtpm_ioctl"}
 	setup := o.Setup
 	if setup == SetupAuto {
@@ -259,7 +298,7 @@ func Install(ctx context.Context, o InstallOptions) (*Report, error) {
 		names = append(names, "swtpm_setup")
 	} else {
 		if err := removeOurLink(filepath.Join(o.BinDir, "swtpm_setup"), m, rep); err != nil {
-			return rep, err
+			return err
 		}
 		rep.note("swtpm_setup: vtpmd's setup is not used (mode %s); libvirt runs %s, which starts the swtpm link (vtpmd) to manufacture TPM state", o.Setup, SystemSwtpmSetup)
 		if fi, err := os.Stat("/var/lib/swtpm-localca"); err == nil {
@@ -270,26 +309,10 @@ func Install(ctx context.Context, o InstallOptions) (*Report, error) {
 	}
 	for _, n := range names {
 		if err := installLink(filepath.Join(o.BinDir, n), "vtpmd", o.Force, m, rep); err != nil {
-			return rep, err
+			return err
 		}
 	}
-
-	if err := mkdirRecorded(o.HookDir, m, rep); err != nil {
-		return rep, err
-	}
-	hookPath := filepath.Join(o.HookDir, o.HookName)
-	if err := installHook(hookPath, HookScript(target, hookArgs), o.Force, m, rep); err != nil {
-		return rep, err
-	}
-
-	checkLibvirtdPath(o.ProcRoot, o.BinDir, rep)
-	rep.note("restart libvirtd (or virtqemud) so it looks up swtpm, swtpm_setup and swtpm_ioctl again: it caches their paths; VMs already running keep their current swtpm")
-	rep.note("libvirtd reads hooks at start and on SIGHUP: `kill -HUP $(pidof libvirtd)` if you do not restart it")
-	rep.note("undo all of this with `vtpmd uninstall` (manifest: %s)", o.ManifestPath)
-	if err := save(); err != nil {
-		return rep, fmt.Errorf("write manifest: %w", err)
-	}
-	return rep, nil
+	return nil
 }
 
 // mkdirRecorded creates dir (and parents) and records the directories it created, so that
