@@ -10,7 +10,13 @@ type ExitError struct {
 	Err error
 }
 
-func (e *ExitError) Error() string { return e.Err.Error() }
+func (e *ExitError) Error() string {
+	if e.Err == nil {
+		return fmt.Sprintf("setup: exit status %d", e.Code)
+	}
+	return e.Err.Error()
+}
+
 func (e *ExitError) Unwrap() error { return e.Err }
 
 // failed is Run's exit status 1 for a reported failure.
