@@ -166,6 +166,13 @@ func (c *Client) SetBufferSize(n uint32) (size, min, max uint32, err error) {
 	return be32(r[4:]), be32(r[8:]), be32(r[12:]), nil
 }
 
+// GET_INFO bounds: swtpm sends at most 3072 bytes per reply; the whole answer is a short JSON
+// document. A larger announcement is a broken or hostile peer, not a reason to allocate.
+const (
+	maxInfoChunk = 3072
+	maxInfo      = 64 << 10
+)
+
 // GetInfo sends CMD_GET_INFO until the whole answer (without the NUL) is read.
 func (c *Client) GetInfo(flags uint64) (string, error) {
 	var out []byte
@@ -176,6 +183,9 @@ func (c *Client) GetInfo(flags uint64) (string, error) {
 			return "", err
 		}
 		total, n := be32(r[4:]), be32(r[8:])
+		if n > maxInfoChunk || uint64(len(out))+uint64(n) > maxInfo {
+			return "", fmt.Errorf("GET_INFO: the TPM announces %d bytes (total %d): too large", n, total)
+		}
 		chunk := make([]byte, n)
 		if _, err := io.ReadFull(c.conn, chunk); err != nil {
 			return "", fmt.Errorf("read GET_INFO data: %w", err)

@@ -7,7 +7,6 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/vtpmd/vtpmd/backend"
-	"github.com/vtpmd/vtpmd/backend/blob"
 	"github.com/vtpmd/vtpmd/emulator"
 	"github.com/vtpmd/vtpmd/internal/daemon"
 	"github.com/vtpmd/vtpmd/socket"
@@ -91,9 +90,3 @@ func pidFlags(o *socketOpts) (daemon.PidFile, error) {
 	}
 	return p, nil
 }
-
-// runAs is daemon.RunAs, for vtpmd setup's --runas.
-var runAs = daemon.RunAs
-
-// loadKey is blob.LoadKeyOption, for vtpmd setup's key options.
-var loadKey = blob.LoadKeyOption
