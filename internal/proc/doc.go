@@ -15,7 +15,7 @@
 //     /dev/null, standard error appended to a log opened without following symbolic links
 //     and created mode 0600); a daemon that does not become ready is killed, and the error
 //     carries the last lines of its log.
-//   - Terminate sends SIGTERM, then SIGKILL after the grace period, and reports an error only
-//     when the process survives both.
+//   - Terminate sends SIGTERM, then SIGKILL after the grace period; it fails when it may not
+//     signal the process, when the process survives SIGKILL, or when its context ends first.
 //   - A zombie counts as gone.
 package proc
