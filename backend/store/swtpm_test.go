@@ -86,7 +86,7 @@ func (s *syncBuffer) String() string {
 }
 
 // startSwtpm starts Debian's swtpm with args (e.g. --tpmstate ...) and waits for its control
-// socket. The process is shut down and reaped when the test ends.
+// and data sockets (swtpm creates them one after the other). The process is shut down and reaped when the test ends.
 func startSwtpm(t testing.TB, bins swtpmBins, args ...string) *swtpmProc {
 	t.Helper()
 	sock, err := os.MkdirTemp("", "vtpmd-swtpm-") // short: unix socket paths are limited
@@ -104,7 +104,9 @@ func startSwtpm(t testing.TB, bins swtpmBins, args ...string) *swtpmProc {
 	go func() { p.cmd.Wait(); close(p.done) }()
 	t.Cleanup(p.stop)
 	for i := 0; i < 500; i++ {
-		if _, err := os.Stat(p.ctrl); err == nil {
+		_, errCtrl := os.Stat(p.ctrl)
+		_, errData := os.Stat(p.server)
+		if errCtrl == nil && errData == nil {
 			return p
 		}
 		select {
@@ -113,7 +115,7 @@ func startSwtpm(t testing.TB, bins swtpmBins, args ...string) *swtpmProc {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
-	t.Fatalf("swtpm %v: no control socket after 5 s: %s", args, p.out)
+	t.Fatalf("swtpm %v: no control and data sockets after 5 s: %s", args, p.out)
 	return nil
 }
 
