@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 )
 
 // Sentinel errors. Every error returned by this package wraps exactly one of them; the comment
@@ -113,6 +114,11 @@ func appendHeader(dst []byte, flags uint16, total int) []byte {
 	return binary.BigEndian.AppendUint32(dst, uint32(total))
 }
 
+// putHeader writes the header into the first HeaderSize bytes of a whole blob.
+func putHeader(blob []byte, flags uint16) {
+	appendHeader(blob[:0], flags, len(blob))
+}
+
 func appendTLV(dst []byte, tag uint16, v []byte) []byte {
 	dst = binary.BigEndian.AppendUint16(dst, tag)
 	dst = binary.BigEndian.AppendUint32(dst, uint32(len(v)))
@@ -142,39 +148,56 @@ func parseTLVs(b []byte) (map[uint16][]byte, error) {
 }
 
 func finish(flags uint16, body []byte) []byte {
-	out := make([]byte, 0, HeaderSize+len(body))
-	out = appendHeader(out, flags, HeaderSize+len(body))
-	return append(out, body...)
+	out := make([]byte, HeaderSize, HeaderSize+len(body))
+	out = append(out, body...)
+	putHeader(out, flags)
+	return out
 }
 
-// encryptTLVs returns TLV(ctTag, ciphertext) TLV(3, HMAC) TLV(ivTag, IV) for plain under k.
-// As swtpm does, it pads PKCS#7-style to a multiple of the key length (not the AES block
-// size), draws a fresh key-length IV of which the first 16 bytes are the CBC IV, and keys an
-// HMAC-SHA256 over ciphertext||IV with the AES key itself.
-func encryptTLVs(k *Key, plain []byte, ctTag, ivTag uint16) ([]byte, error) {
+// encryptedSize is the length of encryptTLVs' output for n bytes of plain data under a key
+// of kl bytes.
+func encryptedSize(n, kl int) int {
+	return 3*tlvHeaderSize + n + kl - n%kl + hmacSize + kl
+}
+
+// encryptTLVs appends TLV(ctTag, ciphertext) TLV(3, HMAC) TLV(ivTag, IV) for plain under k to
+// dst, and returns the HMAC it wrote (a part of the result). As swtpm does, it pads
+// PKCS#7-style to a multiple of the key length (not the AES block size), draws a fresh
+// key-length IV of which the first 16 bytes are the CBC IV, and keys an HMAC-SHA256 over
+// ciphertext||IV with the AES key itself. The ciphertext is made in place, in dst.
+func encryptTLVs(dst []byte, k *Key, plain []byte, ctTag, ivTag uint16) (out, mac []byte, err error) {
 	kl := len(k.b)
-	iv := make([]byte, kl)
-	if _, err := rand.Read(iv); err != nil {
-		return nil, fmt.Errorf("state blob: random IV: %w", err)
-	}
 	block, err := aes.NewCipher(k.b)
 	if err != nil {
-		return nil, fmt.Errorf("state blob: %w", err)
+		return nil, nil, fmt.Errorf("state blob: %w", err)
 	}
 	pad := kl - len(plain)%kl
-	ct := make([]byte, len(plain)+pad)
-	copy(ct, plain)
-	for i := len(plain); i < len(ct); i++ {
-		ct[i] = byte(pad)
+	dst = slices.Grow(dst, encryptedSize(len(plain), kl))
+	dst = binary.BigEndian.AppendUint16(dst, ctTag)
+	dst = binary.BigEndian.AppendUint32(dst, uint32(len(plain)+pad))
+	ctAt := len(dst)
+	dst = append(dst, plain...)
+	for range pad {
+		dst = append(dst, byte(pad))
+	}
+	ct := dst[ctAt:]
+	// the IV goes last; it is drawn into its place first
+	ivAt := len(dst) + 2*tlvHeaderSize + hmacSize
+	iv := dst[ivAt : ivAt+kl]
+	if _, err := rand.Read(iv); err != nil {
+		return nil, nil, fmt.Errorf("state blob: random IV: %w", err)
 	}
 	cipher.NewCBCEncrypter(block, iv[:aes.BlockSize]).CryptBlocks(ct, ct)
-	mac := hmac.New(sha256.New, k.b)
-	mac.Write(ct)
-	mac.Write(iv)
-	out := make([]byte, 0, 3*tlvHeaderSize+len(ct)+hmacSize+kl)
-	out = appendTLV(out, ctTag, ct)
-	out = appendTLV(out, TagHMAC, mac.Sum(nil))
-	return appendTLV(out, ivTag, iv), nil
+	h := hmac.New(sha256.New, k.b)
+	h.Write(ct)
+	h.Write(iv)
+	dst = binary.BigEndian.AppendUint16(dst, TagHMAC)
+	dst = binary.BigEndian.AppendUint32(dst, hmacSize)
+	macAt := len(dst)
+	dst = h.Sum(dst)
+	dst = binary.BigEndian.AppendUint16(dst, ivTag)
+	dst = binary.BigEndian.AppendUint32(dst, uint32(kl))
+	return dst[:len(dst)+kl], dst[macAt : macAt+hmacSize], nil
 }
 
 // layer names the key a decryption step uses, for error messages.
@@ -205,6 +228,11 @@ func decrypt(k *Key, body []byte, h Header, l layer) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	return decryptTLVs(k, tl, h, l)
+}
+
+// decryptTLVs is decrypt of a parsed version-2 body.
+func decryptTLVs(k *Key, tl map[uint16][]byte, h Header, l layer) ([]byte, error) {
 	ct, okCT := tl[l.ctTag]
 	sum, okMAC := tl[TagHMAC]
 	if _, plain := tl[l.dataTag]; plain && !okCT {
@@ -318,33 +346,43 @@ func plainData(body []byte, h Header, l layer, haveKey bool) ([]byte, error) {
 	return append([]byte(nil), d...), nil
 }
 
-// innerTLVs is the stored form's TLV stream: plain, or encrypted with stateKey.
-func innerTLVs(plain []byte, stateKey *Key) ([]byte, uint16, error) {
+// innerSize is the length of innerTLVs' output for n bytes of plain data.
+func innerSize(n int, stateKey *Key) int {
+	if stateKey == nil {
+		return tlvHeaderSize + n
+	}
+	return encryptedSize(n, stateKey.Len())
+}
+
+// innerTLVs appends the stored form's TLV stream to dst: plain, or encrypted with stateKey.
+// It returns the header flags that say which, and the HMAC of encrypted data (nil for plain).
+func innerTLVs(dst, plain []byte, stateKey *Key) (out []byte, flags uint16, mac []byte, err error) {
 	if len(plain) > maxPlain {
-		return nil, 0, fail(ErrMalformed, "%d bytes of state is more than the %d this format is used for", len(plain), maxPlain)
+		return nil, 0, nil, fail(ErrMalformed, "%d bytes of state is more than the %d this format is used for", len(plain), maxPlain)
 	}
 	if stateKey == nil {
-		return appendTLV(make([]byte, 0, tlvHeaderSize+len(plain)), TagData, plain), 0, nil
+		return appendTLV(dst, TagData, plain), 0, nil, nil
 	}
-	tl, err := encryptTLVs(stateKey, plain, TagEncryptedData, TagIVEncryptedData)
-	if err != nil {
-		return nil, 0, err
+	if dst, mac, err = encryptTLVs(dst, stateKey, plain, TagEncryptedData, TagIVEncryptedData); err != nil {
+		return nil, 0, nil, err
 	}
-	flags := uint16(FlagEncrypted)
+	flags = FlagEncrypted
 	if stateKey.Is256() {
 		flags |= FlagEncrypted256
 	}
-	return tl, flags, nil
+	return dst, flags, mac, nil
 }
 
 // Seal encodes a libtpms blob as swtpm stores it in a file: header + TLV(1, plain), or with a
 // state key header(flags 0x01, |0x08 for AES-256) + TLV(2) TLV(3) TLV(6).
 func Seal(plain []byte, stateKey *Key) ([]byte, error) {
-	body, flags, err := innerTLVs(plain, stateKey)
+	out := make([]byte, HeaderSize, HeaderSize+innerSize(len(plain), stateKey))
+	out, flags, _, err := innerTLVs(out, plain, stateKey)
 	if err != nil {
 		return nil, err
 	}
-	return finish(flags, body), nil
+	putHeader(out, flags)
+	return out, nil
 }
 
 // Open decodes a stored state file to the libtpms blob. As swtpm does, when stateKey is set
@@ -373,24 +411,32 @@ func WrapMigration(plain []byte, stateKey, migKey *Key, decrypt bool) (blob []by
 	if decrypt {
 		sk = nil
 	}
-	inner, flags, err := innerTLVs(plain, sk)
+	if migKey == nil {
+		// TLV(4) holds the inner stream: build it in place
+		out := make([]byte, HeaderSize+tlvHeaderSize, HeaderSize+tlvHeaderSize+innerSize(len(plain), sk))
+		out, flags, _, err := innerTLVs(out, plain, sk)
+		if err != nil {
+			return nil, false, err
+		}
+		binary.BigEndian.PutUint16(out[HeaderSize:], TagMigrationData)
+		binary.BigEndian.PutUint32(out[HeaderSize+2:], uint32(len(out)-HeaderSize-tlvHeaderSize))
+		putHeader(out, flags|FlagMigrationData)
+		return out, sk != nil, nil
+	}
+	inner, flags, _, err := innerTLVs(make([]byte, 0, innerSize(len(plain), sk)), plain, sk)
 	if err != nil {
 		return nil, false, err
 	}
-	flags |= FlagMigrationData
-	var body []byte
-	if migKey != nil {
-		if body, err = encryptTLVs(migKey, inner, TagEncryptedMigrationData, TagIVEncryptedMigration); err != nil {
-			return nil, false, err
-		}
-		flags |= FlagMigrationEncrypted
-		if migKey.Is256() {
-			flags |= FlagMigration256
-		}
-	} else {
-		body = appendTLV(make([]byte, 0, tlvHeaderSize+len(inner)), TagMigrationData, inner)
+	out := make([]byte, HeaderSize, HeaderSize+encryptedSize(len(inner), migKey.Len()))
+	if out, _, err = encryptTLVs(out, migKey, inner, TagEncryptedMigrationData, TagIVEncryptedMigration); err != nil {
+		return nil, false, err
 	}
-	return finish(flags, body), sk != nil, nil
+	flags |= FlagMigrationData | FlagMigrationEncrypted
+	if migKey.Is256() {
+		flags |= FlagMigration256
+	}
+	putHeader(out, flags)
+	return out, sk != nil, nil
 }
 
 // UnwrapMigration decodes a SET_STATEBLOB blob to the libtpms blob, following swtpm's
