@@ -3,6 +3,7 @@ package backend
 import (
 	"errors"
 	"fmt"
+	"github.com/vtpmd/vtpmd/backend/seam"
 	"log/slog"
 	"sync"
 
@@ -44,7 +45,7 @@ type Config struct {
 	DisableAutoShutdown bool
 	// Guard sees every data-channel command and every successful TPM2_Startup(CLEAR); nil:
 	// none.
-	Guard Guard
+	Guard seam.Guard
 	Log   *slog.Logger
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/vtpmd/vtpmd/backend/seam"
 	"log/slog"
 
 	"github.com/vtpmd/vtpmd/backend/store"
@@ -57,9 +58,9 @@ type RunConfig struct {
 	// Store are the store's options; its StateKey comes from Keys.
 	Store store.Options
 	// Keys yields the state and migration keys (nil: none).
-	Keys KeySource
+	Keys seam.KeySource
 	// Guard sees the data channel's commands (nil: none).
-	Guard Guard
+	Guard seam.Guard
 	// IncomingMigration and DisableAutoShutdown are as in Config.
 	IncomingMigration, DisableAutoShutdown bool
 	// PowerOn starts the TPM before serving (--flags not-need-init), running Startup.
@@ -91,7 +92,7 @@ func Run(ctx context.Context, cfg RunConfig) error {
 	if err != nil {
 		return err
 	}
-	var keys Keys
+	var keys seam.Keys
 	if cfg.Keys != nil {
 		if keys, err = cfg.Keys.Keys(ctx); err != nil {
 			return err

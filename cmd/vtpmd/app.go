@@ -50,6 +50,7 @@ func newVtpmdApp() *cli.App {
 			installCommand(),
 			uninstallCommand(),
 			statusCommand(),
+			managerCommand(),
 		},
 	}
 }

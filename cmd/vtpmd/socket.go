@@ -4,15 +4,20 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
+
+	"github.com/vtpmd/vtpmd/backend/seam"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/vtpmd/vtpmd/backend"
 	"github.com/vtpmd/vtpmd/backend/store"
+	"github.com/vtpmd/vtpmd/emulator"
 	"github.com/vtpmd/vtpmd/internal/daemon"
 	"github.com/vtpmd/vtpmd/internal/opts"
+	"github.com/vtpmd/vtpmd/manager"
 	"github.com/vtpmd/vtpmd/socket"
 )
 
@@ -84,6 +89,7 @@ func socketFlags(o *socketOpts) []cli.Flag {
 		&cli.StringFlag{Name: "runas", Aliases: []string{"r"}, Usage: "user to run as"},
 		&cli.StringFlag{Name: "chroot", Aliases: []string{"R"}, Usage: "directory to chroot into"},
 		&cli.GenericFlag{Name: "seccomp", Value: &o.seccomp, Usage: "action=none|kill|log (accepted; vtpmd installs no filter)"},
+		&cli.StringFlag{Name: "manager", Usage: "the vtpmd manager's socket (default " + manager.DefaultSocket + " when it exists; none: no manager)"},
 		&cli.BoolFlag{Name: "print-capabilities", Usage: "print capabilities as JSON and exit"},
 		&cli.BoolFlag{Name: "print-states", Usage: "print the existing state blobs as JSON and exit"},
 	}
@@ -188,5 +194,17 @@ func runSocket(ctx context.Context, c *cli.Context, o *socketOpts) error {
 		return err
 	}
 	cfg.StateURI, cfg.Store, cfg.Log, cfg.Ready = uri, storeOpts, log, daemon.SignalReady
+	cfg.Keys = withManager(c, cfg, log)
 	return backend.Run(ctx, cfg)
+}
+
+// withManager puts the host's manager in front of the instance's own key options: explicitly
+// with --manager SOCK, or when the default manager's socket exists.
+func withManager(c *cli.Context, cfg backend.RunConfig, log *slog.Logger) seam.KeySource {
+	sock, explicit := c.String("manager"), c.IsSet("manager")
+	if sock == "none" || (!explicit && !manager.Available(manager.DefaultSocket)) {
+		return cfg.Keys
+	}
+	return &manager.KeySource{Client: manager.NewClient(sock), StateURI: cfg.StateURI, TPM2: cfg.Version == emulator.TPM2,
+		Fallback: cfg.Keys, Required: explicit, Log: log}
 }

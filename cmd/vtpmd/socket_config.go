@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/vtpmd/vtpmd/backend/seam"
+
 	"github.com/urfave/cli/v2"
 
 	"github.com/vtpmd/vtpmd/backend"
@@ -20,7 +22,7 @@ func socketConfig(c *cli.Context, o *socketOpts, tpm2 bool) (backend.RunConfig, 
 		cfg.Version = emulator.TPM2
 	}
 	if o.key.set != nil || o.migKey.set != nil {
-		cfg.Keys = backend.KeyOptions{State: o.key.raw(), Migration: o.migKey.raw()}
+		cfg.Keys = seam.KeyOptions{State: o.key.raw(), Migration: o.migKey.raw()}
 	}
 	var err error
 	if cfg.PowerOn, cfg.Startup, err = startupFlags(o); err != nil {

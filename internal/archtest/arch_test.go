@@ -25,15 +25,18 @@ var allowed = map[string][]string{
 
 	"backend/blob":            {},
 	"backend/store":           {"backend/blob", "emulator"},
-	"backend":                 {"backend/blob", "backend/store", "emulator", "emulator/libtpms", "socket"},
+	"backend/seam":            {"backend/blob"},
+	"backend":                 {"backend/blob", "backend/seam", "backend/store", "emulator", "emulator/libtpms", "socket"},
 	"backend/localca":         {},
 	"backend/setup/provision": {"backend/localca"},
 	"backend/setup": {"backend", "backend/blob", "backend/store", "backend/localca", "backend/setup/provision",
 		"emulator", "emulator/libtpms"},
 
 	"manager/registry": {},
+	"manager/hwtpm":    {},
+	"manager":          {"backend/seam", "backend/blob", "backend/store", "emulator", "manager/hwtpm", "manager/registry"},
 
-	"libvirt": {"manager/registry"},
+	"libvirt": {"manager", "manager/registry"},
 
 	// the CLI, and the programs beside the product, may import anything but each other
 	"cmd/vtpmd":         {"*"},

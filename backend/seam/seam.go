@@ -1,4 +1,4 @@
-package backend
+package seam
 
 import (
 	"context"
@@ -8,9 +8,16 @@ import (
 )
 
 // Keys are an instance's keys: State encrypts its state files (swtpm's --key), Migration wraps
-// its state blobs (--migration-key). Either may be nil.
+// its state blobs (--migration-key). Either may be nil. A key source that guards against
+// rollback also says which state version the instance must find at least (MinVersion), and
+// wants to hear of every version made durable (RecordVersion, called after the write; nil: no
+// one listens).
 type Keys struct {
 	State, Migration *blob.Key
+	MinVersion       uint64
+	RecordVersion    func(version uint64)
+	// Owner names who released the state key (for error messages), e.g. "the manager".
+	Owner string
 }
 
 // Zero overwrites the keys' bytes; call it when the instance is done with them.

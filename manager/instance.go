@@ -1,0 +1,237 @@
+package manager
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
+	"github.com/vtpmd/vtpmd/internal/opts"
+	"github.com/vtpmd/vtpmd/internal/proc"
+)
+
+// stateKeySize is the size of a vTPM's state key: AES-256, swtpm's aes-256-cbc.
+const stateKeySize = 32
+
+// key answers an instance's request for its state key (and enrols a new vTPM when
+// auto-enrolment is on).
+func (s *Server) key(ctx context.Context, p Peer, req *KeyRequest) (*KeyResponse, error) {
+	path, err := cleanStatePath(req.StatePath)
+	if err != nil {
+		return nil, err
+	}
+	if err := authorizeInstance(p, path); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rec := s.ledger.findByPath(path)
+	if rec == nil {
+		if !req.Fresh || !s.cfg.AutoEnroll {
+			return nil, fmt.Errorf("%w: %s", ErrNotEnrolled, path)
+		}
+		return s.enrollFresh(ctx, path, req.TPM2)
+	}
+	if rec.Phase != phaseEnrolled {
+		return nil, rec.incomplete()
+	}
+	key, err := s.hw.Unseal(ctx, rec.Sealed)
+	if err != nil {
+		return nil, fmt.Errorf("unseal the state key of vTPM %s: %w", rec.label(), err)
+	}
+	min := rec.Version
+	if rec.AcceptOnce {
+		s.log.Warn("accepting whatever state version the vTPM has (operator override)", "vm", rec.label(), "recorded", rec.Version)
+		min = 0
+	}
+	rec.LastSeen = time.Now().UTC()
+	return &KeyResponse{VM: rec.label(), Key: key, Version: min}, nil
+}
+
+// enrollFresh seals a new key for a vTPM without state.
+func (s *Server) enrollFresh(ctx context.Context, path string, tpm2 bool) (*KeyResponse, error) {
+	rec, key, err := s.newRecord(ctx, path, tpm2)
+	if err != nil {
+		return nil, err
+	}
+	rec.Phase = phaseEnrolled
+	s.ledger.VMs[rec.ID] = rec
+	if err := s.store.save(ctx, s.ledger); err != nil {
+		delete(s.ledger.VMs, rec.ID)
+		clear(key)
+		return nil, err
+	}
+	s.log.Info("enrolled a new vTPM", "vm", rec.label(), "state", path)
+	return &KeyResponse{VM: rec.label(), Key: key}, nil
+}
+
+// newRecord makes a fresh state key, sealed to the hardware TPM and wrapped to the recovery
+// key, and a record naming the VM from the registry.
+func (s *Server) newRecord(ctx context.Context, path string, tpm2 bool) (*vmRecord, []byte, error) {
+	key := make([]byte, stateKeySize)
+	if _, err := rand.Read(key); err != nil {
+		return nil, nil, err
+	}
+	sealed, err := s.hw.Seal(ctx, key)
+	if err != nil {
+		clear(key)
+		return nil, nil, fmt.Errorf("seal a state key: %w", err)
+	}
+	rec := &vmRecord{StatePath: path, TPM2: tpm2, Sealed: sealed, Policy: s.hw.PolicyName(), Enrolled: time.Now().UTC()}
+	if vm := s.vmOfPath(path); vm != nil {
+		rec.UUID, rec.Name = vm.UUID, vm.Name
+	}
+	rec.ID = recordID(rec.UUID, path)
+	if s.cfg.RecoveryKey != nil {
+		if rec.Recovery, err = wrapRecovery(s.cfg.RecoveryKey, rec.ID, key); err != nil {
+			clear(key)
+			return nil, nil, err
+		}
+	}
+	return rec, key, nil
+}
+
+// version records the state version an instance made durable. Versions only grow.
+func (s *Server) version(ctx context.Context, p Peer, req *VersionReport) (*VMStatus, error) {
+	path, err := cleanStatePath(req.StatePath)
+	if err != nil {
+		return nil, err
+	}
+	if err := authorizeInstance(p, path); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rec := s.ledger.findByPath(path)
+	if rec == nil {
+		return nil, fmt.Errorf("%w: %s", ErrNotEnrolled, path)
+	}
+	if req.Version > rec.Version || rec.AcceptOnce {
+		old, accept := rec.Version, rec.AcceptOnce
+		rec.Version, rec.AcceptOnce = req.Version, false
+		if err := s.store.save(ctx, s.ledger); err != nil {
+			rec.Version, rec.AcceptOnce = old, accept
+			return nil, err
+		}
+	}
+	rec.LastSeen = time.Now().UTC()
+	st := rec.status()
+	return &st, nil
+}
+
+// authorizeInstance lets a request through only from the process that serves the state at
+// path, running as root or as the owner of that state.
+func authorizeInstance(p Peer, path string) error {
+	info, err := proc.Inspect(p.PID)
+	if err != nil {
+		return fmt.Errorf("%w: peer pid %d: %w", ErrForbidden, p.PID, err)
+	}
+	if statePathOfArgs(info.Args) != path {
+		return fmt.Errorf("%w: pid %d does not serve %s", ErrForbidden, p.PID, path)
+	}
+	if p.UID == 0 {
+		return nil
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrForbidden, err)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); !ok || int(st.Uid) != p.UID {
+		return fmt.Errorf("%w: uid %d does not own %s", ErrForbidden, p.UID, path)
+	}
+	return nil
+}
+
+// statePathOfArgs finds the state location in a vtpmd/swtpm socket command line
+// (--tpmstate dir=PATH or backend-uri=dir://PATH|file://PATH).
+func statePathOfArgs(args []string) string {
+	for i, a := range args {
+		var v string
+		switch {
+		case a == "--tpmstate" && i+1 < len(args):
+			v = args[i+1]
+		case strings.HasPrefix(a, "--tpmstate="):
+			v = strings.TrimPrefix(a, "--tpmstate=")
+		default:
+			continue
+		}
+		set, err := opts.Parse(v, "dir", "backend-uri", "mode", "lock", "backup", "fsync")
+		if err != nil {
+			return ""
+		}
+		p := set.String("dir", "")
+		if u := set.String("backend-uri", ""); u != "" {
+			p = strings.TrimPrefix(strings.TrimPrefix(u, "dir://"), "file://")
+		}
+		if clean, err := cleanStatePath(p); err == nil {
+			return clean
+		}
+	}
+	return ""
+}
+
+// cleanStatePath is the absolute, clean form of a state location (a directory or a linear
+// file), with symbolic links in its parents resolved, so that one vTPM has one name.
+func cleanStatePath(p string) (string, error) {
+	if p == "" || !filepath.IsAbs(p) {
+		return "", fmt.Errorf("%w: state path %q must be absolute", errBadRequest, p)
+	}
+	p = filepath.Clean(p)
+	if dir, err := filepath.EvalSymlinks(filepath.Dir(p)); err == nil {
+		p = filepath.Join(dir, filepath.Base(p))
+	}
+	return p, nil
+}
+
+func (s *Server) vmOfPath(path string) *struct{ UUID, Name string } {
+	recs, _ := s.cfg.Registry.List()
+	for _, r := range recs {
+		if r.StateDir != "" {
+			if c, err := cleanStatePath(r.StateDir); err == nil && c == path {
+				return &struct{ UUID, Name string }{r.UUID, r.Name}
+			}
+		}
+	}
+	return nil
+}
+
+// wrapRecovery encrypts a state key to the operator's recovery key (RSA-OAEP, SHA-256, the
+// record's ID as label, so a wrap cannot be moved to another record).
+func wrapRecovery(pub *rsa.PublicKey, id string, key []byte) ([]byte, error) {
+	b, err := rsa.EncryptOAEP(sha256.New(), rand.Reader, pub, key, []byte(recoveryLabel+id))
+	if err != nil {
+		return nil, fmt.Errorf("wrap the state key to the recovery key: %w", err)
+	}
+	return b, nil
+}
+
+const recoveryLabel = "vtpmd recovery v1 "
+
+func atomicWrite(path string, data []byte) error {
+	return atomicfile.Write(path, data, atomicfile.Options{Perm: 0o600, ExactPerm: true})
+}
+
+// incomplete is the error for a record whose enrolment or unenrolment was interrupted.
+func (r *vmRecord) incomplete() error {
+	verb := map[string]string{phaseEnrolling: "enroll", phaseUnenrolling: "unenroll"}[r.Phase]
+	return fmt.Errorf("%w: vTPM %s is %s: run 'vtpmd manager %s %s' again", ErrIncomplete, r.label(), r.Phase, verb, r.ID)
+}
+
+func (r *vmRecord) label() string {
+	if r.Name != "" {
+		return r.Name + " (" + r.ID + ")"
+	}
+	return r.ID
+}
+
+func (r *vmRecord) status() VMStatus {
+	return VMStatus{ID: r.ID, Name: r.Name, UUID: r.UUID, StatePath: r.StatePath, Sealed: len(r.Sealed) > 0,
+		Phase: r.Phase, Policy: r.Policy, Version: r.Version, LastSeen: r.LastSeen, Recovery: len(r.Recovery) > 0}
+}
