@@ -14,7 +14,6 @@ import (
 	"path/filepath"
 	"strconv"
 
-	"github.com/vtpmd/vtpmd/manager/hwtpm"
 	"github.com/vtpmd/vtpmd/manager/registry"
 )
 
@@ -147,5 +146,3 @@ func LoadRecoveryPublicKey(path string) (*rsa.PublicKey, error) {
 	}
 	return rk, nil
 }
-
-var _ = hwtpm.ParseSpec
