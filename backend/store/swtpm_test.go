@@ -178,9 +178,17 @@ func (p *swtpmProc) mustIoctl(args ...string) string {
 // tpm connects to the data channel (--server unixio).
 func (p *swtpmProc) tpm() transport.TPM {
 	p.t.Helper()
-	c, err := net.Dial("unix", p.server)
+	// swtpm listens on the data socket a little after the control socket appears
+	var c net.Conn
+	var err error
+	for i := 0; i < 500; i++ {
+		if c, err = net.Dial("unix", p.server); err == nil || p.exited() {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	if err != nil {
-		p.t.Fatalf("connect to swtpm data socket: %v", err)
+		p.t.Fatalf("connect to swtpm data socket: %v (swtpm: %s)", err, p.out)
 	}
 	p.t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(30 * time.Second))
