@@ -23,11 +23,8 @@ const stateKeySize = 32
 // key answers an instance's request for its state key (and enrols a new vTPM when
 // auto-enrolment is on).
 func (s *Server) key(ctx context.Context, p Peer, req *KeyRequest) (*KeyResponse, error) {
-	path, err := cleanStatePath(req.StatePath)
+	path, err := instancePath(p, req.StatePath)
 	if err != nil {
-		return nil, err
-	}
-	if err := authorizeInstance(p, path); err != nil {
 		return nil, err
 	}
 	s.mu.Lock()
@@ -62,9 +59,7 @@ func (s *Server) enrollFresh(ctx context.Context, path string, tpm2 bool) (*KeyR
 		return nil, err
 	}
 	rec.Phase = phaseEnrolled
-	s.ledger.VMs[rec.ID] = rec
-	if err := s.store.save(ctx, s.ledger); err != nil {
-		delete(s.ledger.VMs, rec.ID)
+	if err := s.addRecord(ctx, rec); err != nil {
 		clear(key)
 		return nil, err
 	}
@@ -100,11 +95,8 @@ func (s *Server) newRecord(ctx context.Context, path string, tpm2 bool) (*vmReco
 
 // version records the state version an instance made durable. Versions only grow.
 func (s *Server) version(ctx context.Context, p Peer, req *VersionReport) (*VMStatus, error) {
-	path, err := cleanStatePath(req.StatePath)
+	path, err := instancePath(p, req.StatePath)
 	if err != nil {
-		return nil, err
-	}
-	if err := authorizeInstance(p, path); err != nil {
 		return nil, err
 	}
 	s.mu.Lock()
@@ -124,6 +116,26 @@ func (s *Server) version(ctx context.Context, p Peer, req *VersionReport) (*VMSt
 	rec.LastSeen = time.Now().UTC()
 	st := rec.status()
 	return &st, nil
+}
+
+// addRecord adds a record to the ledger durably (mu held); on failure the ledger is as before.
+func (s *Server) addRecord(ctx context.Context, rec *vmRecord) error {
+	s.ledger.VMs[rec.ID] = rec
+	if err := s.store.save(ctx, s.ledger); err != nil {
+		delete(s.ledger.VMs, rec.ID)
+		return err
+	}
+	return nil
+}
+
+// instancePath is the clean state path of an instance's request, once the peer is known to
+// be the process serving it.
+func instancePath(p Peer, statePath string) (string, error) {
+	path, err := cleanStatePath(statePath)
+	if err != nil {
+		return "", err
+	}
+	return path, authorizeInstance(p, path)
 }
 
 // authorizeInstance lets a request through only from the process that serves the state at

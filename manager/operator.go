@@ -69,9 +69,7 @@ func (s *Server) enroll(ctx context.Context, p Peer, req *VMRequest) (*VMStatus,
 			return nil, err
 		}
 		rec.Phase = phaseEnrolling
-		s.ledger.VMs[rec.ID] = rec
-		if err := s.store.save(ctx, s.ledger); err != nil {
-			delete(s.ledger.VMs, rec.ID)
+		if err := s.addRecord(ctx, rec); err != nil {
 			clear(key)
 			return nil, err
 		}

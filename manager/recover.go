@@ -147,9 +147,7 @@ func (s *Server) adopt(ctx context.Context, p Peer, req *AdoptRequest) (*VMStatu
 			return nil, err
 		}
 	}
-	s.ledger.VMs[rec.ID] = rec
-	if err := s.store.save(ctx, s.ledger); err != nil {
-		delete(s.ledger.VMs, rec.ID)
+	if err := s.addRecord(ctx, rec); err != nil {
 		return nil, err
 	}
 	s.log.Warn("adopted a recovered vTPM", "vm", rec.label(), "state", path, "peer_pid", p.PID)

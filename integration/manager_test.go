@@ -1,0 +1,166 @@
+//go:build integration
+
+package integration
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/pem"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/swtpmtest"
+	"github.com/vtpmd/vtpmd/internal/tpmclient"
+)
+
+// hostManager is a `vtpmd manager` process on a stand-in hardware TPM (Debian's swtpm).
+type hostManager struct {
+	t    *testing.T
+	hw   *swtpmtest.TPM
+	dir  string
+	sock string
+	args []string
+	cmd  *exec.Cmd
+	log  *bytes.Buffer
+}
+
+func startHostManager(t *testing.T, extra ...string) *hostManager {
+	t.Helper()
+	sockDir, err := os.MkdirTemp("", "vtpmd-mgr-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	m := &hostManager{t: t, hw: swtpmtest.Start(t), dir: t.TempDir(), sock: filepath.Join(sockDir, "manager.sock")}
+	m.args = append([]string{"manager", "--tpm", m.hw.Spec(), "--dir", m.dir, "--listen", m.sock, "--group", "",
+		"--registry", filepath.Join(m.dir, "registry"), "--auto-enroll"}, extra...)
+	m.start()
+	return m
+}
+
+func (m *hostManager) start() {
+	m.t.Helper()
+	m.log = &bytes.Buffer{}
+	m.cmd = exec.Command(env.bin, m.args...)
+	m.cmd.Stdout, m.cmd.Stderr = m.log, m.log
+	if err := m.cmd.Start(); err != nil {
+		m.t.Fatal(err)
+	}
+	cmd := m.cmd
+	m.t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	waitFor(m.t, 20*time.Second, func() bool { _, err := os.Stat(m.sock); return err == nil })
+}
+
+func (m *hostManager) restart() {
+	m.t.Helper()
+	m.cmd.Process.Signal(syscall.SIGTERM)
+	m.cmd.Wait()
+	m.start()
+}
+
+// vtpmdOnce starts vtpmd socket on state dir with the manager, initializes the TPM and runs f
+// on its data channel, then shuts it down.
+func vtpmdOnce(t *testing.T, m *hostManager, state string, f func(tp tpmclient.SendFunc)) {
+	t.Helper()
+	e := startEmulator(t, env.bin, state, "--tpm2", "--manager", m.sock)
+	c := ctrlClient(t, e.ctrl)
+	if err := c.Init(0); err != nil {
+		t.Fatalf("INIT: %v\n%s", err, readFile(t, e.log))
+	}
+	conn := dataChannel(t, c)
+	f(tpmclient.SendFunc(func(cmd []byte) ([]byte, error) { return tpmclient.RoundTrip(conn, cmd) }))
+	c.Shutdown()
+	e.cmd.Wait()
+}
+
+const nvIndex = 0x01500042
+
+// TestManagerSealsState: with a manager, a new vTPM's state is encrypted with a key sealed by
+// the host's TPM: Debian's swtpm cannot read it, the vTPM keeps its NV across restarts of
+// itself and of the manager; the state copied to another host (another TPM) is refused,
+// clearly and untouched, until it is recovered there with the recovery key.
+func TestManagerSealsState(t *testing.T) {
+	needRefSwtpm(t)
+	priv, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := t.TempDir()
+	pubPEM, privPEM := filepath.Join(keys, "recovery.pub"), filepath.Join(keys, "recovery.key")
+	pubDER, _ := x509.MarshalPKIXPublicKey(&priv.PublicKey)
+	os.WriteFile(pubPEM, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pubDER}), 0o644)
+	os.WriteFile(privPEM, pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(priv)}), 0o600)
+
+	a := startHostManager(t, "--recovery-key", pubPEM)
+	state := filepath.Join(t.TempDir(), "tpm2")
+	os.MkdirAll(state, 0o700)
+	want := []byte("sealed-by-host-A")
+	vtpmdOnce(t, a, state, func(tp tpmclient.SendFunc) {
+		if err := tpmclient.Startup(tp); err != nil {
+			t.Fatal(err)
+		}
+		if err := tpmclient.NVDefine(tp, nvIndex, uint16(len(want))); err != nil {
+			t.Fatal(err)
+		}
+		if err := tpmclient.NVWrite(tp, nvIndex, want, 0); err != nil {
+			t.Fatal(err)
+		}
+		tpmclient.Shutdown(tp, false)
+	})
+	// Debian's swtpm without the key cannot use it
+	ref := startEmulator(t, refSwtpm(), state, "--tpm2")
+	if err := ctrlClient(t, ref.ctrl).Init(0); err == nil {
+		t.Fatal("Debian's swtpm initialized the sealed state without a key")
+	}
+	ref.cmd.Process.Kill()
+	ref.cmd.Wait()
+
+	readNV := func(m *hostManager, dir string) {
+		t.Helper()
+		vtpmdOnce(t, m, dir, func(tp tpmclient.SendFunc) {
+			tpmclient.Startup(tp)
+			got, err := tpmclient.NVRead(tp, nvIndex, uint16(len(want)), 0)
+			if err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("NV after restart: %q %v", got, err)
+			}
+		})
+	}
+	readNV(a, state)
+	a.restart()
+	readNV(a, state)
+
+	// another host: its manager has no key for this state
+	copyDir := filepath.Join(t.TempDir(), "tpm2")
+	if out, err := exec.Command("cp", "-a", state, copyDir).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v %s", err, out)
+	}
+	before := dirHash(t, copyDir)
+	b := startHostManager(t)
+	out, err := exec.Command(env.bin, "socket", "--tpm2", "--tpmstate", "dir="+copyDir, "--manager", b.sock,
+		"--ctrl", "type=unixio,path="+filepath.Join(t.TempDir(), "c.sock")).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "holds no key for it") {
+		t.Fatalf("state from another host: err %v, output %s", err, out)
+	}
+	if dirHash(t, copyDir) != before {
+		t.Fatal("the refused state was changed")
+	}
+	// recovered with the recovery key: same NV contents
+	rec := exec.Command(env.bin, "manager", "recover", "--socket", b.sock, "--ledger", filepath.Join(a.dir, "ledger.json"),
+		"--recovery-private-key", privPEM, "--state", copyDir, state)
+	if out, err := rec.CombinedOutput(); err != nil {
+		t.Fatalf("recover: %v\n%s", err, out)
+	}
+	readNV(b, copyDir)
+}
