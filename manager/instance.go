@@ -23,7 +23,7 @@ const stateKeySize = 32
 // key answers an instance's request for its state key (and enrols a new vTPM when
 // auto-enrolment is on).
 func (s *Server) key(ctx context.Context, p Peer, req *KeyRequest) (*KeyResponse, error) {
-	path, err := instancePath(p, req.StatePath)
+	path, err := s.instancePath(p, req.StatePath)
 	if err != nil {
 		return nil, err
 	}
@@ -95,7 +95,7 @@ func (s *Server) newRecord(ctx context.Context, path string, tpm2 bool) (*vmReco
 
 // version records the state version an instance made durable. Versions only grow.
 func (s *Server) version(ctx context.Context, p Peer, req *VersionReport) (*VMStatus, error) {
-	path, err := instancePath(p, req.StatePath)
+	path, err := s.instancePath(p, req.StatePath)
 	if err != nil {
 		return nil, err
 	}
@@ -130,20 +130,25 @@ func (s *Server) addRecord(ctx context.Context, rec *vmRecord) error {
 
 // instancePath is the clean state path of an instance's request, once the peer is known to
 // be the process serving it.
-func instancePath(p Peer, statePath string) (string, error) {
+func (s *Server) instancePath(p Peer, statePath string) (string, error) {
 	path, err := cleanStatePath(statePath)
 	if err != nil {
 		return "", err
 	}
-	return path, authorizeInstance(p, path)
+	return path, authorizeInstance(p, path, s.cfg.InstanceExe)
 }
 
 // authorizeInstance lets a request through only from the process that serves the state at
-// path, running as root or as the owner of that state.
-func authorizeInstance(p Peer, path string) error {
+// path: it runs vtpmd (exe), its command line names that state, and it runs as root or as the
+// owner of that state. Processes of one uid can trace each other, so the uid is the real
+// boundary; the rest keeps other programs of that uid from asking by mistake.
+func authorizeInstance(p Peer, path, exe string) error {
 	info, err := proc.Inspect(p.PID)
 	if err != nil {
 		return fmt.Errorf("%w: peer pid %d: %w", ErrForbidden, p.PID, err)
+	}
+	if !sameFile(info.Exe, exe) {
+		return fmt.Errorf("%w: pid %d runs %s, not %s", ErrForbidden, p.PID, info.Exe, exe)
 	}
 	if statePathOfArgs(info.Args) != path {
 		return fmt.Errorf("%w: pid %d does not serve %s", ErrForbidden, p.PID, path)
@@ -161,17 +166,33 @@ func authorizeInstance(p Peer, path string) error {
 	return nil
 }
 
+func sameFile(a, b string) bool {
+	fa, err := os.Stat(a)
+	if err != nil {
+		return false
+	}
+	fb, err := os.Stat(b)
+	return err == nil && os.SameFile(fa, fb)
+}
+
 // statePathOfArgs finds the state location in a vtpmd/swtpm socket command line
-// (--tpmstate dir=PATH or backend-uri=dir://PATH|file://PATH).
+// (--tpmstate dir=PATH or backend-uri=dir://PATH|file://PATH), or in a vtpmd setup /
+// swtpm_setup one (--tpmstate or --tpm-state PATH, dir://PATH or file://PATH).
 func statePathOfArgs(args []string) string {
 	for i, a := range args {
 		var v string
 		switch {
-		case a == "--tpmstate" && i+1 < len(args):
+		case (a == "--tpmstate" || a == "--tpm-state") && i+1 < len(args):
 			v = args[i+1]
-		case strings.HasPrefix(a, "--tpmstate="):
-			v = strings.TrimPrefix(a, "--tpmstate=")
+		case strings.HasPrefix(a, "--tpmstate="), strings.HasPrefix(a, "--tpm-state="):
+			_, v, _ = strings.Cut(a, "=")
 		default:
+			continue
+		}
+		if !strings.Contains(v, "=") { // swtpm_setup: a path or a URI
+			if clean, err := cleanStatePath(strings.TrimPrefix(strings.TrimPrefix(v, "dir://"), "file://")); err == nil {
+				return clean
+			}
 			continue
 		}
 		set, err := opts.Parse(v, "dir", "backend-uri", "mode", "lock", "backup", "fsync")

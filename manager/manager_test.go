@@ -96,7 +96,7 @@ func (m *testManager) start() {
 		cancel()
 		t.Fatalf("open hardware: %v\n%s", err, m.hw.Log())
 	}
-	srv, err := New(ctx, Config{Dir: m.dir, AutoEnroll: true, Registry: m.reg, RecoveryKey: m.rk}, h)
+	srv, err := New(ctx, Config{Dir: m.dir, AutoEnroll: true, Registry: m.reg, RecoveryKey: m.rk, InstanceExe: testBinary(t)}, h)
 	if err != nil {
 		cancel()
 		h.Close()

@@ -44,6 +44,9 @@ type Config struct {
 	RecoveryKey *rsa.PublicKey
 	// Registry locates VMs by UUID or name for the operator's requests.
 	Registry *registry.Registry
+	// InstanceExe is the program a vTPM process must run (its /proc/PID/exe); "" is the
+	// manager's own executable, vtpmd.
+	InstanceExe string
 	Log      *slog.Logger
 }
 
@@ -81,6 +84,11 @@ func New(ctx context.Context, cfg Config, hw Hardware) (*Server, error) {
 	}
 	if cfg.Registry == nil {
 		cfg.Registry = registry.New("")
+	}
+	if cfg.InstanceExe == "" {
+		if cfg.InstanceExe, err = os.Executable(); err != nil {
+			return nil, fmt.Errorf("the manager's own executable: %w", err)
+		}
 	}
 	return &Server{cfg: cfg, hw: hw, log: log, ledger: l, store: st}, nil
 }

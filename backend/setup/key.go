@@ -1,6 +1,7 @@
 package setup
 
 import (
+	"context"
 	"fmt"
 	"strconv"
 	"strings"
@@ -10,9 +11,9 @@ import (
 
 // stateKey builds the state key from --keyfile, --pwdfile, --keyfile-fd or --pwdfile-fd (the
 // first given wins, in that order, as swtpm_setup) and --cipher, with swtpm's --key
-// semantics, and returns swtpm_setup's log line for it. Without any, the state is not
-// encrypted (nil key).
-func stateKey(o Options) (*blob.Key, string, error) {
+// semantics, and returns swtpm_setup's log line for it. Without any, the host manager's key
+// is used if there is a manager and it releases one; else the state is not encrypted (nil key).
+func stateKey(ctx context.Context, o Options) (*blob.Key, string, error) {
 	cipher := o.Cipher
 	switch cipher {
 	case "", "aes-128-cbc", "aes-cbc":
@@ -41,5 +42,15 @@ func stateKey(o Options) (*blob.Key, string, error) {
 		}
 		return key, k.msg, nil
 	}
-	return nil, "", nil
+	if o.Keys == nil {
+		return nil, "", nil
+	}
+	keys, err := o.Keys.Keys(ctx)
+	if err != nil {
+		return nil, "", fmt.Errorf("state key from the vtpmd manager: %w", err)
+	}
+	if keys.State == nil {
+		return nil, "", nil
+	}
+	return keys.State, "  The TPM's state will be encrypted with a key sealed by the host's vtpmd manager.", nil
 }

@@ -1,6 +1,10 @@
 package setup
 
-import "io"
+import (
+	"io"
+
+	"github.com/vtpmd/vtpmd/backend/seam"
+)
 
 // Options is swtpm_setup's command line, typed: what each option means, not how it was
 // spelled. Field comments name the option. The zero value asks for a TPM 1.2 at no location,
@@ -46,6 +50,9 @@ type Options struct {
 	// (the default; aes-cbc names it too) or aes-256-cbc.
 	KeyFile, PwdFile, KeyFileFD, PwdFileFD string
 	Cipher                                 string
+	// Keys is the host manager's key source: without a key option, the state is encrypted
+	// with the key it releases, if it releases one (nil: no manager).
+	Keys seam.KeySource
 
 	// CreateEK (--createek) makes the EKs; CreateEKCert (--create-ek-cert) and
 	// CreatePlatformCert (--create-platform-cert) also imply it.

@@ -19,7 +19,7 @@ func (s *session) manufactureConfig(ctx context.Context, state string) (Manufact
 	if err != nil {
 		return ManufactureConfig{}, s.fail(err)
 	}
-	key, keyMsg, err := stateKey(o)
+	key, keyMsg, err := stateKey(ctx, o)
 	if err != nil {
 		return ManufactureConfig{}, s.fail(err)
 	}

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/vtpmd/vtpmd/backend/seam"
 	"github.com/vtpmd/vtpmd/internal/daemon"
 	"github.com/vtpmd/vtpmd/manager"
 )
@@ -120,4 +122,19 @@ func exitOnError(err error) error {
 		return nil
 	}
 	return cli.Exit("vtpmd manager: "+err.Error(), 1)
+}
+
+// setupManagerKeys is the key source of vtpmd setup (swtpm_setup) on a host whose manager's
+// socket exists: a new vTPM is enrolled as it is made (auto-enrolment), so its very first
+// state is sealed. swtpm_setup has no option for it; libvirt runs it with a sanitized
+// environment, so the default socket is the one place to look.
+func setupManagerKeys(statePath string, tpm2 bool) seam.KeySource {
+	if statePath == "" || !manager.Available(manager.DefaultSocket) {
+		return nil
+	}
+	uri := statePath
+	if !strings.Contains(uri, "://") {
+		uri = "dir://" + uri
+	}
+	return &manager.KeySource{Client: manager.NewClient(manager.DefaultSocket), StateURI: uri, TPM2: tpm2}
 }

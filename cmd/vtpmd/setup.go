@@ -130,6 +130,7 @@ func setupOptions(c *cli.Context, name string) setup.Options {
 		Overwrite: c.Bool("overwrite"), NotOverwrite: c.Bool("not-overwrite"), Reconfigure: c.Bool("reconfigure"),
 		WriteEKCertFiles: c.String("write-ek-cert-files"), Display: c.Bool("display"),
 	}
+	o.Keys = setupManagerKeys(o.StatePath, o.TPM2)
 	for _, d := range []string{"swtpm_ioctl", "tcsd-system-ps-file"} {
 		if c.IsSet(d) {
 			o.IgnoredOptions = append(o.IgnoredOptions, d)
