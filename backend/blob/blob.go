@@ -13,8 +13,9 @@ import (
 	"slices"
 )
 
-// Sentinel errors. Every error returned by this package wraps exactly one of them; the comment
-// names the swtpm control-channel result a caller answers with.
+// Sentinel errors. Every error returned by this package for bad input wraps exactly one of
+// the first six (ErrVersionAuth is a kind of ErrDecrypt); the comment names the swtpm
+// control-channel result a caller answers with.
 var (
 	// ErrKeyNotFound: the data is encrypted and the key it needs is not configured
 	// (TPM_KEYNOTFOUND, 0x0d).
@@ -33,6 +34,12 @@ var (
 	// ErrMalformed: truncated, total length mismatch, missing or truncated TLVs, bad sizes
 	// (TPM_BAD_PARAMETER, 0x03).
 	ErrMalformed = errors.New("malformed")
+
+	// ErrVersionAuth: a stored blob's state version (TagStateVersion) does not authenticate
+	// with the state key: tampered, moved from another blob, or written with another key. It
+	// is a kind of ErrDecrypt: an error that wraps it wraps ErrDecrypt too (and no other of
+	// the sentinels above), so callers that map ErrDecrypt map it alike.
+	ErrVersionAuth = fmt.Errorf("state version authentication failed: %w", ErrDecrypt)
 )
 
 // fail builds an error that says what was wrong and wraps the sentinel.
@@ -231,25 +238,35 @@ func decrypt(k *Key, body []byte, h Header, l layer) ([]byte, error) {
 	return decryptTLVs(k, tl, h, l)
 }
 
-// decryptTLVs is decrypt of a parsed version-2 body.
-func decryptTLVs(k *Key, tl map[uint16][]byte, h Header, l layer) ([]byte, error) {
+// checkEncrypted checks, in swtpm's order, that a parsed version-2 body holds data encrypted
+// with a key of k's length, and returns the ciphertext and the HMAC TLV.
+func checkEncrypted(k *Key, tl map[uint16][]byte, h Header, l layer) (ct, sum []byte, err error) {
 	ct, okCT := tl[l.ctTag]
 	sum, okMAC := tl[TagHMAC]
 	if _, plain := tl[l.dataTag]; plain && !okCT {
-		return nil, fail(ErrDecrypt, "the data is not encrypted (TLV %d), but a %s is configured", l.dataTag, l.key)
+		return nil, nil, fail(ErrDecrypt, "the data is not encrypted (TLV %d), but a %s is configured", l.dataTag, l.key)
 	}
 	want := 16
 	if h.Flags&l.flag256 != 0 {
 		want = 32
 	}
 	if want != len(k.b) {
-		return nil, fail(ErrKeyLength, "the data needs a %d-bit %s, the configured one has %d bits", bits(want), l.key, bits(len(k.b)))
+		return nil, nil, fail(ErrKeyLength, "the data needs a %d-bit %s, the configured one has %d bits", bits(want), l.key, bits(len(k.b)))
 	}
 	if !okCT || !okMAC {
-		return nil, fail(ErrMalformed, "encrypted data (TLV %d) or HMAC (TLV %d) missing", l.ctTag, TagHMAC)
+		return nil, nil, fail(ErrMalformed, "encrypted data (TLV %d) or HMAC (TLV %d) missing", l.ctTag, TagHMAC)
 	}
 	if len(sum) < hmacSize {
-		return nil, fail(ErrMalformed, "HMAC TLV of %d bytes, need %d", len(sum), hmacSize)
+		return nil, nil, fail(ErrMalformed, "HMAC TLV of %d bytes, need %d", len(sum), hmacSize)
+	}
+	return ct, sum, nil
+}
+
+// decryptTLVs is decrypt of a parsed version-2 body.
+func decryptTLVs(k *Key, tl map[uint16][]byte, h Header, l layer) ([]byte, error) {
+	ct, sum, err := checkEncrypted(k, tl, h, l)
+	if err != nil {
+		return nil, err
 	}
 	iv, hasIV := tl[l.ivTag] // writers before swtpm 0.5 had no IV TLV: zero IV, HMAC over ct only
 	mac := hmac.New(sha256.New, k.b)

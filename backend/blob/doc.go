@@ -24,6 +24,26 @@
 // ciphertext || IV. Version-1 (legacy) bodies are read: the raw blob, or AES-CBC with a zero
 // IV over SHA256(data) || data.
 //
+// # State versions
+//
+// With a state key, vtpmd can stamp a stored file with a state version (SealVersioned,
+// OpenVersioned, StoredVersion): a u64 that the store makes grow with every durable write, so
+// that an older copy of the state can be told from the current one. It rides in a fourth TLV
+// after swtpm's three, tag TagStateVersion (0x7674), value
+//
+//	u8 format (1)  u64 version  HMAC-SHA256(vk, u8 format || u8 len(name) || name || u64 version || swtpm HMAC)
+//
+// where vk is HKDF-SHA256 of the state key (info "vtpmd state version key"), name the blob's
+// name (permall, volatilestate, savestate), and swtpm HMAC the 32 bytes of TLV 3, swtpm's
+// HMAC over ciphertext || IV. Through it the version is bound to this very ciphertext: it can
+// be neither changed nor moved to another blob, another blob type or another key's state
+// (ErrVersionAuth, a kind of ErrDecrypt). swtpm's own HMAC does not cover it (swtpm's HMAC
+// covers only ciphertext and IV), and swtpm skips TLVs it does not know: Debian's swtpm
+// 0.7.1 loads versioned files with the same key, and drops the version when it rewrites
+// them. A file without the TLV (swtpm's, or vtpmd's without versioning) has version 0;
+// stripping the TLV therefore only ever lowers a blob's version. Plain (unencrypted) files
+// never carry a version, and neither do migration blobs.
+//
 // Keys come from --key / --migration-key option strings (ParseKeyOption, LoadKey): raw keys
 // in hex or binary, or passphrases turned into keys with PBKDF2-HMAC-SHA512 (salt "swtpm",
 // 1000 iterations) or SHA-512, exactly as swtpm derives them.

@@ -39,8 +39,11 @@ func addFixtureSeeds(f *testing.F, add func([]byte), files ...string) {
 func FuzzOpen(f *testing.F) {
 	s1, _ := Seal(plainBlob[:100], nil)
 	s2, _ := Seal(plainBlob[:100], fuzzKey256)
+	vk, _ := NewVersionKey(fuzzKey256)
+	s3, _ := SealVersioned(plainBlob[:100], fuzzKey256, vk, "permall", 3)
 	f.Add(s1, false)
 	f.Add(s2, true)
+	f.Add(s3, true) // swtpm's TLVs and vtpmd's version TLV, which Open skips
 	f.Add([]byte{2, 1, 0, 10, 0, 0, 0, 0, 0, 10}, false)
 	f.Add([]byte{1, 1, 0, 10, 0, 1, 0, 0, 0, 42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32}, true)
 	addFixtureSeeds(f, func(b []byte) { f.Add(b, false) }, "plain/tpm2-00.permall", "migkey128/tpm2-00.volatilestate")
@@ -67,6 +70,61 @@ func FuzzOpen(f *testing.F) {
 		}
 		if back, err := Open(re, k); err != nil || !bytes.Equal(back, plain) {
 			t.Fatalf("re-seal round trip: %v", err)
+		}
+	})
+}
+
+// FuzzOpenVersioned decodes stored state files with their state versions (OpenVersioned,
+// StoredVersion) under the AES-128 or AES-256 fixture key, as the blob "permall".
+func FuzzOpenVersioned(f *testing.F) {
+	for _, k := range []*Key{fuzzKey128, fuzzKey256} {
+		vk, _ := NewVersionKey(k)
+		s, _ := SealVersioned(plainBlob[:100], k, vk, "permall", 42)
+		f.Add(s, k.Is256())
+		u, _ := Seal(plainBlob[:100], k)
+		f.Add(u, k.Is256())
+	}
+	addFixtureSeeds(f, func(b []byte) { f.Add(b, false) }, "aes128-hex/tpm2-00.permall")
+	addFixtureSeeds(f, func(b []byte) { f.Add(b, true) }, "aes256-hex/tpm2-00.volatilestate")
+	f.Fuzz(func(t *testing.T, data []byte, key256 bool) {
+		k := fuzzKey128
+		if key256 {
+			k = fuzzKey256
+		}
+		vk, err := NewVersionKey(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		orig := bytes.Clone(data)
+		stored, serr := StoredVersion(data, vk, "permall")
+		if serr != nil {
+			if e := oneSentinel(serr); e != nil {
+				t.Fatal(e)
+			}
+		}
+		plain, version, err := OpenVersioned(data, k, vk, "permall")
+		if !bytes.Equal(orig, data) {
+			t.Fatal("OpenVersioned or StoredVersion modified its input")
+		}
+		if err != nil {
+			if e := oneSentinel(err); e != nil {
+				t.Fatal(e)
+			}
+			return
+		}
+		if serr != nil || stored != version {
+			t.Fatalf("OpenVersioned gives version %d, StoredVersion %d (%v)", version, stored, serr)
+		}
+		if same, err := Open(data, k); err != nil || !bytes.Equal(same, plain) {
+			t.Fatalf("Open disagrees with OpenVersioned: %v", err)
+		}
+		next := max(version, 1)
+		re, err := SealVersioned(plain, k, vk, "permall", next)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if back, v, err := OpenVersioned(re, k, vk, "permall"); err != nil || v != next || !bytes.Equal(back, plain) {
+			t.Fatalf("re-seal round trip: version %d, %v", v, err)
 		}
 	})
 }
