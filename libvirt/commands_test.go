@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmd/vtpmd/manager"
+
 	"github.com/vtpmd/vtpmd/manager/registry"
 )
 
@@ -125,12 +127,18 @@ func TestWriteStatusTable(t *testing.T) {
 			Policy:  &Policy{XML: "<a>\n  <b/>\n</a>"},
 			History: []registry.Event{{Time: when, Op: OpStart, SubOp: "begin", PID: 42, Detail: "started", Error: "boom"}},
 		}}, []string{
-			"vm1   " + testUUID + "  running  external  running  42   /st/tpm2\n",
+			"vm1   " + testUUID + "  running  external  running  42   -    /st/tpm2\n",
 			"  socket: /run/vm1.sock\n", "  exe:    /usr/bin/vtpmd\n", "  policy: <a> <b/> </a>\n",
 			"  2026-01-02T03:04:05Z start begin pid=42 started ERROR: boom\n",
 		}},
 		{"inactive, no state", []VMStatus{{Name: "vm2", UUID: testUUID, Defined: true, Backend: BackendEmulator}}, []string{
-			"inactive  emulator  stopped  -    -\n",
+			"inactive  emulator  stopped  -    -    -\n",
+		}},
+		{"sealed by the manager", []VMStatus{{Name: "vm3", UUID: testUUID, Defined: true, Backend: BackendEmulator,
+			StateDir: "/st/tpm2", StateFound: true,
+			Manager: &manager.VMStatus{Sealed: true, Phase: "enrolled", Policy: "none", Version: 12}}}, []string{
+			"inactive  emulator  stopped  -    sealed  /st/tpm2\n",
+			"  manager: enrolled, policy none, state version 12, last seen never (since the manager started)\n",
 		}},
 	}
 	for _, tt := range tests {

@@ -3,11 +3,15 @@ package libvirt
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/vtpmd/vtpmd/manager"
 
 	"github.com/vtpmd/vtpmd/manager/registry"
 )
@@ -27,6 +31,9 @@ type StatusQuery struct {
 	History int
 	// JSON prints the []VMStatus as JSON instead of a table.
 	JSON bool
+	// ManagerSocket is the host manager's socket ("" means manager.DefaultSocket, asked only
+	// when it exists; "none": do not ask).
+	ManagerSocket string
 }
 
 // ShowStatus prints the status (Status) to out. When only part of it could be gathered it
@@ -56,6 +63,9 @@ func ShowStatus(ctx context.Context, q StatusQuery, out, warnings io.Writer) err
 	if sts == nil && serr != nil {
 		return serr
 	}
+	if merr := addManagerView(ctx, q.ManagerSocket, sts); merr != nil {
+		serr = errors.Join(serr, merr)
+	}
 	if q.JSON {
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")
@@ -79,13 +89,13 @@ func WriteStatusTable(w io.Writer, sts []VMStatus) {
 		return
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tUUID\tDOMAIN\tBACKEND\tVTPM\tPID\tSTATE DIR")
+	fmt.Fprintln(tw, "NAME\tUUID\tDOMAIN\tBACKEND\tVTPM\tPID\tKEY\tSTATE DIR")
 	for _, s := range sts {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.UUID, s.domainState(), s.Backend, s.vtpmState(), s.pidColumn(), s.stateDirColumn())
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.UUID, s.domainState(), s.Backend, s.vtpmState(), s.pidColumn(), s.keyColumn(), s.stateDirColumn())
 	}
 	tw.Flush()
 	for _, s := range sts {
-		if len(s.History) == 0 && s.Exe == "" && s.Socket == "" {
+		if len(s.History) == 0 && s.Exe == "" && s.Socket == "" && s.Manager == nil {
 			continue
 		}
 		fmt.Fprintf(w, "\n%s (%s)\n", s.Name, s.UUID)
@@ -94,6 +104,9 @@ func WriteStatusTable(w io.Writer, sts []VMStatus) {
 		}
 		if s.Exe != "" {
 			fmt.Fprintf(w, "  exe:    %s\n", s.Exe)
+		}
+		if m := s.Manager; m != nil {
+			fmt.Fprintf(w, "  manager: %s, policy %s, state version %d, last seen %s\n", m.Phase, m.Policy, m.Version, lastSeen(m.LastSeen))
 		}
 		if s.Policy != nil && s.Policy.XML != "" {
 			fmt.Fprintf(w, "  policy: %s\n", strings.Join(strings.Fields(s.Policy.XML), " "))
@@ -151,4 +164,41 @@ func eventLine(e registry.Event) string {
 		line += " ERROR: " + e.Error
 	}
 	return line
+}
+
+// keyColumn says what protects the state: a key sealed by the manager, or not known here.
+func (s *VMStatus) keyColumn() string {
+	if s.Manager != nil && s.Manager.Sealed {
+		return "sealed"
+	}
+	return "-"
+}
+
+func lastSeen(t time.Time) string {
+	if t.IsZero() {
+		return "never (since the manager started)"
+	}
+	return t.Local().Format(time.DateTime)
+}
+
+// addManagerView joins the host manager's records to the statuses by state directory. No
+// manager is not an error; an unreachable or refusing one is reported as a warning.
+func addManagerView(ctx context.Context, socket string, sts []VMStatus) error {
+	if socket == "none" || (socket == "" && !manager.Available(manager.DefaultSocket)) {
+		return nil
+	}
+	st, err := manager.NewClient(socket).Status(ctx)
+	if err != nil {
+		return fmt.Errorf("the manager's view: %w", err)
+	}
+	byPath := map[string]*manager.VMStatus{}
+	for i := range st.VMs {
+		byPath[filepath.Clean(st.VMs[i].StatePath)] = &st.VMs[i]
+	}
+	for i := range sts {
+		if sts[i].StateDir != "" {
+			sts[i].Manager = byPath[filepath.Clean(sts[i].StateDir)]
+		}
+	}
+	return nil
 }

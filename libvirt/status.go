@@ -7,6 +7,8 @@ import (
 	"sort"
 	"time"
 
+	"github.com/vtpmd/vtpmd/manager"
+
 	golibvirt "github.com/digitalocean/go-libvirt"
 
 	"github.com/vtpmd/vtpmd/internal/proc"
@@ -33,6 +35,8 @@ type VMStatus struct {
 	Policy  *Policy          `json:"policy,omitempty"`
 	History []registry.Event `json:"history,omitempty"`
 	Updated time.Time        `json:"registry_updated,omitempty"`
+	// Manager is the host manager's view of this vTPM (nil: no manager, or not enrolled).
+	Manager *manager.VMStatus `json:"manager,omitempty"`
 }
 
 // Status lists the vTPMs libvirt knows of (via l; nil means registry only), joined with the

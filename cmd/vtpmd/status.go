@@ -25,16 +25,18 @@ func statusCommand() *cli.Command {
 			&cli.StringFlag{Name: "config", Usage: "hook configuration (default " + libvirt.DefaultConfigPath + ")"},
 			&cli.StringFlag{Name: "registry", Usage: "registry directory (overrides the configuration and $" + registry.DirEnv + ")"},
 			&cli.DurationFlag{Name: "timeout", Value: 5 * time.Second, Usage: "libvirt connection timeout"},
+			&cli.StringFlag{Name: "manager", Usage: "the vtpmd manager's socket (default: ask the host's manager when it runs; none: do not)"},
 		},
 		Action: func(c *cli.Context) error {
 			q := libvirt.StatusQuery{
-				ConfigPath: c.String("config"),
-				Overrides:  libvirt.Overrides{RegistryDir: c.String("registry")},
-				URI:        c.String("connect"),
-				NoLibvirt:  c.Bool("no-libvirt"),
-				Timeout:    c.Duration("timeout"),
-				History:    c.Int("history"),
-				JSON:       c.Bool("json"),
+				ConfigPath:    c.String("config"),
+				Overrides:     libvirt.Overrides{RegistryDir: c.String("registry")},
+				URI:           c.String("connect"),
+				NoLibvirt:     c.Bool("no-libvirt"),
+				Timeout:       c.Duration("timeout"),
+				History:       c.Int("history"),
+				JSON:          c.Bool("json"),
+				ManagerSocket: c.String("manager"),
 			}
 			if err := libvirt.ShowStatus(c.Context, q, os.Stdout, os.Stderr); err != nil {
 				msg := "vtpmd status: " + err.Error()

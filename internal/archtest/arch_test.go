@@ -29,7 +29,7 @@ var allowed = map[string][]string{
 	"backend":                 {"backend/blob", "backend/seam", "backend/store", "emulator", "emulator/libtpms", "socket"},
 	"backend/localca":         {},
 	"backend/setup/provision": {"backend/localca"},
-	"backend/setup": {"backend", "backend/blob", "backend/store", "backend/localca", "backend/setup/provision",
+	"backend/setup": {"backend", "backend/blob", "backend/seam", "backend/store", "backend/localca", "backend/setup/provision",
 		"emulator", "emulator/libtpms"},
 
 	"manager/registry": {},
