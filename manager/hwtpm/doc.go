@@ -11,7 +11,9 @@
 //   - Every method that talks to the TPM takes a context first. A command cut short by the
 //     context, or by a broken connection, drops the connection (ErrTransport) and the next
 //     command opens a new one, so a late response is never read as the answer to another
-//     command. A TPM's methods are safe for concurrent use; operations take turns.
+//     command. A TPM's methods are safe for concurrent use; operations take turns. A device
+//     stays open; a swtpm or simulator connection lasts one operation, because they serve one
+//     client at a time and others (tpm2-tools, a second manager) may want the TPM between.
 //   - The storage key is the TCG's SRK template (ECC P-256, else RSA-2048) created under the
 //     owner hierarchy with TPM2_CreatePrimary whenever it is needed: it is derived from the
 //     TPM's owner seed, so nothing is persisted and no persistent handle is taken from other

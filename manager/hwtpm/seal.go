@@ -73,6 +73,9 @@ func (s *Sealed) UnmarshalJSON(b []byte) error {
 	if err := j.Policy.check(); err != nil {
 		return fmt.Errorf("hwtpm: %w: %w", ErrBadSealed, err)
 	}
+	if len(j.PCRValues) == 0 {
+		j.PCRValues = nil // as MarshalJSON leaves it out
+	}
 	*s = Sealed{j.Public, j.Private, j.Policy.policy(), j.PCRValues, j.StorageKey}
 	return nil
 }
@@ -276,6 +279,20 @@ func (s *Sealed) check() (policyDesc, tpm2.TPM2BPublic, tpm2.TPM2BPrivate, error
 	}
 	if len(s.StorageKey) == 0 {
 		return fail("no storage key name")
+	}
+	if len(s.PCRValues) > 0 {
+		size := 0
+		if h, err := banks[desc.Bank].Hash(); err == nil && desc.Kind == policyKindPCR {
+			size = h.Size()
+		}
+		if len(s.PCRValues) != len(desc.PCRs) {
+			return fail("%d PCR values for policy %s", len(s.PCRValues), desc)
+		}
+		for i, v := range s.PCRValues {
+			if len(v) != size {
+				return fail("PCR %d's value is %d bytes, not %d", desc.PCRs[i], len(v), size)
+			}
+		}
 	}
 	pubBytes, ok := unwrap2B(s.Public)
 	if !ok {

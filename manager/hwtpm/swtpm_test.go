@@ -23,7 +23,7 @@ const swtpmBinary = "/usr/bin/swtpm"
 // swtpm is a Debian swtpm serving a TPM 2.0 on a unix socket (or a TCP port), standing in
 // for the host's hardware TPM.
 type swtpm struct {
-	t        *testing.T
+	t        testing.TB
 	stateDir string
 	sock     string // unix data socket, when port is 0
 	port     int    // TCP data port (control on port+1)
@@ -33,7 +33,7 @@ type swtpm struct {
 
 // startSwtpm starts a swtpm with a fresh state (a new TPM, with its own seeds) on a unix
 // socket and stops it when the test ends.
-func startSwtpm(t *testing.T) *swtpm {
+func startSwtpm(t testing.TB) *swtpm {
 	t.Helper()
 	s := &swtpm{t: t, stateDir: t.TempDir()}
 	s.sock = filepath.Join(shortDir(t), "data")
@@ -42,14 +42,14 @@ func startSwtpm(t *testing.T) *swtpm {
 }
 
 // startSwtpmTCP is startSwtpm on TCP ports.
-func startSwtpmTCP(t *testing.T) *swtpm {
+func startSwtpmTCP(t testing.TB) *swtpm {
 	t.Helper()
 	s := &swtpm{t: t, stateDir: t.TempDir(), port: freePortPair(t)}
 	s.start()
 	return s
 }
 
-func needSwtpm(t *testing.T) {
+func needSwtpm(t testing.TB) {
 	t.Helper()
 	if _, err := os.Stat(swtpmBinary); err != nil {
 		if os.Getenv("CI") == "true" {
@@ -133,7 +133,7 @@ func (s *swtpm) open() *TPM {
 }
 
 // extend extends a SHA-256 PCR, through the TPM's own connection (swtpm serves one at a time).
-func extend(t *testing.T, tpm *TPM, pcr int, data string) {
+func extend(t testing.TB, tpm *TPM, pcr int, data string) {
 	t.Helper()
 	digest := sha256.Sum256([]byte(data))
 	err := tpm.do(testContext(t), func(tp transport.TPM) error {
@@ -148,14 +148,14 @@ func extend(t *testing.T, tpm *TPM, pcr int, data string) {
 	}
 }
 
-func testContext(t *testing.T) context.Context {
+func testContext(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	t.Cleanup(cancel)
 	return ctx
 }
 
 // shortDir is a temporary directory with a path short enough for unix sockets.
-func shortDir(t *testing.T) string {
+func shortDir(t testing.TB) string {
 	t.Helper()
 	dir := t.TempDir()
 	if len(dir) < 80 {
@@ -170,7 +170,7 @@ func shortDir(t *testing.T) string {
 }
 
 // freePortPair finds a port p such that p and p+1 are both free on 127.0.0.1 (just now).
-func freePortPair(t *testing.T) int {
+func freePortPair(t testing.TB) int {
 	t.Helper()
 	for range 50 {
 		l, err := net.Listen("tcp", "127.0.0.1:0")

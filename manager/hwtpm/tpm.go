@@ -112,7 +112,13 @@ func (t *TPM) do(ctx context.Context, op func(tp transport.TPM) error) error {
 		return fmt.Errorf("waiting for the TPM: %w", ctx.Err())
 	}
 	defer func() { <-t.turn }()
-	return op(t.transport(ctx))
+	err := op(t.transport(ctx))
+	if t.spec.Kind != KindDevice {
+		// swtpm and the simulator serve one connection at a time: leave the TPM to others
+		// between operations. A device (the kernel's resource manager) is shared anyway.
+		_ = t.link.release()
+	}
+	return err
 }
 
 // transport is the link as go-tpm wants it, every command bound to ctx.

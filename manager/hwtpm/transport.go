@@ -38,9 +38,6 @@ const (
 // the connection is dropped and the next command opens a new one.
 var ErrTransport = errors.New("TPM transport failed")
 
-// errWrite marks a failure to write a command.
-var errWrite = errors.New("write command")
-
 // conn is what a link talks over: a socket or a device file.
 type conn interface {
 	io.ReadWriteCloser
@@ -49,7 +46,8 @@ type conn interface {
 
 // link is one TPM connection, opened on first use and again after any transport failure, so
 // that a command cut short (a cancelled context, a restarted swtpm) does not leave the next
-// one reading a stale response. A link is not for concurrent commands; TPM serializes them.
+// one reading a stale response. A link is not for concurrent commands; TPM serializes them
+// and releases socket connections between operations.
 type link struct {
 	spec Spec
 	// dialTimeout bounds connecting when the context has no deadline.
@@ -80,27 +78,21 @@ func (l *link) send(ctx context.Context, cmd []byte) ([]byte, error) {
 	}
 }
 
-// roundTrip runs one exchange. A command whose write fails on a connection opened earlier
-// (the TPM end went away: swtpm restarted) never reached a TPM, so it is sent once more on a
-// new connection; any other failure is returned.
+// roundTrip runs one exchange; after a failure the connection is dropped.
 func (l *link) roundTrip(ctx context.Context, cmd []byte) ([]byte, error) {
-	for attempt := 0; ; attempt++ {
-		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("%w: %w", ErrTransport, err)
-		}
-		c, reused, err := l.connect(ctx)
-		if err != nil {
-			return nil, err
-		}
-		resp, err := l.exchangeCtx(ctx, c, cmd)
-		if err == nil {
-			return resp, nil
-		}
-		l.drop(c)
-		if !(reused && attempt == 0 && errors.Is(err, errWrite) && ctx.Err() == nil) {
-			return nil, fmt.Errorf("%w: %s: %w", ErrTransport, l.spec, err)
-		}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrTransport, err)
 	}
+	c, err := l.connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := l.exchangeCtx(ctx, c, cmd)
+	if err != nil {
+		l.drop(c)
+		return nil, fmt.Errorf("%w: %s: %w", ErrTransport, l.spec, err)
+	}
+	return resp, nil
 }
 
 // exchangeCtx is exchange, cut short when ctx ends (where c supports deadlines: a device
@@ -121,22 +113,22 @@ func (l *link) exchangeCtx(ctx context.Context, c conn, cmd []byte) ([]byte, err
 	return resp, err
 }
 
-// connect returns the open connection (reused) or opens one.
-func (l *link) connect(ctx context.Context) (c conn, reused bool, err error) {
+// connect returns the open connection or opens one.
+func (l *link) connect(ctx context.Context) (conn, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		return nil, false, ErrClosed
+		return nil, ErrClosed
 	}
 	if l.c != nil {
-		return l.c, true, nil
+		return l.c, nil
 	}
-	c, err = l.dial(ctx)
+	c, err := l.dial(ctx)
 	if err != nil {
-		return nil, false, fmt.Errorf("%w: %s: %w", ErrTransport, l.spec, err)
+		return nil, fmt.Errorf("%w: %s: %w", ErrTransport, l.spec, err)
 	}
 	l.c = c
-	return c, false, nil
+	return c, nil
 }
 
 func (l *link) dial(ctx context.Context) (conn, error) {
@@ -181,8 +173,16 @@ func (l *link) drop(c conn) {
 // close ends the link; commands after it fail with ErrClosed.
 func (l *link) close() error {
 	l.mu.Lock()
+	l.closed = true
+	l.mu.Unlock()
+	return l.release()
+}
+
+// release closes the connection; the next command opens a new one.
+func (l *link) release() error {
+	l.mu.Lock()
 	c := l.c
-	l.c, l.closed = nil, true
+	l.c = nil
 	l.mu.Unlock()
 	if c == nil {
 		return nil
@@ -210,7 +210,7 @@ func (l *link) exchange(c conn, cmd []byte) ([]byte, error) {
 // exchangeStream is a data channel: the command, then a response framed by its header.
 func exchangeStream(rw io.ReadWriter, cmd []byte) ([]byte, error) {
 	if _, err := rw.Write(cmd); err != nil {
-		return nil, fmt.Errorf("%w: %w", errWrite, err)
+		return nil, fmt.Errorf("write command: %w", err)
 	}
 	var hdr [headerSize]byte
 	if _, err := io.ReadFull(rw, hdr[:]); err != nil {
@@ -232,7 +232,7 @@ func exchangeStream(rw io.ReadWriter, cmd []byte) ([]byte, error) {
 // (a kernel that hands out less is read on until the header's size).
 func exchangeDevice(rw io.ReadWriter, cmd []byte) ([]byte, error) {
 	if _, err := rw.Write(cmd); err != nil {
-		return nil, fmt.Errorf("%w: %w", errWrite, err)
+		return nil, fmt.Errorf("write command: %w", err)
 	}
 	buf := make([]byte, maxResponse)
 	n, err := rw.Read(buf)
@@ -264,7 +264,7 @@ func exchangeMssim(rw io.ReadWriter, cmd []byte, locality uint8) ([]byte, error)
 	msg = binary.BigEndian.AppendUint32(msg, uint32(len(cmd)))
 	msg = append(msg, cmd...)
 	if _, err := rw.Write(msg); err != nil {
-		return nil, fmt.Errorf("%w: %w", errWrite, err)
+		return nil, fmt.Errorf("write command: %w", err)
 	}
 	var u32 [4]byte
 	if _, err := io.ReadFull(rw, u32[:]); err != nil {

@@ -59,7 +59,7 @@ func TestOpenSwtpmTCP(t *testing.T) {
 }
 
 // TestOpenMssim: Open powers the simulator up on the platform port, starts the TPM, and runs
-// commands in the simulator's framing; Close ends the session. The simulator here is a front
+// commands in the simulator's framing; every operation's connection ends its session. The simulator here is a front
 // that checks the framing strictly and relays each command to a real swtpm.
 func TestOpenMssim(t *testing.T) {
 	sw := startSwtpm(t)
@@ -77,8 +77,9 @@ func TestOpenMssim(t *testing.T) {
 	if got := sim.platformSignals(); !slices.Equal(got, want) {
 		t.Errorf("platform signals %v, want %v", got, want)
 	}
-	if !sim.dataSessionEnded() {
-		t.Error("Close did not send TPM_SESSION_END on the data port")
+	// One connection for Open, one for each operation, each ended with TPM_SESSION_END.
+	if n, ended := sim.dataSessions(); n != 3 || ended != n {
+		t.Errorf("%d data connections, %d ended with TPM_SESSION_END; want 3 and 3", n, ended)
 	}
 	if sim.startups() != 1 {
 		t.Errorf("%d TPM2_Startup commands, want 1", sim.startups())
@@ -182,10 +183,28 @@ func TestReconnectAfterSwtpmRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	sw.restart()
-	// The first command's write fails on the old connection (EPIPE: it reached no TPM), so it
-	// is sent again on a new one.
+	// Each operation has a connection of its own: the restart goes unnoticed.
 	if got, err := tpm.Unseal(ctx, sealed); err != nil || string(got) != "secret" {
 		t.Fatalf("unseal after swtpm restarted: %q, %v", got, err)
+	}
+}
+
+// TestSwtpmFreeBetweenOperations: swtpm serves one connection at a time, and the TPM does not
+// hold one between operations.
+func TestSwtpmFreeBetweenOperations(t *testing.T) {
+	sw := startSwtpm(t)
+	tpm := sw.open()
+	if _, err := tpm.Seal(testContext(t), []byte("x"), PolicyNone{}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("unix", sw.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := exchangeStream(c, getRandom); err != nil {
+		t.Fatalf("another client between operations: %v", err)
 	}
 }
 
@@ -283,14 +302,16 @@ func (f *fakeRW) Write(p []byte) (int, error) { return f.w.Write(p) }
 // mssimFront is an MS simulator front: it speaks the simulator's protocol on a data port and
 // the platform port next to it, checks the framing, and relays TPM commands to a swtpm.
 type mssimFront struct {
-	t    *testing.T
-	spec Spec
-	done sync.WaitGroup
+	t         *testing.T
+	spec      Spec
+	done      sync.WaitGroup
+	closeData func()
 
-	mu         sync.Mutex
-	signals    []uint32
-	sessionEnd bool
-	nStartup   int
+	mu          sync.Mutex
+	signals     []uint32
+	sessions    int
+	sessionEnds int
+	nStartup    int
 }
 
 func startMssimFront(t *testing.T, swtpmSock string) *mssimFront {
@@ -332,76 +353,90 @@ func startMssimFront(t *testing.T, swtpmSock string) *mssimFront {
 		}
 	})
 	f.done.Go(func() {
-		c, err := data.Accept()
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		defer c.Close()
-		backend, err := net.Dial("unix", swtpmSock)
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		defer backend.Close()
 		for {
-			code, err := readU32(c)
+			c, err := data.Accept()
 			if err != nil {
-				t.Errorf("data port: %v", err)
-				return
+				return // the listener closed
 			}
-			if code == mssimSessionEnd {
-				f.mu.Lock()
-				f.sessionEnd = true
-				f.mu.Unlock()
-				return
-			}
-			var loc [1]byte
-			size, err := func() (uint32, error) {
-				if code != mssimSendCommand {
-					return 0, errors.New("not TPM_SEND_COMMAND: " + strconv.Itoa(int(code)))
-				}
-				if _, err := io.ReadFull(c, loc[:]); err != nil {
-					return 0, err
-				}
-				return readU32(c)
-			}()
-			if err != nil || loc[0] != 0 || size < 10 || size > 4096 {
-				t.Errorf("data port: bad frame: code %d locality %d size %d: %v", code, loc[0], size, err)
-				return
-			}
-			cmd := make([]byte, size)
-			if _, err := io.ReadFull(c, cmd); err != nil {
-				t.Errorf("data port: %v", err)
-				return
-			}
-			if binary.BigEndian.Uint32(cmd[2:6]) != size {
-				t.Errorf("data port: frame size %d around a command of %d", size, binary.BigEndian.Uint32(cmd[2:6]))
-				return
-			}
-			if tpm2.TPMCC(binary.BigEndian.Uint32(cmd[6:10])) == tpm2.TPMCCStartup {
-				f.mu.Lock()
-				f.nStartup++
-				f.mu.Unlock()
-			}
-			resp, err := exchangeStream(backend, cmd)
-			if err != nil {
-				t.Errorf("relay to swtpm: %v", err)
-				return
-			}
-			out := binary.BigEndian.AppendUint32(nil, uint32(len(resp)))
-			out = append(out, resp...)
-			if _, err := c.Write(binary.BigEndian.AppendUint32(out, 0)); err != nil {
-				t.Error(err)
-				return
-			}
+			f.serveData(c, swtpmSock)
 		}
 	})
+	f.closeData = func() { data.Close() }
 	return f
 }
 
+// serveData serves one data connection (the simulator serves one at a time) until
+// TPM_SESSION_END, relaying commands to a new connection to swtpm.
+func (f *mssimFront) serveData(c net.Conn, swtpmSock string) {
+	t := f.t
+	defer c.Close()
+	f.mu.Lock()
+	f.sessions++
+	f.mu.Unlock()
+	backend, err := net.Dial("unix", swtpmSock)
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	defer backend.Close()
+	for {
+		code, err := readU32(c)
+		if err != nil {
+			t.Errorf("data port: %v", err)
+			return
+		}
+		if code == mssimSessionEnd {
+			f.mu.Lock()
+			f.sessionEnds++
+			f.mu.Unlock()
+			return
+		}
+		var loc [1]byte
+		size, err := func() (uint32, error) {
+			if code != mssimSendCommand {
+				return 0, errors.New("not TPM_SEND_COMMAND: " + strconv.Itoa(int(code)))
+			}
+			if _, err := io.ReadFull(c, loc[:]); err != nil {
+				return 0, err
+			}
+			return readU32(c)
+		}()
+		if err != nil || loc[0] != 0 || size < 10 || size > 4096 {
+			t.Errorf("data port: bad frame: code %d locality %d size %d: %v", code, loc[0], size, err)
+			return
+		}
+		cmd := make([]byte, size)
+		if _, err := io.ReadFull(c, cmd); err != nil {
+			t.Errorf("data port: %v", err)
+			return
+		}
+		if binary.BigEndian.Uint32(cmd[2:6]) != size {
+			t.Errorf("data port: frame size %d around a command of %d", size, binary.BigEndian.Uint32(cmd[2:6]))
+			return
+		}
+		if tpm2.TPMCC(binary.BigEndian.Uint32(cmd[6:10])) == tpm2.TPMCCStartup {
+			f.mu.Lock()
+			f.nStartup++
+			f.mu.Unlock()
+		}
+		resp, err := exchangeStream(backend, cmd)
+		if err != nil {
+			t.Errorf("relay to swtpm: %v", err)
+			return
+		}
+		out := binary.BigEndian.AppendUint32(nil, uint32(len(resp)))
+		out = append(out, resp...)
+		if _, err := c.Write(binary.BigEndian.AppendUint32(out, 0)); err != nil {
+			t.Error(err)
+			return
+		}
+	}
+}
+
+// wait closes the data port and waits for the front's sessions to end.
 func (f *mssimFront) wait(t *testing.T) {
 	t.Helper()
+	f.closeData()
 	done := make(chan struct{})
 	go func() { f.done.Wait(); close(done) }()
 	select {
@@ -417,10 +452,12 @@ func (f *mssimFront) platformSignals() []uint32 {
 	return append([]uint32(nil), f.signals...)
 }
 
-func (f *mssimFront) dataSessionEnded() bool {
+// dataSessions returns how many data connections there were and how many ended with
+// TPM_SESSION_END.
+func (f *mssimFront) dataSessions() (n, ended int) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.sessionEnd
+	return f.sessions, f.sessionEnds
 }
 
 func (f *mssimFront) startups() int {
