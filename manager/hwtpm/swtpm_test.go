@@ -27,6 +27,7 @@ type swtpm struct {
 	stateDir string
 	sock     string // unix data socket, when port is 0
 	port     int    // TCP data port (control on port+1)
+	flags    []string
 	cmd      *exec.Cmd
 	log      bytes.Buffer
 }
@@ -35,8 +36,17 @@ type swtpm struct {
 // socket and stops it when the test ends.
 func startSwtpm(t testing.TB) *swtpm {
 	t.Helper()
+	return startSwtpmFlags(t, "not-need-init,startup-clear")
+}
+
+// startSwtpmFlags is startSwtpm with other --flags ("" for none).
+func startSwtpmFlags(t testing.TB, flags string) *swtpm {
+	t.Helper()
 	s := &swtpm{t: t, stateDir: t.TempDir()}
 	s.sock = filepath.Join(shortDir(t), "data")
+	if flags != "" {
+		s.flags = []string{"--flags", flags}
+	}
 	s.start()
 	return s
 }
@@ -44,7 +54,7 @@ func startSwtpm(t testing.TB) *swtpm {
 // startSwtpmTCP is startSwtpm on TCP ports.
 func startSwtpmTCP(t testing.TB) *swtpm {
 	t.Helper()
-	s := &swtpm{t: t, stateDir: t.TempDir(), port: freePortPair(t)}
+	s := &swtpm{t: t, stateDir: t.TempDir(), port: freePortPair(t), flags: []string{"--flags", "not-need-init,startup-clear"}}
 	s.start()
 	return s
 }
@@ -63,8 +73,7 @@ func (s *swtpm) start() {
 	t := s.t
 	t.Helper()
 	needSwtpm(t)
-	args := []string{"socket", "--tpm2", "--tpmstate", "dir=" + s.stateDir,
-		"--flags", "not-need-init,startup-clear"}
+	args := append([]string{"socket", "--tpm2", "--tpmstate", "dir=" + s.stateDir}, s.flags...)
 	if s.port == 0 {
 		args = append(args, "--server", "type=unixio,path="+s.sock,
 			"--ctrl", "type=unixio,path="+s.sock+".ctrl")

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -219,6 +220,18 @@ func TestClosed(t *testing.T) {
 	}
 	if _, err := tpm.ReadCounter(ctx, testIndex); !errors.Is(err, ErrClosed) {
 		t.Errorf("ReadCounter after Close: %v, want ErrClosed", err)
+	}
+}
+
+// TestOpenRefusesUnstartedSwtpm: a swtpm that needs CMD_INIT, or TPM2_Startup, is refused
+// with a hint at the flag it lacks.
+func TestOpenRefusesUnstartedSwtpm(t *testing.T) {
+	for flags, hint := range map[string]string{"": "not-need-init", "not-need-init": "startup-clear"} {
+		sw := startSwtpmFlags(t, flags)
+		_, err := Open(testContext(t), sw.spec())
+		if err == nil || !strings.Contains(err.Error(), hint) {
+			t.Errorf("--flags %q: Open: %v; want a hint at %s", flags, err, hint)
+		}
 	}
 }
 
