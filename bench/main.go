@@ -1,8 +1,10 @@
 // Command bench measures vtpmd side by side with Debian's swtpm in one run and writes the
 // results, as ratios, to docs/benchmarks.md: start-up to first answer, command round trips over
 // the data socket, memory per instance, state-blob transfer, durable NV writes, and the same
-// commands with libtpms called in-process as the floor, and manufacturing a vTPM (vtpmd setup
-// against swtpm_setup). It is run by `just bench`.
+// commands with libtpms called in-process as the floor, manufacturing a vTPM (vtpmd setup
+// against swtpm_setup), and vtpmd with the host manager (vtpmd manager on a stand-in hardware
+// TPM) against vtpmd without it and swtpm, with the manager's own costs. It is run by
+// `just bench`.
 package main
 
 import (
@@ -24,9 +26,17 @@ func main() {
 	iters := flag.Int("n", 200, "iterations per latency measurement")
 	instances := flag.String("instances", "1,10,100", "instance counts for the memory measurement")
 	echo := flag.String("echo", "", "internal: serve one unix-socket echo connection at this path (the Go floor)")
+	mgrClient := flag.String("manager-client", "", "internal: time a vTPM's requests to the manager on this socket")
+	tpmstate := flag.String("tpmstate", "", "internal: with -manager-client, the vTPM's state (dir=PATH), as vtpmd's --tpmstate")
 	flag.Parse()
 	if *echo != "" {
 		if err := serveEcho(*echo); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
+	if *mgrClient != "" {
+		if err := managerClient(*mgrClient, *tpmstate, *iters); err != nil {
 			log.Fatal(err)
 		}
 		return

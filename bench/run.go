@@ -50,14 +50,23 @@ type instance struct {
 	ctrl string
 }
 
-// start launches an emulator; stateSuffix is appended to --tpmstate (e.g. ",fsync=false").
+// start launches an emulator in a new directory; stateSuffix is appended to --tpmstate (e.g.
+// ",fsync=false").
 func (r *run) start(im impl, stateSuffix ...string) (*instance, error) {
 	r.seq++
 	dir := filepath.Join(r.work, fmt.Sprintf("%s-%d", im.name, r.seq))
 	if err := os.MkdirAll(filepath.Join(dir, "state"), 0o755); err != nil {
 		return nil, err
 	}
+	return startAt(im, dir, stateSuffix...)
+}
+
+// startAt launches an emulator on the state in dir/state (kept from earlier runs), with its
+// sockets in dir.
+func startAt(im impl, dir string, stateSuffix ...string) (*instance, error) {
 	in := &instance{dir: dir, data: filepath.Join(dir, "d.sock"), ctrl: filepath.Join(dir, "c.sock")}
+	os.Remove(in.data) // a socket left by an earlier run would answer dial with ECONNREFUSED
+	os.Remove(in.ctrl)
 	args := append([]string{}, im.args...)
 	args = append(args, "--tpm2", "--tpmstate", "dir="+filepath.Join(dir, "state")+strings.Join(stateSuffix, ""),
 		"--server", "type=unixio,path="+in.data, "--ctrl", "type=unixio,path="+in.ctrl,
@@ -85,23 +94,26 @@ func (in *instance) stop() {
 	}
 }
 
-// firstAnswer starts im on a fresh state and times it until it has answered a GetRandom.
-func (r *run) firstAnswer(im impl) (time.Duration, error) {
-	t0 := time.Now()
-	in, err := r.start(im)
-	if err != nil {
-		return 0, err
+// firstAnswer times start until the emulator it launches has answered a GetRandom; the
+// shutdown afterwards is not timed.
+func firstAnswer(start func() (*instance, error)) timed {
+	return func() (time.Duration, error) {
+		t0 := time.Now()
+		in, err := start()
+		if err != nil {
+			return 0, err
+		}
+		defer in.stop()
+		c, err := in.dial(10 * time.Second)
+		if err != nil {
+			return 0, err
+		}
+		defer c.Close()
+		if _, err := tpmclient.GetRandom(tpmclient.Stream(c), 8); err != nil {
+			return 0, err
+		}
+		return time.Since(t0), nil
 	}
-	defer in.stop()
-	c, err := in.dial(10 * time.Second)
-	if err != nil {
-		return 0, err
-	}
-	defer c.Close()
-	if _, err := tpmclient.GetRandom(tpmclient.Stream(c), 8); err != nil {
-		return 0, err
-	}
-	return time.Since(t0), nil
 }
 
 // dial waits for the data socket and answers; it returns the connection.
@@ -121,6 +133,18 @@ func (in *instance) dial(timeout time.Duration) (net.Conn, error) {
 
 type stats struct{ median, p10, p99, mean time.Duration }
 
+// timed is one measured call: it runs once and says how long its measured part took (a call
+// with untimed set-up or tear-down times itself; clock times a whole call).
+type timed func() (time.Duration, error)
+
+func clock(f func() error) timed {
+	return func() (time.Duration, error) {
+		t0 := time.Now()
+		err := f()
+		return time.Since(t0), err
+	}
+}
+
 // measureInterleaved runs the functions round-robin, one call each per round, so that load
 // from the rest of the machine falls on all of them alike.
 func measureInterleaved(n int, fs map[string]func() error) (map[string]stats, error) {
@@ -130,20 +154,34 @@ func measureInterleaved(n int, fs map[string]func() error) (map[string]stats, er
 // measureBlocks times each function in blocks of back-to-back calls, the functions taking
 // turns block by block (a block of 1 interleaves them call by call).
 func measureBlocks(rounds, block int, fs map[string]func() error) (map[string]stats, error) {
+	ts := map[string]timed{}
+	for name, f := range fs {
+		ts[name] = clock(f)
+	}
+	ds, err := timeBlocks(rounds, block, ts)
+	if err != nil {
+		return nil, err
+	}
+	return summarizeAll(ds), nil
+}
+
+// timeBlocks is the timing loop: rounds of blocks of back-to-back calls of each function in
+// turn, in name order. It returns every call's duration.
+func timeBlocks(rounds, block int, fs map[string]timed) (map[string][]time.Duration, error) {
 	ds := map[string][]time.Duration{}
 	names := sortedKeys(fs)
 	for i := 0; i < rounds; i++ {
 		for _, name := range names {
 			for j := 0; j < block; j++ {
-				t0 := time.Now()
-				if err := fs[name](); err != nil {
+				d, err := fs[name]()
+				if err != nil {
 					return nil, fmt.Errorf("%s: %w", name, err)
 				}
-				ds[name] = append(ds[name], time.Since(t0))
+				ds[name] = append(ds[name], d)
 			}
 		}
 	}
-	return summarizeAll(ds), nil
+	return ds, nil
 }
 
 func sortedKeys[V any](m map[string]V) []string {
@@ -173,15 +211,8 @@ func summarize(ds []time.Duration) stats {
 }
 
 func measure(n int, f func() error) (stats, error) {
-	ds := make([]time.Duration, 0, n)
-	for i := 0; i < n; i++ {
-		t0 := time.Now()
-		if err := f(); err != nil {
-			return stats{}, err
-		}
-		ds = append(ds, time.Since(t0))
-	}
-	return summarize(ds), nil
+	vals, err := measureBlocks(1, n, map[string]func() error{"call": f})
+	return vals["call"], err
 }
 
 // workload is the set of commands timed over every transport.
@@ -261,16 +292,14 @@ func (r *run) all(counts []int) (string, error) {
 		"Ratios are vtpmd / swtpm: below 1 means vtpmd is faster or smaller. Times are medians over the iteration count shown; the in-process column calls libtpms directly (the floor a socket server can approach).\n\n",
 		host, time.Now().UTC().Format("2006-01-02 15:04 UTC"), strings.TrimSpace(string(swver)), libtpms.LibraryVersion())
 
-	// start-up to first answer; the shutdown afterwards is not timed
-	startDs := map[string][]time.Duration{}
-	for i := 0; i < max(10, r.iters/10); i++ {
-		for _, im := range r.impls {
-			d, err := r.firstAnswer(im)
-			if err != nil {
-				return "", fmt.Errorf("start %s: %w", im.name, err)
-			}
-			startDs[im.name] = append(startDs[im.name], d)
-		}
+	// start-up to first answer on a fresh state; the shutdown afterwards is not timed
+	starts := map[string]timed{}
+	for _, im := range r.impls {
+		starts[im.name] = firstAnswer(func() (*instance, error) { return r.start(im) })
+	}
+	startDs, err := timeBlocks(max(10, r.iters/10), 1, starts)
+	if err != nil {
+		return "", fmt.Errorf("start: %w", err)
 	}
 	startRow := row{name: "start to first answer", vals: summarizeAll(startDs)}
 
@@ -395,6 +424,11 @@ func (r *run) all(counts []int) (string, error) {
 		return "", err
 	}
 	b.WriteString(dur)
+	mgr, err := r.managerSection(r.impls[0].bin)
+	if err != nil {
+		return "", err
+	}
+	b.WriteString(mgr)
 	setup, err := r.setup()
 	if err != nil {
 		return "", err
