@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/vtpmd/vtpmd/backend/seam"
 	"log/slog"
+	"time"
+
+	"github.com/vtpmd/vtpmd/backend/seam"
 
 	"github.com/vtpmd/vtpmd/backend/store"
 	"github.com/vtpmd/vtpmd/emulator"
@@ -105,13 +107,21 @@ func Run(ctx context.Context, cfg RunConfig) error {
 	}
 	defer ctrl.Close()
 	defer data.Close()
-	sopts := cfg.Store
-	sopts.StateKey = keys.State
-	st, err := store.Open(cfg.StateURI, sopts)
+	st, err := store.Open(cfg.StateURI, storeOptions(cfg.Store, keys))
 	if err != nil {
+		if errors.Is(err, store.ErrRollback) {
+			return fmt.Errorf("refusing to start: %w; the record is kept by %s ('vtpmd manager accept' lets this state start)", err, keys.Owner)
+		}
 		return err
 	}
 	defer st.Close()
+	if keys.Flush != nil {
+		defer func() {
+			fctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			keys.Flush(fctx)
+		}()
+	}
 	inst, err := New(Config{
 		Version: cfg.Version, Store: st, StateKey: keys.State, MigrationKey: keys.Migration,
 		IncomingMigration: cfg.IncomingMigration, DisableAutoShutdown: cfg.DisableAutoShutdown,
@@ -132,6 +142,21 @@ func Run(ctx context.Context, cfg RunConfig) error {
 		}
 	}
 	return serve(ctx, inst, ctrl, data, cfg, log)
+}
+
+// storeOptions adds what the key source asks for: the state key and, when someone records
+// state versions (the manager), versioned writes reported to it and the version the state
+// must have at least.
+func storeOptions(o store.Options, keys seam.Keys) store.Options {
+	o.StateKey = keys.State
+	if keys.RecordVersion != nil && keys.State != nil {
+		o.Versioned, o.MinVersion = true, keys.MinVersion
+		o.OnWrite = func(_ emulator.StateType, v uint64) error {
+			keys.RecordVersion(v)
+			return nil
+		}
+	}
+	return o
 }
 
 func openChannels(ctrlSpec, dataSpec *socket.ListenSpec) (ctrl, data *socket.Endpoint, err error) {

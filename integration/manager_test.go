@@ -24,13 +24,15 @@ import (
 type hostManager struct {
 	t    *testing.T
 	hw   *swtpmtest.TPM
+	bin  string // the vtpmd it runs: the instances must run the same file
 	dir  string
 	sock string
 	args []string
 	cmd  *exec.Cmd
-	log  *bytes.Buffer
+	log  string // every run's output, appended
 }
 
+// startHostManager starts a manager of env.bin on a private socket, with its own registry.
 func startHostManager(t *testing.T, extra ...string) *hostManager {
 	t.Helper()
 	sockDir, err := os.MkdirTemp("", "vtpmd-mgr-")
@@ -38,18 +40,38 @@ func startHostManager(t *testing.T, extra ...string) *hostManager {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	m := &hostManager{t: t, hw: swtpmtest.Start(t), dir: t.TempDir(), sock: filepath.Join(sockDir, "manager.sock")}
-	m.args = append([]string{"manager", "--tpm", m.hw.Spec(), "--dir", m.dir, "--listen", m.sock, "--group", "",
-		"--registry", filepath.Join(m.dir, "registry"), "--auto-enroll"}, extra...)
+	dir := t.TempDir()
+	return newHostManager(t, env.bin, filepath.Join(sockDir, "manager.sock"), "", filepath.Join(dir, "registry"), extra...)
+}
+
+// newHostManager starts `bin manager --auto-enroll` listening on sock (its group: group, ""
+// unchanged), naming VMs from the registry at registry. Its output is logged when the test
+// fails.
+func newHostManager(t *testing.T, bin, sock, group, registry string, extra ...string) *hostManager {
+	t.Helper()
+	m := &hostManager{t: t, hw: swtpmtest.Start(t), bin: bin, dir: t.TempDir(), sock: sock}
+	m.log = filepath.Join(t.TempDir(), "manager.log")
+	m.args = append([]string{"manager", "--tpm", m.hw.Spec(), "--dir", m.dir, "--listen", m.sock, "--group", group,
+		"--registry", registry, "--auto-enroll"}, extra...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(m.log)
+			t.Logf("manager output:\n%s", tail(string(b), 4000))
+		}
+	})
 	m.start()
 	return m
 }
 
 func (m *hostManager) start() {
 	m.t.Helper()
-	m.log = &bytes.Buffer{}
-	m.cmd = exec.Command(env.bin, m.args...)
-	m.cmd.Stdout, m.cmd.Stderr = m.log, m.log
+	logf, err := os.OpenFile(m.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	defer logf.Close()
+	m.cmd = exec.Command(m.bin, m.args...)
+	m.cmd.Stdout, m.cmd.Stderr = logf, logf
 	if err := m.cmd.Start(); err != nil {
 		m.t.Fatal(err)
 	}
@@ -63,10 +85,30 @@ func (m *hostManager) start() {
 	waitFor(m.t, 20*time.Second, func() bool { _, err := os.Stat(m.sock); return err == nil })
 }
 
+// stop ends the manager with SIGTERM, as an init system does, and waits for it.
+func (m *hostManager) stop() {
+	m.t.Helper()
+	if m.cmd.ProcessState != nil {
+		return
+	}
+	m.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { m.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		m.t.Errorf("the manager did not stop on SIGTERM within 20s; killing it")
+		m.cmd.Process.Kill()
+		<-done
+	}
+}
+
 func (m *hostManager) restart() {
 	m.t.Helper()
-	m.cmd.Process.Signal(syscall.SIGTERM)
-	m.cmd.Wait()
+	m.stop()
+	if _, err := os.Lstat(m.sock); err == nil {
+		m.t.Fatalf("the manager left its socket %s behind", m.sock)
+	}
 	m.start()
 }
 
@@ -163,4 +205,62 @@ func TestManagerSealsState(t *testing.T) {
 		t.Fatalf("recover: %v\n%s", err, out)
 	}
 	readNV(b, copyDir)
+}
+
+// TestManagerRollback: an older copy of an enrolled vTPM's state is refused at start with the
+// versions found and expected, and nothing is changed; `vtpmd manager accept` lets it start
+// once. A rolled back ledger keeps the manager from starting.
+func TestManagerRollback(t *testing.T) {
+	m := startHostManager(t)
+	state := filepath.Join(t.TempDir(), "tpm2")
+	os.MkdirAll(state, 0o700)
+	writeNV := func(v string) {
+		vtpmdOnce(t, m, state, func(tp tpmclient.SendFunc) {
+			tpmclient.Startup(tp)
+			tpmclient.NVDefine(tp, nvIndex, 2) // fails harmlessly once defined
+			if err := tpmclient.NVWrite(tp, nvIndex, []byte(v), 0); err != nil {
+				t.Fatal(err)
+			}
+			tpmclient.Shutdown(tp, false)
+		})
+	}
+	writeNV("v1")
+	old := filepath.Join(t.TempDir(), "old")
+	if out, err := exec.Command("cp", "-a", state, old).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v %s", err, out)
+	}
+	oldLedger := readFile(t, filepath.Join(m.dir, "ledger.json"))
+	writeNV("v2")
+	// the operator's copy of last week's state
+	os.RemoveAll(state)
+	if out, err := exec.Command("cp", "-a", old, state).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v %s", err, out)
+	}
+	before := dirHash(t, state)
+	out, err := exec.Command(env.bin, "socket", "--tpm2", "--tpmstate", "dir="+state, "--manager", m.sock,
+		"--ctrl", "type=unixio,path="+filepath.Join(t.TempDir(), "c.sock")).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "refusing to start") || !strings.Contains(string(out), "rollback") {
+		t.Fatalf("rolled back state: err %v, output %s", err, out)
+	}
+	t.Logf("refused: %s", strings.TrimSpace(string(out)))
+	if dirHash(t, state) != before {
+		t.Fatal("the refused state was changed")
+	}
+	if out, err := exec.Command(env.bin, "manager", "accept", "--socket", m.sock, state).CombinedOutput(); err != nil {
+		t.Fatalf("accept: %v %s", err, out)
+	}
+	vtpmdOnce(t, m, state, func(tp tpmclient.SendFunc) {
+		tpmclient.Startup(tp)
+		if got, err := tpmclient.NVRead(tp, nvIndex, 2, 0); err != nil || string(got) != "v1" {
+			t.Fatalf("accepted state: %q %v", got, err)
+		}
+	})
+	// the manager's own records rolled back
+	m.cmd.Process.Signal(syscall.SIGTERM)
+	m.cmd.Wait()
+	os.WriteFile(filepath.Join(m.dir, "ledger.json"), []byte(oldLedger), 0o600)
+	out, err = exec.Command(env.bin, m.args...).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "ledger rolled back") {
+		t.Fatalf("manager on a rolled back ledger: err %v, output %s", err, out)
+	}
 }

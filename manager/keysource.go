@@ -31,7 +31,10 @@ type KeySource struct {
 	// Required refuses to start when the manager cannot be reached (--manager given
 	// explicitly); otherwise an unreachable manager is only fatal for encrypted state.
 	Required bool
-	Log      *slog.Logger
+	// Synchronous reports each version before the write returns (vtpmd setup, which exits
+	// right after its one write); otherwise reports follow the writes (a served vTPM).
+	Synchronous bool
+	Log         *slog.Logger
 }
 
 // Keys implements seam.KeySource.
@@ -130,6 +133,7 @@ type versionReporter struct {
 
 	mu      sync.Mutex
 	latest  uint64 // guarded by mu
+	sent    uint64 // guarded by mu; the last version the manager acknowledged
 	pending bool   // guarded by mu
 	kick    chan struct{}
 }
@@ -152,6 +156,23 @@ func (r *versionReporter) record(v uint64) {
 	}
 }
 
+// flush waits until the latest recorded version was reported (or ctx ends).
+func (r *versionReporter) flush(ctx context.Context) {
+	for {
+		r.mu.Lock()
+		done := !r.pending && r.sent >= r.latest
+		r.mu.Unlock()
+		if done {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
 func (r *versionReporter) loop() {
 	backoff := 10 * time.Millisecond
 	for range r.kick {
@@ -167,6 +188,9 @@ func (r *versionReporter) loop() {
 			err := r.c.ReportVersion(ctx, r.path, v)
 			cancel()
 			if err == nil {
+				r.mu.Lock()
+				r.sent = max(r.sent, v)
+				r.mu.Unlock()
 				backoff = 10 * time.Millisecond
 				continue
 			}

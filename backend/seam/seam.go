@@ -16,6 +16,9 @@ type Keys struct {
 	State, Migration *blob.Key
 	MinVersion       uint64
 	RecordVersion    func(version uint64)
+	// Flush waits (bounded by ctx) until the versions recorded so far have reached whoever
+	// listens; called once the instance stops writing. nil: nothing to wait for.
+	Flush func(ctx context.Context)
 	// Owner names who released the state key (for error messages), e.g. "the manager".
 	Owner string
 }

@@ -36,8 +36,11 @@ type ManufactureConfig struct {
 	// StateURI is dir://DIR or file://FILE.
 	StateURI string
 	TPM2     bool
-	// StateKey encrypts the state files (swtpm_setup --keyfile/--pwdfile).
+	// StateKey encrypts the state files (swtpm_setup --keyfile/--pwdfile, or the manager's).
 	StateKey *blob.Key
+	// RecordVersion, with StateKey, versions each state write and is told its version (the
+	// host manager's rollback record); nil: unversioned, as swtpm.
+	RecordVersion func(version uint64)
 	// Overwrite replaces existing state; NotOverwrite keeps it and succeeds (and wins over
 	// Overwrite, as in swtpm_setup); with neither, existing state is ErrStateExists.
 	Overwrite, NotOverwrite bool
@@ -78,7 +81,12 @@ func Manufacture(ctx context.Context, cfg ManufactureConfig) (*ManufactureResult
 	if !cfg.TPM2 && cfg.Reconfigure {
 		return nil, errors.New("manufacture: a TPM 1.2 cannot be reconfigured")
 	}
-	st, err := store.Open(cfg.StateURI, store.Options{TPM2: cfg.TPM2, Lock: true, StateKey: cfg.StateKey})
+	sopts := store.Options{TPM2: cfg.TPM2, Lock: true, StateKey: cfg.StateKey}
+	if cfg.RecordVersion != nil && cfg.StateKey != nil {
+		sopts.Versioned = true
+		sopts.OnWrite = func(_ emulator.StateType, v uint64) error { cfg.RecordVersion(v); return nil }
+	}
+	st, err := store.Open(cfg.StateURI, sopts)
 	if err != nil {
 		return nil, fmt.Errorf("open TPM state %s: %w", cfg.StateURI, err)
 	}

@@ -19,7 +19,7 @@ func (s *session) manufactureConfig(ctx context.Context, state string) (Manufact
 	if err != nil {
 		return ManufactureConfig{}, s.fail(err)
 	}
-	key, keyMsg, err := stateKey(ctx, o)
+	keys, keyMsg, err := stateKey(ctx, o)
 	if err != nil {
 		return ManufactureConfig{}, s.fail(err)
 	}
@@ -35,7 +35,7 @@ func (s *session) manufactureConfig(ctx context.Context, state string) (Manufact
 		what = "reconfiguration"
 	}
 	return ManufactureConfig{
-		StateURI: state, TPM2: o.TPM2, StateKey: key,
+		StateURI: state, TPM2: o.TPM2, StateKey: keys.State, RecordVersion: keys.RecordVersion,
 		Overwrite: o.Overwrite, NotOverwrite: o.NotOverwrite, Reconfigure: o.Reconfigure,
 		Provision:   po,
 		Provision12: provision12Options(o, po.CreateEK),

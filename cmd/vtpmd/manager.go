@@ -136,5 +136,5 @@ func setupManagerKeys(statePath string, tpm2 bool) seam.KeySource {
 	if !strings.Contains(uri, "://") {
 		uri = "dir://" + uri
 	}
-	return &manager.KeySource{Client: manager.NewClient(manager.DefaultSocket), StateURI: uri, TPM2: tpm2}
+	return &manager.KeySource{Client: manager.NewClient(manager.DefaultSocket), StateURI: uri, TPM2: tpm2, Synchronous: true}
 }
