@@ -40,6 +40,12 @@ func OpenHardware(ctx context.Context, spec, policy string, index uint32) (Hardw
 		t.Close()
 		return nil, fmt.Errorf("ledger counter at NV 0x%08x: %w", index, err)
 	}
+	// a policy this TPM cannot seal to (a bank it lacks, a PCR it has not) is refused now,
+	// not at the first vTPM's start
+	if _, err := t.Seal(ctx, []byte{0}, pol); err != nil {
+		t.Close()
+		return nil, fmt.Errorf("unseal policy %s: %w", policy, err)
+	}
 	return &hardware{tpm: t, policy: pol, index: index}, nil
 }
 

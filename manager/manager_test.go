@@ -11,6 +11,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 	"github.com/vtpmd/vtpmd/backend/store"
 	"github.com/vtpmd/vtpmd/emulator"
 	"github.com/vtpmd/vtpmd/internal/swtpmtest"
+	"github.com/vtpmd/vtpmd/internal/tpmclient"
 	"github.com/vtpmd/vtpmd/manager/registry"
 )
 
@@ -396,5 +398,49 @@ func checkState(t *testing.T, dir string, key *blob.Key, names ...string) {
 		if err != nil || string(got) != n {
 			t.Fatalf("blob %d: %q, %v (want %q)", i, got, err, n)
 		}
+	}
+}
+
+// TestPolicyPCR: with --policy pcr:..., a state key unseals only while the host's PCRs hold
+// the values they had when it was sealed; after a host change the vTPM is refused, clearly.
+func TestPolicyPCR(t *testing.T) {
+	hw := swtpmtest.Start(t)
+	ctx := context.Background()
+	h, err := OpenHardware(ctx, hw.Spec(), "pcr:sha256:16", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if h.PolicyName() != "pcr:sha256:16" {
+		t.Fatalf("policy %q", h.PolicyName())
+	}
+	sealed, err := h.Seal(ctx, []byte("0123456789abcdef0123456789abcdef"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.Unseal(ctx, sealed); err != nil {
+		t.Fatalf("unseal before the change: %v", err)
+	}
+	extendHostPCR(t, hw, 16)
+	if _, err := h.Unseal(ctx, sealed); err == nil || !strings.Contains(err.Error(), "16") {
+		t.Fatalf("unseal after PCR 16 changed: %v", err)
+	}
+	for _, bad := range []string{"pcr", "pcr:sha256:x", "tpm2", "pcr:sha999:1"} {
+		if _, err := OpenHardware(ctx, hw.Spec(), bad, 0); err == nil {
+			t.Errorf("policy %q accepted", bad)
+		}
+	}
+}
+
+// extendHostPCR extends a PCR of the stand-in hardware TPM, as a host event would.
+func extendHostPCR(t *testing.T, hw *swtpmtest.TPM, pcr uint32) {
+	t.Helper()
+	c, err := net.Dial("unix", hw.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := tpmclient.PCRExtend(tpmclient.Stream(c), pcr, bytes.Repeat([]byte{1}, 32)); err != nil {
+		t.Fatal(err)
 	}
 }
