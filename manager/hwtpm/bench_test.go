@@ -94,7 +94,7 @@ func BenchmarkSwtpmTransport(b *testing.B) {
 		})
 		b.Run(cmd.name+"/per-command", func(b *testing.B) {
 			sw := startSwtpm(b)
-			tp, err := linuxudstpm.Open(sw.sock)
+			tp, err := linuxudstpm.Open(sw.Socket)
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/swtpmtest"
+
 	"github.com/google/go-tpm/tpm2"
 )
 
@@ -27,7 +29,7 @@ var getRandom = []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8}
 // against a simulator front (TestOpenMssim).
 func TestSwtpmSendCommandHeader(t *testing.T) {
 	sw := startSwtpmTCP(t)
-	c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(sw.port)))
+	c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(sw.Port)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +49,7 @@ func TestSwtpmSendCommandHeader(t *testing.T) {
 // TestOpenSwtpmTCP: swtpm's data channel on TCP, by spec string.
 func TestOpenSwtpmTCP(t *testing.T) {
 	sw := startSwtpmTCP(t)
-	spec, err := ParseSpec("swtpm:host=127.0.0.1,port=" + strconv.Itoa(sw.port))
+	spec, err := ParseSpec("swtpm:host=127.0.0.1,port=" + strconv.Itoa(sw.Port))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +66,7 @@ func TestOpenSwtpmTCP(t *testing.T) {
 // that checks the framing strictly and relays each command to a real swtpm.
 func TestOpenMssim(t *testing.T) {
 	sw := startSwtpm(t)
-	sim := startMssimFront(t, sw.sock)
+	sim := startMssimFront(t, sw.Socket)
 	tpm, err := Open(testContext(t), sim.spec)
 	if err != nil {
 		t.Fatal(err)
@@ -136,7 +138,7 @@ func TestExchangeDevice(t *testing.T) {
 // TestContextEndsCommand: a TPM that does not answer holds a command only until its context
 // ends; the connection is then dropped and the next command gets a new one.
 func TestContextEndsCommand(t *testing.T) {
-	sock := filepath.Join(shortDir(t), "mute")
+	sock := filepath.Join(swtpmtest.ShortDir(t), "mute")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
@@ -198,7 +200,7 @@ func TestSwtpmFreeBetweenOperations(t *testing.T) {
 	if _, err := tpm.Seal(testContext(t), []byte("x"), PolicyNone{}); err != nil {
 		t.Fatal(err)
 	}
-	c, err := net.Dial("unix", sw.sock)
+	c, err := net.Dial("unix", sw.Socket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,11 +239,11 @@ func TestOpenRefusesUnstartedSwtpm(t *testing.T) {
 
 func TestOpenFailsClearly(t *testing.T) {
 	ctx := testContext(t)
-	dir := shortDir(t)
+	dir := swtpmtest.ShortDir(t)
 	for _, spec := range []Spec{
 		{Kind: KindSwtpm, Path: filepath.Join(dir, "nothing")},
 		{Kind: KindDevice, Path: filepath.Join(dir, "tpm0")},
-		{Kind: KindSwtpm, Host: "127.0.0.1", Port: freePortPair(t)},
+		{Kind: KindSwtpm, Host: "127.0.0.1", Port: swtpmtest.FreePortPair(t)},
 	} {
 		if _, err := Open(ctx, spec); !errors.Is(err, ErrTransport) {
 			t.Errorf("Open(%s): %v, want ErrTransport", spec, err)
@@ -329,7 +331,7 @@ type mssimFront struct {
 
 func startMssimFront(t *testing.T, swtpmSock string) *mssimFront {
 	t.Helper()
-	port := freePortPair(t)
+	port := swtpmtest.FreePortPair(t)
 	data, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
 	if err != nil {
 		t.Fatal(err)
