@@ -47,7 +47,7 @@ type Config struct {
 	// InstanceExe is the program a vTPM process must run (its /proc/PID/exe); "" is the
 	// manager's own executable, vtpmd.
 	InstanceExe string
-	Log      *slog.Logger
+	Log         *slog.Logger
 }
 
 // Server is a running manager.
