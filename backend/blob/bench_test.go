@@ -43,7 +43,7 @@ func BenchmarkSealVersioned(b *testing.B) {
 	v := uint64(0)
 	for b.Loop() {
 		v++
-		if _, err := SealVersioned(plainBlob, k, vk, "permall", v); err != nil {
+		if _, err := SealVersioned(plainBlob, k, vk, "permall", Stamp{v, [3]uint64{v, 1, 0}}); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -55,7 +55,7 @@ func BenchmarkOpenVersioned(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	sealed, err := SealVersioned(plainBlob, k, vk, "permall", 1)
+	sealed, err := SealVersioned(plainBlob, k, vk, "permall", Stamp{2, [3]uint64{2, 1, 0}})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -27,22 +27,23 @@
 // # State versions
 //
 // With a state key, vtpmd can stamp a stored file with a state version (SealVersioned,
-// OpenVersioned, StoredVersion): a u64 that the store makes grow with every durable write, so
-// that an older copy of the state can be told from the current one. It rides in a fourth TLV
-// after swtpm's three, tag TagStateVersion (0x7674), value
+// Restamp, OpenVersioned, StoredStamp): a u64 that the store makes grow with every durable
+// write, so that an older copy of the state can be told from the current one. The Stamp also
+// holds the versions of the state's three blobs (permall, volatilestate, savestate) as they
+// are once this blob is written, so the newest blob says what the others must be. It rides
+// in a fourth TLV after swtpm's three, tag TagStateVersion (0x7674), value (65 bytes)
 //
-//	u8 format (1)  u64 version  HMAC-SHA256(vk, u8 format || u8 len(name) || name || u64 version || swtpm HMAC)
+//	u8 format (1)  u64 version  3 x u64 state  HMAC-SHA256(vk, u8 format || u8 len(name) || name || u64 version || 3 x u64 state || swtpm HMAC)
 //
-// where vk is HKDF-SHA256 of the state key (info "vtpmd state version key"), name the blob's
-// name (permall, volatilestate, savestate), and swtpm HMAC the 32 bytes of TLV 3, swtpm's
-// HMAC over ciphertext || IV. Through it the version is bound to this very ciphertext: it can
-// be neither changed nor moved to another blob, another blob type or another key's state
-// (ErrVersionAuth, a kind of ErrDecrypt). swtpm's own HMAC does not cover it (swtpm's HMAC
-// covers only ciphertext and IV), and swtpm skips TLVs it does not know: Debian's swtpm
-// 0.7.1 loads versioned files with the same key, and drops the version when it rewrites
-// them. A file without the TLV (swtpm's, or vtpmd's without versioning) has version 0;
-// stripping the TLV therefore only ever lowers a blob's version. Plain (unencrypted) files
-// never carry a version, and neither do migration blobs.
+// where vk is HKDF-SHA256 of the state key (no salt, info "vtpmd state version key"), name
+// the blob's name, and swtpm HMAC the 32 bytes of TLV 3, swtpm's HMAC over ciphertext || IV.
+// Through it the stamp is bound to this very ciphertext: it can be neither changed nor moved
+// to another blob, another blob type or another key's state (ErrVersionAuth, a kind of
+// ErrDecrypt). swtpm's own HMAC does not cover it (it covers only ciphertext and IV), and
+// swtpm skips TLVs it does not know: Debian's swtpm 0.7.1 loads stamped files with the same
+// key, and drops the stamp when it rewrites them. A file without the TLV (swtpm's, or vtpmd's
+// without versioning) has version 0; stripping the TLV therefore only ever lowers a blob's
+// version. Plain (unencrypted) files never carry a version, and neither do migration blobs.
 //
 // Keys come from --key / --migration-key option strings (ParseKeyOption, LoadKey): raw keys
 // in hex or binary, or passphrases turned into keys with PBKDF2-HMAC-SHA512 (salt "swtpm",

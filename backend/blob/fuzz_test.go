@@ -40,7 +40,7 @@ func FuzzOpen(f *testing.F) {
 	s1, _ := Seal(plainBlob[:100], nil)
 	s2, _ := Seal(plainBlob[:100], fuzzKey256)
 	vk, _ := NewVersionKey(fuzzKey256)
-	s3, _ := SealVersioned(plainBlob[:100], fuzzKey256, vk, "permall", 3)
+	s3, _ := SealVersioned(plainBlob[:100], fuzzKey256, vk, "permall", Stamp{3, [3]uint64{3, 2, 0}})
 	f.Add(s1, false)
 	f.Add(s2, true)
 	f.Add(s3, true) // swtpm's TLVs and vtpmd's version TLV, which Open skips
@@ -75,11 +75,11 @@ func FuzzOpen(f *testing.F) {
 }
 
 // FuzzOpenVersioned decodes stored state files with their state versions (OpenVersioned,
-// StoredVersion) under the AES-128 or AES-256 fixture key, as the blob "permall".
+// StoredStamp) under the AES-128 or AES-256 fixture key, as the blob "permall".
 func FuzzOpenVersioned(f *testing.F) {
 	for _, k := range []*Key{fuzzKey128, fuzzKey256} {
 		vk, _ := NewVersionKey(k)
-		s, _ := SealVersioned(plainBlob[:100], k, vk, "permall", 42)
+		s, _ := SealVersioned(plainBlob[:100], k, vk, "permall", Stamp{42, [3]uint64{42, 41, 40}})
 		f.Add(s, k.Is256())
 		u, _ := Seal(plainBlob[:100], k)
 		f.Add(u, k.Is256())
@@ -96,15 +96,15 @@ func FuzzOpenVersioned(f *testing.F) {
 			t.Fatal(err)
 		}
 		orig := bytes.Clone(data)
-		stored, serr := StoredVersion(data, vk, "permall")
+		stored, serr := StoredStamp(data, vk, "permall")
 		if serr != nil {
 			if e := oneSentinel(serr); e != nil {
 				t.Fatal(e)
 			}
 		}
-		plain, version, err := OpenVersioned(data, k, vk, "permall")
+		plain, stamp, err := OpenVersioned(data, k, vk, "permall")
 		if !bytes.Equal(orig, data) {
-			t.Fatal("OpenVersioned or StoredVersion modified its input")
+			t.Fatal("OpenVersioned or StoredStamp modified its input")
 		}
 		if err != nil {
 			if e := oneSentinel(err); e != nil {
@@ -112,19 +112,27 @@ func FuzzOpenVersioned(f *testing.F) {
 			}
 			return
 		}
-		if serr != nil || stored != version {
-			t.Fatalf("OpenVersioned gives version %d, StoredVersion %d (%v)", version, stored, serr)
+		if serr != nil || stored != stamp {
+			t.Fatalf("OpenVersioned gives %v, StoredStamp %v (%v)", stamp, stored, serr)
 		}
 		if same, err := Open(data, k); err != nil || !bytes.Equal(same, plain) {
 			t.Fatalf("Open disagrees with OpenVersioned: %v", err)
 		}
-		next := max(version, 1)
+		next := stamp
+		next.Version = max(next.Version, 1)
 		re, err := SealVersioned(plain, k, vk, "permall", next)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if back, v, err := OpenVersioned(re, k, vk, "permall"); err != nil || v != next || !bytes.Equal(back, plain) {
-			t.Fatalf("re-seal round trip: version %d, %v", v, err)
+		if back, st, err := OpenVersioned(re, k, vk, "permall"); err != nil || st != next || !bytes.Equal(back, plain) {
+			t.Fatalf("re-seal round trip: %v, %v", st, err)
+		}
+		next.State[2]++
+		if err := Restamp(re, vk, "permall", next); err != nil {
+			t.Fatal(err)
+		}
+		if back, st, err := OpenVersioned(re, k, vk, "permall"); err != nil || st != next || !bytes.Equal(back, plain) {
+			t.Fatalf("restamp round trip: %v, %v", st, err)
 		}
 	})
 }

@@ -9,20 +9,31 @@ import (
 	"fmt"
 )
 
-// TagStateVersion is vtpmd's TLV in a stored, encrypted blob: the blob's state version. It is
-// not one of swtpm's tags (1 to 7); swtpm skips it, and drops it when it rewrites the file.
+// TagStateVersion is vtpmd's TLV in a stored, encrypted blob: the blob's Stamp. It is not one
+// of swtpm's tags (1 to 7); swtpm skips it, and drops it when it rewrites the file.
 const TagStateVersion = 0x7674 // "vt"
 
-// The version TLV's value (format 1): u8 format, u64 version, HMAC-SHA256 under the
-// VersionKey over
+// Stamp is what a versioned blob carries: its version, and the versions of the state's three
+// blobs (permall, volatilestate, savestate, in that order; 0 for a blob that is absent or has
+// no version) as they are once this blob is written, its own slot holding Version. The
+// newest blob of a state thus says what the others must be, which tells a partly rolled back
+// state from a current one.
+type Stamp struct {
+	Version uint64
+	State   [3]uint64
+}
+
+// The version TLV's value (format 1): u8 format, u64 version, 3 x u64 state, HMAC-SHA256
+// under the VersionKey over
 //
-//	u8 format || u8 len(name) || name || u64 version || the blob's swtpm HMAC (32 bytes)
+//	u8 format || u8 len(name) || name || u64 version || 3 x u64 state || the blob's swtpm HMAC
 //
-// where name is the blob's name (permall, volatilestate, savestate) and swtpm's HMAC is that
-// of TLV 3, which covers the ciphertext and the IV under the state key.
+// where name is the blob's name (permall, volatilestate, savestate) and swtpm's HMAC is the
+// 32 bytes of TLV 3, which cover the ciphertext and the IV under the state key.
 const (
 	versionFormat  = 1
-	versionTLVSize = 1 + 8 + hmacSize
+	stampSize      = 8 + 3*8
+	versionTLVSize = 1 + stampSize + hmacSize
 	// versionKeyInfo separates the version key from the state key (HKDF-SHA256 info).
 	versionKeyInfo = "vtpmd state version key"
 )
@@ -63,42 +74,56 @@ func (k *VersionKey) String() string {
 // GoString describes the key without revealing it (%#v).
 func (k *VersionKey) GoString() string { return "blob.VersionKey(" + k.String() + ")" }
 
-// mac is the version MAC of the version TLV's value (format 1), appended to dst.
-func (k *VersionKey) mac(dst []byte, name string, version uint64, swtpmMAC []byte) []byte {
+// appendStamp appends the stamp's 32 bytes.
+func appendStamp(dst []byte, st Stamp) []byte {
+	dst = binary.BigEndian.AppendUint64(dst, st.Version)
+	for _, v := range st.State {
+		dst = binary.BigEndian.AppendUint64(dst, v)
+	}
+	return dst
+}
+
+// parseStamp reads the stamp's 32 bytes.
+func parseStamp(b []byte) Stamp {
+	st := Stamp{Version: binary.BigEndian.Uint64(b)}
+	for i := range st.State {
+		st.State[i] = binary.BigEndian.Uint64(b[8+8*i:])
+	}
+	return st
+}
+
+// mac appends the version MAC of a format-1 version TLV to dst.
+func (k *VersionKey) mac(dst []byte, name string, stamp []byte, swtpmMAC []byte) []byte {
 	h := hmac.New(sha256.New, k.b)
-	var pre [2]byte
-	pre[0], pre[1] = versionFormat, byte(len(name))
-	h.Write(pre[:])
+	h.Write([]byte{versionFormat, byte(len(name))})
 	h.Write([]byte(name))
-	var v [8]byte
-	binary.BigEndian.PutUint64(v[:], version)
-	h.Write(v[:])
+	h.Write(stamp)
 	h.Write(swtpmMAC[:hmacSize])
 	return h.Sum(dst)
 }
 
-// checkVersionArgs refuses what no version TLV is made for: a blob name longer than 255
-// bytes, and version 0, which means "no version".
-func checkVersionArgs(name string, version uint64) error {
+// checkStampArgs refuses what no version TLV is made for: a blob name longer than 255 bytes,
+// and version 0, which means "no version".
+func checkStampArgs(name string, st Stamp) error {
 	if len(name) > 255 {
 		return fmt.Errorf("state blob: blob name of %d bytes is too long for a version", len(name))
 	}
-	if version == 0 {
+	if st.Version == 0 {
 		return fmt.Errorf("state blob: version 0 means no version; versions start at 1")
 	}
 	return nil
 }
 
-// SealVersioned is Seal with a state key and a state version: header(0x01, |0x08) + TLV(2)
-// TLV(3) TLV(6), as swtpm writes the file, then TLV(TagStateVersion) carrying the version,
+// SealVersioned is Seal with a state key and a Stamp: header(0x01, |0x08) + TLV(2) TLV(3)
+// TLV(6), as swtpm writes the file, then TLV(TagStateVersion) carrying the stamp,
 // authenticated with vk and bound to this blob's ciphertext (through swtpm's HMAC) and to its
 // name, so it can be neither forged nor moved to another blob. Debian's swtpm loads the result
-// with the same key. version must not be 0.
-func SealVersioned(plain []byte, stateKey *Key, vk *VersionKey, name string, version uint64) ([]byte, error) {
+// with the same key. The stamp's version must not be 0.
+func SealVersioned(plain []byte, stateKey *Key, vk *VersionKey, name string, stamp Stamp) ([]byte, error) {
 	if stateKey == nil || vk == nil {
 		return nil, fmt.Errorf("state blob: a state version needs a state key and its version key")
 	}
-	if err := checkVersionArgs(name, version); err != nil {
+	if err := checkStampArgs(name, stamp); err != nil {
 		return nil, err
 	}
 	out := make([]byte, HeaderSize, HeaderSize+innerSize(len(plain), stateKey)+tlvHeaderSize+versionTLVSize)
@@ -109,98 +134,131 @@ func SealVersioned(plain []byte, stateKey *Key, vk *VersionKey, name string, ver
 	out = binary.BigEndian.AppendUint16(out, TagStateVersion)
 	out = binary.BigEndian.AppendUint32(out, versionTLVSize)
 	out = append(out, versionFormat)
-	out = binary.BigEndian.AppendUint64(out, version)
-	out = vk.mac(out, name, version, swtpmMAC)
+	at := len(out)
+	out = appendStamp(out, stamp)
+	out = vk.mac(out, name, out[at:], swtpmMAC)
 	putHeader(out, flags)
 	return out, nil
 }
 
-// OpenVersioned is Open with a state key that also returns the blob's state version: 0 for a
-// blob without one (as swtpm writes them). A version that does not authenticate with vk
+// Restamp replaces, in place, the stamp of a blob made by SealVersioned with vk and name (its
+// last TLV is the version TLV): the store gives held-back writes their final stamps when it
+// writes them. Nothing is decrypted or re-encrypted.
+func Restamp(sealed []byte, vk *VersionKey, name string, stamp Stamp) error {
+	if vk == nil {
+		return fmt.Errorf("state blob: a state version needs a version key")
+	}
+	if err := checkStampArgs(name, stamp); err != nil {
+		return err
+	}
+	h, body, err := ParseHeader(sealed)
+	if err != nil {
+		return err
+	}
+	tl, err := parseTLVs(body)
+	if err != nil {
+		return err
+	}
+	at := len(sealed) - versionTLVSize
+	v, ok := tl[TagStateVersion]
+	swtpmMAC, okMAC := tl[TagHMAC]
+	if h.Version != 2 || !ok || len(v) != versionTLVSize || &v[0] != &sealed[at] || v[0] != versionFormat || !okMAC || len(swtpmMAC) < hmacSize {
+		return fail(ErrMalformed, "not a blob made by SealVersioned (its last TLV is not a format-%d version)", versionFormat)
+	}
+	stampAt := at + 1
+	appendStamp(sealed[stampAt:stampAt], stamp)
+	vk.mac(sealed[stampAt+stampSize:stampAt+stampSize], name, sealed[stampAt:stampAt+stampSize], swtpmMAC)
+	return nil
+}
+
+// OpenVersioned is Open with a state key that also returns the blob's Stamp: the zero Stamp
+// for a blob without one (as swtpm writes them). A stamp that does not authenticate with vk
 // (tampered, or moved from another blob) is refused with ErrVersionAuth before anything is
 // decrypted; the ciphertext it is bound to is then checked by swtpm's HMAC, as in Open.
-func OpenVersioned(data []byte, stateKey *Key, vk *VersionKey, name string) ([]byte, uint64, error) {
+func OpenVersioned(data []byte, stateKey *Key, vk *VersionKey, name string) ([]byte, Stamp, error) {
 	if stateKey == nil || vk == nil {
-		return nil, 0, fmt.Errorf("state blob: a state version needs a state key and its version key")
+		return nil, Stamp{}, fmt.Errorf("state blob: a state version needs a state key and its version key")
 	}
 	h, body, err := ParseHeader(data)
 	if err != nil {
-		return nil, 0, err
+		return nil, Stamp{}, err
 	}
 	if h.Version != 2 {
 		plain, err := decrypt(stateKey, body, h, stateLayer) // version 1 (legacy), or refused
-		return plain, 0, err
+		return plain, Stamp{}, err
 	}
 	tl, err := parseTLVs(body)
 	if err != nil {
-		return nil, 0, err
+		return nil, Stamp{}, err
 	}
 	// what Open refuses before it looks at the HMAC is refused first, for the same result
 	if _, _, err := checkEncrypted(stateKey, tl, h, stateLayer); err != nil {
-		return nil, 0, err
+		return nil, Stamp{}, err
 	}
-	version, err := versionOf(tl, vk, name)
+	stamp, err := versionOf(tl, vk, name)
 	if err != nil {
-		return nil, 0, err
+		return nil, Stamp{}, err
 	}
 	plain, err := decryptTLVs(stateKey, tl, h, stateLayer)
 	if err != nil {
-		return nil, 0, err
+		return nil, Stamp{}, err
 	}
-	return plain, version, nil
+	return plain, stamp, nil
 }
 
-// StoredVersion returns the authenticated state version of a stored blob without decrypting
-// it: 0 for a blob without one (written by swtpm, or a legacy version-1 blob). It checks the
-// version against swtpm's HMAC as stored, not the ciphertext against that HMAC: a blob whose
-// ciphertext was changed reports its version here and is refused by OpenVersioned.
-func StoredVersion(data []byte, vk *VersionKey, name string) (uint64, error) {
+// StoredStamp returns the authenticated Stamp of a stored blob without decrypting it: the
+// zero Stamp for a blob without one (written by swtpm, or a legacy version-1 blob). It checks
+// the stamp against swtpm's HMAC as stored, not the ciphertext against that HMAC: a blob whose
+// ciphertext was changed reports its stamp here and is refused by OpenVersioned.
+func StoredStamp(data []byte, vk *VersionKey, name string) (Stamp, error) {
 	if vk == nil {
-		return 0, fmt.Errorf("state blob: a state version needs a version key")
+		return Stamp{}, fmt.Errorf("state blob: a state version needs a version key")
 	}
 	h, body, err := ParseHeader(data)
 	if err != nil {
-		return 0, err
+		return Stamp{}, err
 	}
 	if h.Version != 2 {
-		return 0, nil
+		return Stamp{}, nil
 	}
 	tl, err := parseTLVs(body)
 	if err != nil {
-		return 0, err
+		return Stamp{}, err
 	}
 	return versionOf(tl, vk, name)
 }
 
-// versionOf authenticates the version TLV of a parsed version-2 body (0 when there is none).
-func versionOf(tl map[uint16][]byte, vk *VersionKey, name string) (uint64, error) {
+// versionOf authenticates the version TLV of a parsed version-2 body (the zero Stamp when
+// there is none).
+func versionOf(tl map[uint16][]byte, vk *VersionKey, name string) (Stamp, error) {
 	v, ok := tl[TagStateVersion]
 	if !ok {
-		return 0, nil
+		return Stamp{}, nil
 	}
-	if len(v) == 0 || v[0] != versionFormat {
-		if len(v) > 0 {
-			return 0, fail(ErrVersion, "state version TLV of format %d (this vtpmd reads format %d)", v[0], versionFormat)
-		}
-		return 0, fail(ErrMalformed, "empty state version TLV")
+	if len(v) == 0 {
+		return Stamp{}, fail(ErrMalformed, "empty state version TLV")
+	}
+	if v[0] != versionFormat {
+		return Stamp{}, fail(ErrVersion, "state version TLV of format %d (this vtpmd reads format %d)", v[0], versionFormat)
 	}
 	if len(v) != versionTLVSize {
-		return 0, fail(ErrMalformed, "state version TLV of %d bytes, format %d has %d", len(v), versionFormat, versionTLVSize)
+		return Stamp{}, fail(ErrMalformed, "state version TLV of %d bytes, format %d has %d", len(v), versionFormat, versionTLVSize)
 	}
 	if len(name) > 255 {
-		return 0, fmt.Errorf("state blob: blob name of %d bytes is too long for a version", len(name))
+		return Stamp{}, fmt.Errorf("state blob: blob name of %d bytes is too long for a version", len(name))
 	}
 	swtpmMAC, ok := tl[TagHMAC]
 	if !ok || len(swtpmMAC) < hmacSize {
-		return 0, fail(ErrMalformed, "a state version, but no HMAC (TLV %d) of %d bytes to bind it to", TagHMAC, hmacSize)
+		return Stamp{}, fail(ErrMalformed, "a state version, but no HMAC (TLV %d) of %d bytes to bind it to", TagHMAC, hmacSize)
 	}
-	version := binary.BigEndian.Uint64(v[1:9])
+	stamp := v[1 : 1+stampSize]
 	var want [hmacSize]byte
-	if subtle.ConstantTimeCompare(vk.mac(want[:0], name, version, swtpmMAC), v[9:]) != 1 {
-		return 0, fail(ErrVersionAuth, "the state version of %s does not authenticate: tampered, moved from another blob, or another key", name)
+	if subtle.ConstantTimeCompare(vk.mac(want[:0], name, stamp, swtpmMAC), v[1+stampSize:]) != 1 {
+		return Stamp{}, fail(ErrVersionAuth, "the state version of %s does not authenticate: tampered, moved from another blob, or another key", name)
 	}
-	if version == 0 {
-		return 0, fail(ErrMalformed, "state version TLV with version 0")
+	st := parseStamp(stamp)
+	if st.Version == 0 {
+		return Stamp{}, fail(ErrMalformed, "state version TLV with version 0")
 	}
-	return version, nil
+	return st, nil
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -60,28 +61,28 @@ func tlvValue(t testing.TB, b []byte, tag uint16) []byte {
 	return nil
 }
 
-// TestSealVersionedFormat: swtpm's encrypted file, then TLV 0x7674 = format 1, the version,
-// and an HMAC that an independent computation (HKDF-SHA256 of the state key, over format,
-// name, version and swtpm's HMAC) reproduces; OpenVersioned, StoredVersion and plain Open all
-// read it.
+// TestSealVersionedFormat: swtpm's encrypted file, then TLV 0x7674 = format 1, the stamp
+// (version and state), and an HMAC that an independent computation (HKDF-SHA256 of the state
+// key, over format, name, stamp and swtpm's HMAC) reproduces; OpenVersioned, StoredStamp and
+// plain Open all read it.
 func TestSealVersionedFormat(t *testing.T) {
 	for _, c := range []struct {
-		keyLen  int
-		n       int
-		name    string
-		version uint64
+		keyLen int
+		n      int
+		name   string
+		stamp  Stamp
 	}{
-		{16, 1299, "permall", 1},
-		{32, 1299, "permall", 2},
-		{16, 0, "volatilestate", 1 << 40},
-		{32, 31, "savestate", math.MaxUint64},
-		{32, 4096, "", 7},
+		{16, 1299, "permall", Stamp{1, [3]uint64{1, 0, 0}}},
+		{32, 1299, "permall", Stamp{2, [3]uint64{2, 1, 0}}},
+		{16, 0, "volatilestate", Stamp{1 << 40, [3]uint64{1<<40 - 1, 1 << 40, 7}}},
+		{32, 31, "savestate", Stamp{math.MaxUint64, [3]uint64{3, 0, math.MaxUint64}}},
+		{32, 4096, "", Stamp{Version: 7}},
 	} {
-		t.Run(fmt.Sprintf("%d-bit %d bytes %s v%d", 8*c.keyLen, c.n, c.name, c.version), func(t *testing.T) {
+		t.Run(fmt.Sprintf("%d-bit %d bytes %s %v", 8*c.keyLen, c.n, c.name, c.stamp), func(t *testing.T) {
 			k := key(t, c.keyLen, 0x42)
 			vk := versionKey(t, k)
 			plain := bytes.Repeat(plainBlob, 4)[:c.n]
-			s, err := SealVersioned(plain, k, vk, c.name, c.version)
+			s, err := SealVersioned(plain, k, vk, c.name, c.stamp)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -93,36 +94,82 @@ func TestSealVersionedFormat(t *testing.T) {
 			if fmt.Sprint(tags(l)) != fmt.Sprint([]uint16{TagEncryptedData, TagHMAC, TagIVEncryptedData, TagStateVersion}) {
 				t.Fatalf("tags %v", tags(l))
 			}
-			if len(s) != len(unversioned)+6+41 {
-				t.Fatalf("%d bytes, Seal makes %d: the version costs %d, want 47", len(s), len(unversioned), len(s)-len(unversioned))
+			if len(s) != len(unversioned)+6+65 {
+				t.Fatalf("%d bytes, Seal makes %d: the version costs %d, want 71", len(s), len(unversioned), len(s)-len(unversioned))
 			}
 			v := l[3].val
-			if v[0] != 1 || binary.BigEndian.Uint64(v[1:9]) != c.version {
+			if v[0] != 1 || binary.BigEndian.Uint64(v[1:9]) != c.stamp.Version {
 				t.Fatalf("version TLV % x", v[:9])
+			}
+			for i, want := range c.stamp.State {
+				if got := binary.BigEndian.Uint64(v[9+8*i:]); got != want {
+					t.Fatalf("state[%d] = %d, want %d", i, got, want)
+				}
 			}
 			vkey, _ := hkdf.Key(sha256.New, k.Bytes(), nil, "vtpmd state version key", 32)
 			m := hmac.New(sha256.New, vkey)
 			m.Write([]byte{1, byte(len(c.name))})
 			m.Write([]byte(c.name))
-			m.Write(v[1:9])
+			m.Write(v[1:33])
 			m.Write(l[1].val)
-			if !hmac.Equal(m.Sum(nil), v[9:]) {
-				t.Fatal("the version HMAC is not HMAC-SHA256(HKDF(key), format||len||name||version||swtpm HMAC)")
+			if !hmac.Equal(m.Sum(nil), v[33:]) {
+				t.Fatal("the version HMAC is not HMAC-SHA256(HKDF(key), format||len||name||stamp||swtpm HMAC)")
 			}
 			if got := independentDecrypt(t, k.b, l[:3]); !bytes.Equal(got, plain) {
 				t.Fatal("swtpm's three TLVs do not decrypt independently")
 			}
-			got, version, err := OpenVersioned(s, k, vk, c.name)
-			if err != nil || !bytes.Equal(got, plain) || version != c.version {
-				t.Fatalf("OpenVersioned: version %d, %v", version, err)
+			got, stamp, err := OpenVersioned(s, k, vk, c.name)
+			if err != nil || !bytes.Equal(got, plain) || stamp != c.stamp {
+				t.Fatalf("OpenVersioned: stamp %v, %v", stamp, err)
 			}
-			if version, err := StoredVersion(s, vk, c.name); err != nil || version != c.version {
-				t.Fatalf("StoredVersion: %d, %v", version, err)
+			if stamp, err := StoredStamp(s, vk, c.name); err != nil || stamp != c.stamp {
+				t.Fatalf("StoredStamp: %v, %v", stamp, err)
 			}
 			if got, err := Open(s, k); err != nil || !bytes.Equal(got, plain) {
 				t.Fatalf("Open (which skips the version, as swtpm does): %v", err)
 			}
 		})
+	}
+}
+
+// TestRestamp: a held-back blob gets its final stamp in place; the result is what
+// SealVersioned would have made with it, apart from the IV.
+func TestRestamp(t *testing.T) {
+	k := key(t, 16, 8)
+	vk := versionKey(t, k)
+	s, _ := SealVersioned(plainBlob, k, vk, "volatilestate", Stamp{Version: 1})
+	ct := bytes.Clone(s[:len(s)-65])
+	final := Stamp{12, [3]uint64{11, 12, 0}}
+	if err := Restamp(s, vk, "volatilestate", final); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(s[:len(s)-65], ct) {
+		t.Fatal("Restamp changed more than the version TLV's value")
+	}
+	if got, stamp, err := OpenVersioned(s, k, vk, "volatilestate"); err != nil || stamp != final || !bytes.Equal(got, plainBlob) {
+		t.Fatalf("restamped: %v, %v", stamp, err)
+	}
+	unversioned, _ := Seal(plainBlob, k)
+	for _, c := range []struct {
+		name  string
+		blob  []byte
+		stamp Stamp
+	}{
+		{"unversioned blob", unversioned, final},
+		{"version 0", s, Stamp{}},
+		{"version TLV not last", withTLVs(t, s, func(l []tlv) []tlv { return append(l, tlv{99, []byte{1}}) }), final},
+		{"not a blob", []byte{1, 2, 3}, final},
+	} {
+		before := bytes.Clone(c.blob)
+		if err := Restamp(c.blob, vk, "volatilestate", c.stamp); err == nil {
+			t.Errorf("%s: restamped", c.name)
+		}
+		if !bytes.Equal(before, c.blob) {
+			t.Errorf("%s: a refused Restamp changed the blob", c.name)
+		}
+	}
+	if err := Restamp(s, nil, "volatilestate", final); err == nil {
+		t.Error("restamped without a version key")
 	}
 }
 
@@ -141,7 +188,7 @@ func TestSealVersionedRefusesBadArguments(t *testing.T) {
 		{"version 0", k, vk, "permall", 0},
 		{"name too long", k, vk, strings.Repeat("x", 256), 1},
 	} {
-		if _, err := SealVersioned(plainBlob, c.k, c.vk, c.blob, c.version); err == nil {
+		if _, err := SealVersioned(plainBlob, c.k, c.vk, c.blob, Stamp{Version: c.version}); err == nil {
 			t.Errorf("%s: sealed", c.name)
 		}
 	}
@@ -151,8 +198,8 @@ func TestSealVersionedRefusesBadArguments(t *testing.T) {
 	if _, _, err := OpenVersioned(nil, nil, vk, "permall"); err == nil {
 		t.Error("OpenVersioned without a state key")
 	}
-	if _, err := StoredVersion(nil, nil, "permall"); err == nil {
-		t.Error("StoredVersion without a version key")
+	if _, err := StoredStamp(nil, nil, "permall"); err == nil {
+		t.Error("StoredStamp without a version key")
 	}
 }
 
@@ -162,11 +209,11 @@ func TestSealVersionedRefusesBadArguments(t *testing.T) {
 func TestVersionRefusals(t *testing.T) {
 	k := key(t, 32, 3)
 	vk := versionKey(t, k)
-	perm9, _ := SealVersioned(plainBlob, k, vk, "permall", 9)
-	perm10, _ := SealVersioned(plainBlob, k, vk, "permall", 10)
-	vol11, _ := SealVersioned(plainBlob[:500], k, vk, "volatilestate", 11)
+	perm9, _ := SealVersioned(plainBlob, k, vk, "permall", Stamp{9, [3]uint64{9, 8, 0}})
+	perm10, _ := SealVersioned(plainBlob, k, vk, "permall", Stamp{10, [3]uint64{10, 8, 0}})
+	vol11, _ := SealVersioned(plainBlob[:500], k, vk, "volatilestate", Stamp{11, [3]uint64{10, 11, 0}})
 	otherKey := key(t, 32, 4)
-	other, _ := SealVersioned(plainBlob, otherKey, versionKey(t, otherKey), "permall", 12)
+	other, _ := SealVersioned(plainBlob, otherKey, versionKey(t, otherKey), "permall", Stamp{Version: 12})
 	v := tlvValue(t, perm9, TagStateVersion)
 	bumped := bytes.Clone(v)
 	binary.BigEndian.PutUint64(bumped[1:9], 1000)
@@ -176,11 +223,12 @@ func TestVersionRefusals(t *testing.T) {
 		blob        []byte
 		want        error // nil: opens
 		wantVersion uint64
-		storedErr   bool // StoredVersion refuses it too
+		storedErr   bool // StoredStamp refuses it too
 	}{
 		{"intact", perm9, nil, 9, false},
 		{"version number raised", withTLVs(t, perm9, replaceTLV(TagStateVersion, bumped)), ErrVersionAuth, 0, true},
-		{"version HMAC changed", withTLVs(t, perm9, replaceTLV(TagStateVersion, append(bytes.Clone(v[:40]), v[40]^1))), ErrVersionAuth, 0, true},
+		{"state vector changed", withTLVs(t, perm9, replaceTLV(TagStateVersion, slices.Concat(v[:20], []byte{v[20] ^ 4}, v[21:]))), ErrVersionAuth, 0, true},
+		{"version HMAC changed", withTLVs(t, perm9, replaceTLV(TagStateVersion, append(bytes.Clone(v[:64]), v[64]^1))), ErrVersionAuth, 0, true},
 		{"newer version of the same blob moved onto an older one", withTLVs(t, perm9, replaceTLV(TagStateVersion, tlvValue(t, perm10, TagStateVersion))), ErrVersionAuth, 0, true},
 		{"version of another blob type", withTLVs(t, perm9, replaceTLV(TagStateVersion, tlvValue(t, vol11, TagStateVersion))), ErrVersionAuth, 0, true},
 		{"version of another key's blob", withTLVs(t, perm9, replaceTLV(TagStateVersion, tlvValue(t, other, TagStateVersion))), ErrVersionAuth, 0, true},
@@ -191,7 +239,8 @@ func TestVersionRefusals(t *testing.T) {
 			return l
 		}), ErrDecrypt, 10, false},
 		{"format 2", withTLVs(t, perm9, replaceTLV(TagStateVersion, append([]byte{2}, v[1:]...))), ErrVersion, 0, true},
-		{"short", withTLVs(t, perm9, replaceTLV(TagStateVersion, v[:40])), ErrMalformed, 0, true},
+		{"short", withTLVs(t, perm9, replaceTLV(TagStateVersion, v[:64])), ErrMalformed, 0, true},
+		{"format 1 of the size without the state vector", withTLVs(t, perm9, replaceTLV(TagStateVersion, v[:41])), ErrMalformed, 0, true},
 		{"long", withTLVs(t, perm9, replaceTLV(TagStateVersion, append(bytes.Clone(v), 0))), ErrMalformed, 0, true},
 		{"empty", withTLVs(t, perm9, replaceTLV(TagStateVersion, nil)), ErrMalformed, 0, true},
 		{"no HMAC to bind to", withTLVs(t, perm9, func(l []tlv) []tlv { return append(l[:1], l[2:]...) }), ErrMalformed, 0, true},
@@ -201,10 +250,10 @@ func TestVersionRefusals(t *testing.T) {
 		}), nil, 9, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			got, version, err := OpenVersioned(c.blob, k, vk, "permall")
+			got, stamp, err := OpenVersioned(c.blob, k, vk, "permall")
 			if c.want == nil {
-				if err != nil || !bytes.Equal(got, plainBlob) || version != c.wantVersion {
-					t.Fatalf("version %d, %v; want version %d", version, err, c.wantVersion)
+				if err != nil || !bytes.Equal(got, plainBlob) || stamp.Version != c.wantVersion {
+					t.Fatalf("stamp %v, %v; want version %d", stamp, err, c.wantVersion)
 				}
 			} else {
 				if !errors.Is(err, c.want) {
@@ -214,9 +263,9 @@ func TestVersionRefusals(t *testing.T) {
 					t.Fatal(e)
 				}
 			}
-			stored, serr := StoredVersion(c.blob, vk, "permall")
-			if c.storedErr != (serr != nil) || (serr == nil && stored != c.wantVersion) {
-				t.Fatalf("StoredVersion: %d, %v", stored, serr)
+			stored, serr := StoredStamp(c.blob, vk, "permall")
+			if c.storedErr != (serr != nil) || (serr == nil && stored.Version != c.wantVersion) {
+				t.Fatalf("StoredStamp: %v, %v", stored, serr)
 			}
 		})
 	}
@@ -235,16 +284,17 @@ func TestVersionRefusals(t *testing.T) {
 func TestEveryBitFlipOfVersionedBlob(t *testing.T) {
 	k := key(t, 16, 5)
 	vk := versionKey(t, k)
-	s, _ := SealVersioned(plainBlob[:200], k, vk, "permall", 77)
+	want := Stamp{77, [3]uint64{77, 76, 0}}
+	s, _ := SealVersioned(plainBlob[:200], k, vk, "permall", want)
 	hdrs := map[int]bool{}
 	tlvHeaderBytes(t, s[10:], 10, hdrs)
-	versionAt := len(s) - 41
+	versionAt := len(s) - 65
 	checkEveryFlip(t, s, plainBlob[:200], func(b []byte) ([]byte, error) {
-		plain, version, err := OpenVersioned(b, k, vk, "permall")
-		// only a changed tag of the version TLV may lose the version (an unversioned blob)
-		lost := version == 0 && !bytes.Equal(b[versionAt-6:versionAt-4], s[versionAt-6:versionAt-4])
-		if err == nil && version != 77 && !lost {
-			t.Fatalf("a flipped bit gives version %d", version)
+		plain, stamp, err := OpenVersioned(b, k, vk, "permall")
+		// only a changed tag of the version TLV may lose the stamp (an unversioned blob)
+		lost := stamp == Stamp{} && !bytes.Equal(b[versionAt-6:versionAt-4], s[versionAt-6:versionAt-4])
+		if err == nil && stamp != want && !lost {
+			t.Fatalf("a flipped bit gives stamp %v", stamp)
 		}
 		return plain, err
 	}, func(i int, bit byte) flipExpect {
@@ -291,12 +341,12 @@ func TestOpenVersionedReadsSwtpmFiles(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				got, version, err := OpenVersioned(b, sk, vk, strings.TrimPrefix(file, "tpm2-00."))
-				if err != nil || version != 0 || !bytes.Equal(got, want) {
-					t.Fatalf("%s: version %d, %v", file, version, err)
+				got, stamp, err := OpenVersioned(b, sk, vk, strings.TrimPrefix(file, "tpm2-00."))
+				if err != nil || stamp != (Stamp{}) || !bytes.Equal(got, want) {
+					t.Fatalf("%s: stamp %v, %v", file, stamp, err)
 				}
-				if version, err := StoredVersion(b, vk, "permall"); err != nil || version != 0 {
-					t.Fatalf("%s: StoredVersion %d, %v", file, version, err)
+				if stamp, err := StoredStamp(b, vk, "permall"); err != nil || stamp != (Stamp{}) {
+					t.Fatalf("%s: StoredStamp %v, %v", file, stamp, err)
 				}
 			}
 		})
@@ -305,8 +355,8 @@ func TestOpenVersionedReadsSwtpmFiles(t *testing.T) {
 	k := key(t, 16, 6)
 	legacy := finish(FlagEncrypted, nil)
 	legacy[0] = 1
-	if v, err := StoredVersion(legacy, versionKey(t, k), "permall"); err != nil || v != 0 {
-		t.Fatalf("version-1 blob: %d, %v", v, err)
+	if st, err := StoredStamp(legacy, versionKey(t, k), "permall"); err != nil || st != (Stamp{}) {
+		t.Fatalf("version-1 blob: %v, %v", st, err)
 	}
 }
 
