@@ -49,9 +49,29 @@
 // each other, and unlike classic locks they are not dropped when this process closes some
 // other descriptor of the file.
 //
+// # State versions
+//
+// With Options.Versioned (which needs a state key), every blob written carries a state
+// version in a TLV of its own after swtpm's (blob.SealVersioned; Debian's swtpm loads such
+// files with the same key and skips the TLV). Versions come from one counter for all three
+// blobs that only grows: each durable write takes the next number, and Open continues from the
+// highest stored. Blobs without a version (swtpm's, or written without Versioned) count as 0.
+// Each blob's stamp also says what versions the other blobs had when it was written, so that
+// with a record of the last version (Options.MinVersion, the host manager's) Open refuses
+// state that is older, or partly older, than the record (ErrRollback). To keep that true at
+// every instant of a crash, a versioned store orders its writes: in a batch (Sync) the writes
+// go first, each numbered and stamped in the order written, deletions last; a deletion with no
+// write beside it first rewrites the newest other blob with the next version (the same data,
+// a fresh stamp), so deleting the newest blob never makes the state look older than recorded.
+// Options.OnWrite hears of each version once it is durable. Lock reads the versions again when
+// it takes the lock, since another process may have written in between. Deleting every blob
+// leaves nothing to carry a version: such state is refused against a record like a rollback.
+// A deleted blob that is put back is caught by the next write's stamp, not before.
+//
 // # Bad state
 //
 // Corrupt, truncated, tampered or wrongly keyed state is refused with an error that names the
-// file and wraps one of package blob's sentinels (or ErrLinearHeader); a failed Load changes
+// file and wraps one of package blob's sentinels (or ErrLinearHeader); a tampered or moved
+// state version wraps blob.ErrVersionAuth, a kind of blob.ErrDecrypt. A failed Load changes
 // nothing on disk, not even file modes.
 package store

@@ -7,6 +7,7 @@ package store
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -76,19 +77,55 @@ func TestBootSwtpmFixtures(t *testing.T) {
 	}
 }
 
-// TestSwtpmToVtpmd: state written now by Debian's swtpm loads through Store into libtpms.
+// versionedVariants are false, and true for a case with a state key: a versioned store.
+func versionedVariants(c fixtureCase) []bool {
+	if c.Key == "" {
+		return []bool{false}
+	}
+	return []bool{false, true}
+}
+
+func variantName(c fixtureCase, versioned bool) string {
+	if versioned {
+		return c.Name + "/versioned"
+	}
+	return c.Name
+}
+
+// TestSwtpmToVtpmd: state written now by Debian's swtpm loads through Store into libtpms; a
+// versioned store finds it at version 0 (swtpm writes no versions).
 func TestSwtpmToVtpmd(t *testing.T) {
 	bins := debianSwtpm(t)
 	for _, c := range fixtureCases {
-		t.Run(c.Name, func(t *testing.T) {
-			dir := t.TempDir()
-			recordSwtpmState(t, bins, c, dir, fixtureRoot)
-			s := mustOpen(t, c.uri(dir), Options{TPM2: true, StateKey: loadFixtureKey(t, c.Key)})
-			if got, want := bootAndReadPCR(t, s), pcrAfterExtend(fixtureDigest(c.Name)); !bytes.Equal(got, want) {
-				t.Fatalf("PCR %d = %x, swtpm had %x", fixturePCR, got, want)
-			}
-		})
+		for _, versioned := range versionedVariants(c) {
+			t.Run(variantName(c, versioned), func(t *testing.T) {
+				dir := t.TempDir()
+				recordSwtpmState(t, bins, c, dir, fixtureRoot)
+				s := mustOpen(t, c.uri(dir), Options{TPM2: true, StateKey: loadFixtureKey(t, c.Key), Versioned: versioned})
+				if s.Version() != 0 {
+					t.Fatalf("swtpm's state at version %d", s.Version())
+				}
+				if got, want := bootAndReadPCR(t, s), pcrAfterExtend(fixtureDigest(c.Name)); !bytes.Equal(got, want) {
+					t.Fatalf("PCR %d = %x, swtpm had %x", fixturePCR, got, want)
+				}
+			})
+		}
 	}
+}
+
+// lastTLV is the tag of a stored blob's last TLV.
+func lastTLV(t testing.TB, raw []byte) uint16 {
+	t.Helper()
+	_, body, err := blob.ParseHeader(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tag uint16
+	for len(body) >= 6 {
+		tag = binary.BigEndian.Uint16(body)
+		body = body[6+binary.BigEndian.Uint32(body[2:]):]
+	}
+	return tag
 }
 
 // writeVtpmdState makes a TPM in libtpms over s: manufactured, started, PCR extended, volatile
@@ -120,56 +157,78 @@ func writeVtpmdState(t *testing.T, s *Store, digest []byte) {
 }
 
 // TestVtpmdToSwtpm: state written through Store (directory and linear file, with each kind of
-// key) is resumed by Debian's swtpm: INIT succeeds and PCR 16 has the value vtpmd extended.
-// swtpm with a wrong key refuses it, which shows the files really are encrypted.
+// key, and versioned with a key) is resumed by Debian's swtpm: INIT succeeds and PCR 16 has
+// the value vtpmd extended. swtpm with a wrong key refuses it, which shows the files really
+// are encrypted.
 func TestVtpmdToSwtpm(t *testing.T) {
 	bins := debianSwtpm(t)
 	for _, c := range fixtureCases {
-		t.Run(c.Name, func(t *testing.T) {
-			dir := t.TempDir()
-			key := loadFixtureKey(t, c.Key)
-			s := mustOpen(t, c.uri(dir), Options{TPM2: true, StateKey: key})
-			digest := fixtureDigest("vtpmd " + c.Name)
-			writeVtpmdState(t, s, digest)
-			states, _ := s.States()
-			s.Close()
+		for _, versioned := range versionedVariants(c) {
+			t.Run(variantName(c, versioned), func(t *testing.T) { vtpmdToSwtpm(t, bins, c, versioned) })
+		}
+	}
+}
 
-			args := append([]string{"--tpmstate", c.tpmstate(dir)}, c.swtpmKeyArgs(fixtureRoot)...)
-			// --print-states sees the same blobs and sizes
-			out, err := exec.Command(bins.swtpm, append([]string{"socket", "--tpm2", "--print-states"}, args...)...).Output()
+func vtpmdToSwtpm(t *testing.T, bins swtpmBins, c fixtureCase, versioned bool) {
+	dir := t.TempDir()
+	key := loadFixtureKey(t, c.Key)
+	s := mustOpen(t, c.uri(dir), Options{TPM2: true, StateKey: key, Versioned: versioned})
+	digest := fixtureDigest("vtpmd " + c.Name)
+	writeVtpmdState(t, s, digest)
+	states, _ := s.States()
+	if versioned {
+		for _, st := range []emulator.StateType{emulator.StatePermanent, emulator.StateVolatile} {
+			raw, err := s.LoadRaw(st)
 			if err != nil {
-				t.Fatalf("swtpm --print-states: %v", err)
+				t.Fatal(err)
 			}
-			var want []string
-			for _, st := range states {
-				want = append(want, fmt.Sprintf(`{"name": "%s", "size": %d}`, st.Name, st.Size))
+			if tag := lastTLV(t, raw); tag != blob.TagStateVersion {
+				t.Fatalf("%s: last TLV %d, not the state version", st.Name(), tag)
 			}
-			if w := `{ "type": "swtpm", "states": [ ` + strings.Join(want, ", ") + ` ] }`; string(out) != w {
-				t.Fatalf("swtpm --print-states:\n%s\nwant\n%s", out, w)
+			if _, v, err := s.LoadVersioned(st); err != nil || v == 0 {
+				t.Fatalf("%s: version %d, %v", st.Name(), v, err)
 			}
-			p := startSwtpm(t, bins, args...)
-			p.mustIoctl("-i")
-			got, err := tpmclient.PCRRead(p.tpm(), fixturePCR)
-			if err != nil {
-				t.Fatalf("PCR_Read on swtpm: %v (%s)", err, p.out)
-			}
-			if want := pcrAfterExtend(digest); !bytes.Equal(got, want) {
-				t.Fatalf("swtpm resumed PCR %d = %x, vtpmd had %x", fixturePCR, got, want)
-			}
-			p.stop()
-			if key != nil {
-				bad := filepath.Join(t.TempDir(), "bad")
-				os.WriteFile(bad, []byte(strings.Repeat("5a", key.Len())), 0o600)
-				opt := "file=" + bad
-				if key.Is256() {
-					opt += ",mode=aes-256-cbc"
-				}
-				p := startSwtpm(t, bins, "--tpmstate", c.tpmstate(dir), "--key", opt)
-				if _, err := p.ioctl("-i"); err == nil {
-					t.Fatal("swtpm initialized vtpmd's state with a wrong key")
-				}
-			}
-		})
+		}
+		if s.Version() < 2 {
+			t.Fatalf("Version %d after writing permall and volatilestate", s.Version())
+		}
+	}
+	s.Close()
+
+	args := append([]string{"--tpmstate", c.tpmstate(dir)}, c.swtpmKeyArgs(fixtureRoot)...)
+	// --print-states sees the same blobs and sizes
+	out, err := exec.Command(bins.swtpm, append([]string{"socket", "--tpm2", "--print-states"}, args...)...).Output()
+	if err != nil {
+		t.Fatalf("swtpm --print-states: %v", err)
+	}
+	var want []string
+	for _, st := range states {
+		want = append(want, fmt.Sprintf(`{"name": "%s", "size": %d}`, st.Name, st.Size))
+	}
+	if w := `{ "type": "swtpm", "states": [ ` + strings.Join(want, ", ") + ` ] }`; string(out) != w {
+		t.Fatalf("swtpm --print-states:\n%s\nwant\n%s", out, w)
+	}
+	p := startSwtpm(t, bins, args...)
+	p.mustIoctl("-i")
+	got, err := tpmclient.PCRRead(p.tpm(), fixturePCR)
+	if err != nil {
+		t.Fatalf("PCR_Read on swtpm: %v (%s)", err, p.out)
+	}
+	if want := pcrAfterExtend(digest); !bytes.Equal(got, want) {
+		t.Fatalf("swtpm resumed PCR %d = %x, vtpmd had %x", fixturePCR, got, want)
+	}
+	p.stop()
+	if key != nil {
+		bad := filepath.Join(t.TempDir(), "bad")
+		os.WriteFile(bad, []byte(strings.Repeat("5a", key.Len())), 0o600)
+		opt := "file=" + bad
+		if key.Is256() {
+			opt += ",mode=aes-256-cbc"
+		}
+		p := startSwtpm(t, bins, "--tpmstate", c.tpmstate(dir), "--key", opt)
+		if _, err := p.ioctl("-i"); err == nil {
+			t.Fatal("swtpm initialized vtpmd's state with a wrong key")
+		}
 	}
 }
 

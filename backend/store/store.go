@@ -22,6 +22,9 @@ var (
 	ErrLocked = errors.New("state is locked by another process")
 	// ErrClosed is returned by every method after Close.
 	ErrClosed = errors.New("store closed")
+	// ErrRollback is wrapped when a versioned store's newest blob is older than
+	// Options.MinVersion: the state was rolled back (or deleted).
+	ErrRollback = errors.New("state is older than the version expected (rollback)")
 )
 
 // DefaultMode is the state file mode when Options.Mode is 0 (swtpm's default).
@@ -42,6 +45,21 @@ type Options struct {
 	StateKey *blob.Key
 	// NoFsync skips every fsync (benchmarks and tests only; a crash may then lose writes).
 	NoFsync bool
+
+	// Versioned stamps every blob written with a state version (blob.SealVersioned): the next
+	// number of a counter that only grows, authenticated with StateKey, which Versioned
+	// needs. Open, and Lock once it holds the lock, read the versions stored and continue
+	// the counter from the highest. See the package comment.
+	Versioned bool
+	// MinVersion, with Versioned, is the host manager's record of the last durable write:
+	// Open and Lock refuse, with an error wrapping ErrRollback and without changing anything,
+	// state whose newest blob is older, no state at all, and state that is not whole (a blob
+	// other than the version the newest one was written beside). 0 accepts any state.
+	MinVersion uint64
+	// OnWrite, with Versioned, is told of each blob made durable and its version: after the
+	// write is durable, before Store (or Sync) returns, with the store's mutex held (it must
+	// not call the Store). An error fails the Store or Sync; the blob stays written.
+	OnWrite func(t emulator.StateType, version uint64) error
 }
 
 // State is one stored blob, for --print-states.
@@ -63,11 +81,14 @@ type backend interface {
 	String() string
 }
 
-// change is one blob write (data) or deletion (del).
+// change is one blob write (data) or deletion (del). A versioned write carries the stamp it
+// was sealed with (final once it is written).
 type change struct {
-	name string
-	data []byte
-	del  bool
+	name  string
+	data  []byte
+	del   bool
+	t     emulator.StateType
+	stamp blob.Stamp
 }
 
 // Store is a vTPM's state store in swtpm's layout and formats. It implements emulator.Store
@@ -79,6 +100,8 @@ type Store struct {
 	lockFD  int // -1 when not locked
 	closed  bool
 	pending map[string]change // writes held back between Defer and Sync; nil when not deferred
+
+	versions // with Options.Versioned (see version.go)
 }
 
 // Open opens a state location: "dir://<dir>", "file://<file-or-block-device>", or a bare
@@ -90,6 +113,9 @@ func Open(uri string, o Options) (*Store, error) {
 	}
 	if o.Mode > 0o777 {
 		return nil, fmt.Errorf("store: mode %#o is not a permission mode", o.Mode)
+	}
+	if err := checkVersioning(o); err != nil {
+		return nil, err
 	}
 	s := &Store{opts: o, lockFD: -1}
 	var err error
@@ -103,6 +129,17 @@ func Open(uri string, o Options) (*Store, error) {
 	}
 	if err != nil {
 		return nil, err
+	}
+	if o.StateKey != nil {
+		if s.versionKey, err = blob.NewVersionKey(o.StateKey); err != nil {
+			return nil, fmt.Errorf("store: %w", err)
+		}
+	}
+	if o.Versioned {
+		if err := s.readVersionsLocked(); err != nil {
+			s.versionKey.Zero()
+			return nil, err
+		}
 	}
 	return s, nil
 }
@@ -130,26 +167,43 @@ func (s *Store) begin(t emulator.StateType) (string, error) {
 // package blob's sentinels. A failed Load changes nothing on disk; a successful one applies
 // swtpm's mode fix-ups (chmod to an explicit mode; owner write added).
 func (s *Store) Load(t emulator.StateType) ([]byte, error) {
+	plain, _, err := s.LoadVersioned(t)
+	return plain, err
+}
+
+// LoadVersioned is Load that also returns the blob's state version: 0 for a blob without one
+// (written by swtpm, or without Versioned) and for every blob of a store without a state key;
+// for a write held back by Defer, the version it would take if it were written now (Sync
+// numbers it when it writes it). With a state key, a blob whose version does not
+// authenticate (tampered, or moved from another blob) is refused with an error wrapping
+// blob.ErrVersionAuth, which is a blob.ErrDecrypt, whether or not the store is Versioned.
+func (s *Store) LoadVersioned(t emulator.StateType) ([]byte, uint64, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	name, err := s.begin(t)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	raw, fromDisk, err := s.readLocked(name)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	plain, err := blob.Open(raw, s.opts.StateKey)
+	var plain []byte
+	var stamp blob.Stamp
+	if s.versionKey != nil {
+		plain, stamp, err = blob.OpenVersioned(raw, s.opts.StateKey, s.versionKey, name)
+	} else {
+		plain, err = blob.Open(raw, s.opts.StateKey)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("load %s from %s: %w", name, s.be, err)
+		return nil, 0, fmt.Errorf("load %s from %s: %w", name, s.be, err)
 	}
 	if fromDisk {
 		if err := s.be.loaded(name); err != nil {
-			return nil, fmt.Errorf("load %s from %s: %w", name, s.be, err)
+			return nil, 0, fmt.Errorf("load %s from %s: %w", name, s.be, err)
 		}
 	}
-	return plain, nil
+	return plain, stamp.Version, nil
 }
 
 // readLocked returns the stored bytes, from the pending writes while deferred.
@@ -194,9 +248,10 @@ func (s *Store) LoadRaw(t emulator.StateType) ([]byte, error) {
 	return raw, err
 }
 
-// Store seals the libtpms blob (blob.Seal with Options.StateKey) and writes it durably: when
-// Store returns nil the new blob survives a crash (unless NoFsync or Defer is in effect), and
-// a crash before that leaves the previous blob (see the package comment for file://).
+// Store seals the libtpms blob (blob.Seal with Options.StateKey; blob.SealVersioned with the
+// next version when Versioned) and writes it durably: when Store returns nil the new blob
+// survives a crash (unless NoFsync or Defer is in effect), and a crash before that leaves the
+// previous blob (see the package comment for file://).
 func (s *Store) Store(t emulator.StateType, plain []byte) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -204,19 +259,32 @@ func (s *Store) Store(t emulator.StateType, plain []byte) error {
 	if err != nil {
 		return err
 	}
-	sealed, err := blob.Seal(plain, s.opts.StateKey)
+	c := change{name: name, t: t}
+	if s.opts.Versioned {
+		c.data, c.stamp, err = s.sealVersionedLocked(name, plain)
+	} else {
+		c.data, err = blob.Seal(plain, s.opts.StateKey)
+	}
 	if err != nil {
 		return fmt.Errorf("store %s: %w", name, err)
 	}
-	c := change{name: name, data: sealed}
 	if s.pending != nil {
 		s.pending[name] = c
 		return nil
 	}
-	if err := s.be.apply([]change{c}); err != nil {
+	if err := s.commitLocked([]change{c}); err != nil {
 		return fmt.Errorf("store %s: %w", name, err)
 	}
 	return nil
+}
+
+// commitLocked makes changes durable (see backend.apply), through the version bookkeeping
+// when the store is versioned.
+func (s *Store) commitLocked(changes []change) error {
+	if s.opts.Versioned {
+		return s.commitVersionedLocked(changes)
+	}
+	return s.be.apply(changes)
 }
 
 // Delete removes a blob; a missing one is an error (wrapping emulator.ErrNotExist) only when
@@ -238,12 +306,12 @@ func (s *Store) Delete(t emulator.StateType, mustExist bool) error {
 		}
 		return nil
 	}
-	c := change{name: name, del: true}
+	c := change{name: name, del: true, t: t}
 	if s.pending != nil {
 		s.pending[name] = c
 		return nil
 	}
-	if err := s.be.apply([]change{c}); err != nil {
+	if err := s.commitLocked([]change{c}); err != nil {
 		return fmt.Errorf("delete %s: %w", name, err)
 	}
 	return nil
@@ -313,7 +381,7 @@ func (s *Store) Sync() error {
 	if len(changes) == 0 {
 		return nil
 	}
-	if err := s.be.apply(changes); err != nil {
+	if err := s.commitLocked(changes); err != nil {
 		return fmt.Errorf("sync %s: %w", s.be, err)
 	}
 	return nil
@@ -343,6 +411,13 @@ func (s *Store) Lock(retries int) error {
 		err = unix.FcntlFlock(uintptr(fd), unix.F_OFD_SETLK, &lk)
 		if err == nil {
 			s.lockFD = fd
+			if s.opts.Versioned {
+				// another process may have written since Open: continue from what is there
+				if err := s.readVersionsLocked(); err != nil {
+					s.unlockLocked()
+					return err
+				}
+			}
 			return nil
 		}
 		busy := errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES)
@@ -390,6 +465,7 @@ func (s *Store) Close() error {
 	defer s.mu.Unlock()
 	s.unlockLocked()
 	s.closed = true
+	s.versionKey.Zero()
 	return nil
 }
 
