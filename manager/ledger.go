@@ -66,7 +66,15 @@ type ledgerStore struct {
 	path    string
 	macKey  []byte
 	counter Counter
+	// behind says that a save failed after it asked for an increment, so the ledger on disk
+	// may be one behind the hardware counter: the next save must not increment again (two
+	// behind is a rollback at the next start). Guarded by the caller (Server.mu).
+	behind bool
 }
+
+// saveTimeout bounds a save once it has begun: it is not cut short by the request that caused
+// it going away, since an increment cut short may still have counted.
+const saveTimeout = 30 * time.Second
 
 const ledgerName = "ledger.json"
 
@@ -81,9 +89,17 @@ func (s *ledgerStore) mac(b []byte) []byte {
 }
 
 // load reads the ledger and checks it against the hardware counter. A missing ledger is a new
-// one (only when the counter is still where a new manager leaves it: at most 1). The counter
-// may be one ahead of the ledger: a crash between the increment and the write loses that
-// last change, which is the window the design accepts; more is a rollback.
+// one (only when the counter is still where a new manager leaves it: at most 1), written at
+// once. The counter may be one ahead of the ledger: a crash between a save's increment and
+// its write loses that last change (never acknowledged), which is the window the design
+// accepts; more is a rollback.
+//
+// A ledger found one behind is stamped with the counter's value, without an increment, before
+// it is used: the next save's increment must start from a ledger that matches the counter, or
+// a second crash in the same window (the ledger then two behind) would be refused as a
+// rollback and the manager would not start again. For the same reason a new ledger is
+// written before the first save: a first save cut after its increment would otherwise leave
+// no ledger and a counter past 1.
 func (s *ledgerStore) load(ctx context.Context) (*ledger, error) {
 	hw, err := s.counter.Read(ctx)
 	if err != nil {
@@ -94,7 +110,11 @@ func (s *ledgerStore) load(ctx context.Context) (*ledger, error) {
 		if hw > 1 {
 			return nil, fmt.Errorf("%w: %s is missing but the counter is at %d", ErrLedgerRollback, s.path, hw)
 		}
-		return &ledger{Counter: hw, VMs: map[string]*vmRecord{}}, nil
+		l := &ledger{Counter: hw, VMs: map[string]*vmRecord{}}
+		if err := s.write(l); err != nil {
+			return nil, err
+		}
+		return l, nil
 	}
 	if err != nil {
 		return nil, err
@@ -116,16 +136,45 @@ func (s *ledgerStore) load(ctx context.Context) (*ledger, error) {
 	if l.Counter != hw && l.Counter+1 != hw {
 		return nil, fmt.Errorf("%w: %s carries counter %d, the TPM's counter is %d", ErrLedgerRollback, s.path, l.Counter, hw)
 	}
+	if l.Counter != hw {
+		l.Counter = hw
+		if err := s.write(&l); err != nil {
+			return nil, err
+		}
+	}
 	return &l, nil
 }
 
 // save increments the hardware counter, then writes the ledger with the new value durably.
+// The ledger on disk is never more than one behind the counter: after a save that failed once
+// it had asked for an increment (which may have counted: a TPM command cut short, a write
+// that failed), the next save reads the counter and writes the ledger with its value instead
+// of incrementing again.
 func (s *ledgerStore) save(ctx context.Context, l *ledger) error {
-	c, err := s.counter.Increment(ctx)
-	if err != nil {
-		return fmt.Errorf("increment hardware counter: %w", err)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), saveTimeout)
+	defer cancel()
+	var c uint64
+	var err error
+	if s.behind {
+		if c, err = s.counter.Read(ctx); err != nil {
+			return fmt.Errorf("read hardware counter: %w", err)
+		}
+	} else {
+		s.behind = true
+		if c, err = s.counter.Increment(ctx); err != nil {
+			return fmt.Errorf("increment hardware counter: %w", err)
+		}
 	}
 	l.Counter = c
+	if err := s.write(l); err != nil {
+		return err
+	}
+	s.behind = false
+	return nil
+}
+
+// write writes the ledger as it is, counter included, atomically and durably.
+func (s *ledgerStore) write(l *ledger) error {
 	body, err := json.Marshal(l)
 	if err != nil {
 		return err
