@@ -64,6 +64,7 @@ func TestLibvirt(t *testing.T) {
 		se := e.sub(t)
 		se.reconnect(se.domain("lv-reconn-ext", "10", "tpmloop", external("lv-reconn-ext")))
 	})
+	t.Run("ExternalRunsAsTss", func(t *testing.T) { e.sub(t).externalRunsAsTss() })
 	t.Run("Registry", func(t *testing.T) { e.sub(t).registry() })
 }
 
@@ -229,6 +230,13 @@ type lvStatus struct {
 			PCR  *int   `json:"pcr"`
 		} `json:"projection"`
 	} `json:"policy"`
+	// Manager is the host manager's record of the vTPM (absent: no manager, or not enrolled).
+	Manager *struct {
+		ID      string `json:"id"`
+		Sealed  bool   `json:"sealed"`
+		Phase   string `json:"phase"`
+		Version uint64 `json:"version"`
+	} `json:"manager"`
 	History []struct {
 		Time   time.Time `json:"time"`
 		Op     string    `json:"op"`
