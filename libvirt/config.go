@@ -17,11 +17,13 @@ import (
 
 // Defaults of the hook configuration.
 const (
-	DefaultConfigPath   = "/etc/vtpmd/hook.json"
-	DefaultStateRoot    = "/var/lib/vtpmd"
-	DefaultRunRoot      = "/run/vtpmd"
-	DefaultQEMUUser     = "libvirt-qemu"
-	DefaultQEMUGroup    = "kvm"
+	DefaultConfigPath = "/etc/vtpmd/hook.json"
+	DefaultStateRoot  = "/var/lib/vtpmd"
+	DefaultRunRoot    = "/run/vtpmd"
+	DefaultQEMUUser   = "libvirt-qemu"
+	DefaultQEMUGroup  = "kvm"
+	// DefaultRunAs is the user external backends' `vtpmd socket` runs as: libvirt's swtpm user.
+	DefaultRunAs        = "tss"
 	DefaultStartTimeout = 5 * time.Second
 	// DefaultLibvirtSwtpmRunDir and DefaultLibvirtSwtpmStateDir are where the system libvirtd
 	// keeps the sockets and pid files, and the state, of the swtpm processes it starts.
@@ -42,6 +44,10 @@ type Config struct {
 	// QEMUUser and QEMUGroup own the external control socket (qemu.conf's user and group).
 	QEMUUser  string `json:"qemu_user,omitempty"`
 	QEMUGroup string `json:"qemu_group,omitempty"`
+	// RunAs is the user (a name or a uid) an external backend's `vtpmd socket` runs as, with
+	// its primary and supplementary groups; default DefaultRunAs. It owns the state directory.
+	// "root" (or 0) runs it as root: only when set here explicitly.
+	RunAs string `json:"run_as,omitempty"`
 	// Rewrites are applied to <source path> attributes by the migrate and restore filters.
 	Rewrites []Rewrite `json:"rewrite,omitempty"`
 	// StartTimeout bounds the wait for an external backend's socket, e.g. "5s".
@@ -128,6 +134,12 @@ func (c *Config) Validate() error {
 	}
 	if c.QEMUGroup == "" {
 		c.QEMUGroup = DefaultQEMUGroup
+	}
+	if c.RunAs == "" {
+		c.RunAs = DefaultRunAs
+	}
+	if strings.ContainsAny(c.RunAs, ":/\x00\n") || strings.TrimSpace(c.RunAs) != c.RunAs {
+		return fmt.Errorf("run_as %q: want a user name or a uid", c.RunAs)
 	}
 	if c.LibvirtSwtpmRunDir == "" {
 		c.LibvirtSwtpmRunDir = DefaultLibvirtSwtpmRunDir

@@ -106,14 +106,33 @@ func (h *Hook) ensureExternal(ctx context.Context, inv Invocation, dom *Domain, 
 }
 
 // startExternal prepares the directories of dom's external backend and launches its `vtpmd
-// socket`, detached, serving sock for the qemu user.
+// socket`, detached, as the run_as user, serving sock for the qemu user.
+//
+// The hook creates what needs privilege and hands it on: the control socket (owned by the
+// qemu user, mode 0600) as an inherited listening descriptor, the log as standard error, and
+// an anonymous pid file in which vtpmd says it is ready. The vTPM itself starts unprivileged
+// (exec with the user's credentials, not --runas: nothing of it runs as root) and writes only
+// its state directory, which belongs to it.
 func (h *Hook) startExternal(ctx context.Context, dom *Domain, sock, root string) (*proc.Started, error) {
 	uid, gid, err := h.qemuIDs()
 	if err != nil {
 		return nil, err
 	}
-	stateDir := h.Config.StateDir(dom)
+	acct, err := lookupAccount(h.Config.RunAs)
+	if err != nil {
+		return nil, err
+	}
+	vmDir, stateDir := h.Config.ExternalDir(dom.UUID), h.Config.StateDir(dom)
+	if err := MkdirNoFollow(h.Config.StateRoot, vmDir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := shareVMDir(vmDir, acct); err != nil {
+		return nil, err
+	}
 	if err := MkdirNoFollow(h.Config.StateRoot, stateDir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := adoptStateDir(stateDir, acct); err != nil {
 		return nil, err
 	}
 	if err := MkdirNoFollow(root, filepath.Dir(sock), 0o711); err != nil {
@@ -122,26 +141,43 @@ func (h *Hook) startExternal(ctx context.Context, dom *Domain, sock, root string
 	if err := removeSocket(sock); err != nil {
 		return nil, fmt.Errorf("stale socket: %w", err)
 	}
-	logPath := filepath.Join(h.Config.ExternalDir(dom.UUID), "vtpmd.log")
+	ln, err := listenSocket(sock, uid, gid)
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	pidf, err := newPidFile()
+	if err != nil {
+		_ = removeSocket(sock)
+		return nil, err
+	}
+	defer pidf.Close()
 	args := []string{"socket"}
 	if dom.TPM.Version != "1.2" {
 		args = append(args, "--tpm2")
 	}
+	// fd 3 is the socket, fd 4 the pid file, fd 2 the log; path= names the socket for
+	// `vtpmd status` and the hook's own lookups (with fd=, vtpmd and swtpm ignore it)
 	args = append(args,
 		"--tpmstate", "dir="+stateDir+",mode=0600",
-		"--ctrl", fmt.Sprintf("type=unixio,path=%s,mode=0600,uid=%d,gid=%d", sock, uid, gid),
-		"--log", "file="+logPath)
+		"--ctrl", "type=unixio,fd=3,path="+sock,
+		"--pid", "fd=4",
+		"--log", "fd=2")
 	args = append(args, h.Config.SocketArgs...)
 	started, err := proc.Start(ctx, proc.Daemon{
 		Path:        h.Exe,
 		Args:        args,
-		Log:         logPath,
-		Banner:      fmt.Sprintf("vtpmd hook: starting vTPM for %s (%s)", dom.Name, dom.UUID),
+		Log:         filepath.Join(vmDir, "vtpmd.log"),
+		Banner:      fmt.Sprintf("vtpmd hook: starting vTPM for %s (%s) as %s", dom.Name, dom.UUID, acct.name),
 		Socket:      sock,
-		SocketOwner: uid,
+		SocketOwner: -1,
+		Ready:       pidWritten(pidf),
+		Files:       []*os.File{ln, pidf},
+		Credential:  acct.credential(),
 		Wait:        h.Config.StartWait(),
 	})
 	if err != nil {
+		_ = removeSocket(sock)
 		return nil, fmt.Errorf("vTPM: %w", err)
 	}
 	return started, nil

@@ -32,20 +32,27 @@ func TestMain(m *testing.M) {
 }
 
 func fakeSocket(mode string, args []string) int {
-	var path string
-	uid, gid := -1, -1
+	var path, stateDir string
+	uid, gid, ctrlFD, pidFD := -1, -1, -1, -1
 	for i, a := range args {
-		if a == "--ctrl" && i+1 < len(args) {
-			for _, kv := range strings.Split(args[i+1], ",") {
-				k, v, _ := strings.Cut(kv, "=")
-				switch k {
-				case "path":
-					path = v
-				case "uid":
-					uid, _ = strconv.Atoi(v)
-				case "gid":
-					gid, _ = strconv.Atoi(v)
-				}
+		if i+1 >= len(args) {
+			break
+		}
+		for _, kv := range strings.Split(args[i+1], ",") {
+			k, v, _ := strings.Cut(kv, "=")
+			switch a + " " + k {
+			case "--ctrl path":
+				path = v
+			case "--ctrl uid":
+				uid, _ = strconv.Atoi(v)
+			case "--ctrl gid":
+				gid, _ = strconv.Atoi(v)
+			case "--ctrl fd":
+				ctrlFD, _ = strconv.Atoi(v)
+			case "--pid fd":
+				pidFD, _ = strconv.Atoi(v)
+			case "--tpmstate dir":
+				stateDir = v
 			}
 		}
 	}
@@ -59,14 +66,32 @@ func fakeSocket(mode string, args []string) int {
 	}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM)
-	l, err := net.Listen("unix", path)
+	var l net.Listener
+	var err error
+	if ctrlFD >= 0 {
+		l, err = net.FileListener(os.NewFile(uintptr(ctrlFD), "ctrl"))
+	} else {
+		l, err = net.Listen("unix", path)
+		os.Chmod(path, 0o600)
+		if os.Getuid() == 0 {
+			os.Chown(path, uid, gid)
+		}
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	os.Chmod(path, 0o600)
-	if os.Getuid() == 0 {
-		os.Chown(path, uid, gid)
+	if mode == "probe" {
+		// what the real vTPM needs of its state directory: to create files in it
+		if err := os.WriteFile(filepath.Join(stateDir, "probe"), []byte("ok"), 0o600); err != nil {
+			fmt.Fprintln(os.Stderr, "fake vtpmd:", err)
+			return 1
+		}
+	}
+	if pidFD >= 0 {
+		f := os.NewFile(uintptr(pidFD), "pid")
+		fmt.Fprint(f, os.Getpid())
+		f.Close()
 	}
 	<-sigs
 	l.Close()
@@ -99,6 +124,7 @@ func newHookEnv(t *testing.T, mode string) *hookEnv {
 		SocketRoots:  []string{dir + "/run"},
 		QEMUUser:     u.Username,
 		QEMUGroup:    g.Name,
+		RunAs:        u.Username, // TestHookRunsAsUser starts the vTPM as another user
 		StartTimeout: "2s",
 		Rewrites:     []Rewrite{{From: dir + "/run/A", To: dir + "/run/B"}},
 	}
@@ -437,6 +463,8 @@ func TestConfig(t *testing.T) {
 		"rewrite":      `{"rewrite": [{"from": "/a/../b", "to": "/c"}]}`,
 		"relative exe": `{"vtpmd": "vtpmd"}`,
 		"not json":     `state_root = /x`,
+		"run_as group": `{"run_as": "tss:tss"}`,
+		"run_as blank": `{"run_as": " tss"}`,
 	} {
 		p := filepath.Join(dir, strings.ReplaceAll(name, " ", "_")+".json")
 		os.WriteFile(p, []byte(body), 0o644)
@@ -450,7 +478,100 @@ func TestConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.RegistryDir != "/srv/vtpm/registry" || c.StartWait() != 2*time.Second || len(c.SocketRoots) != 2 || c.QEMUUser != DefaultQEMUUser {
+	if c.RegistryDir != "/srv/vtpm/registry" || c.StartWait() != 2*time.Second || len(c.SocketRoots) != 2 || c.QEMUUser != DefaultQEMUUser || c.RunAs != "tss" {
 		t.Fatalf("config %+v", c)
 	}
+}
+
+// TestHookRunsAsUser (root only): the external backend's vTPM runs as run_as from its first
+// instruction, owns its state directory (one left by a root-run vTPM is handed over, not
+// following links), reaches it through a per-VM directory only that user's group may
+// traverse, and serves a socket root created for the qemu user; a state directory of a third
+// user is refused.
+func TestHookRunsAsUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	acct, err := lookupAccount("nobody")
+	if err != nil {
+		t.Skip(err)
+	}
+	e := newHookEnv(t, "probe")
+	// the vTPM must be able to execute its binary and traverse to its state
+	pub, err := os.MkdirTemp("", "vtpmd-runas-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(pub) })
+	os.Chmod(pub, 0o755)
+	data, err := os.ReadFile(e.hook.Exe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.hook.Exe = filepath.Join(pub, "vtpmd")
+	if err := os.WriteFile(e.hook.Exe, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e.cfg.StateRoot, e.cfg.RunAs = filepath.Join(pub, "st"), "nobody"
+	// a state directory as a root-run vTPM left it, with a link that must not be followed
+	stateDir := filepath.Join(e.cfg.StateRoot, testUUID, "tpm2")
+	os.Mkdir(e.cfg.StateRoot, 0o755)
+	os.MkdirAll(stateDir, 0o700)
+	os.WriteFile(filepath.Join(stateDir, "tpm2-00.permall"), []byte("state"), 0o600)
+	victim := filepath.Join(pub, "victim")
+	os.WriteFile(victim, nil, 0o600)
+	os.Symlink(victim, filepath.Join(stateDir, "link"))
+
+	sock := e.dir + "/run/A/vm1/ctrl.sock"
+	x := e.extXML(sock)
+	if err := e.run(x, "vm1", OpPrepare, "begin", "-"); err != nil {
+		t.Fatalf("%v\n%s", err, proc.LogTail(filepath.Join(e.cfg.StateRoot, testUUID, "vtpmd.log")))
+	}
+	rec, _ := e.hook.Registry.Get(testUUID)
+	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", rec.PID))
+	want := fmt.Sprintf("Uid:\t%d\t%d\t%d\t%d\n", acct.uid, acct.uid, acct.uid, acct.uid)
+	if !strings.Contains(string(status), want) {
+		t.Fatalf("vTPM %d does not run as nobody:\n%s", rec.PID, status)
+	}
+	owner := func(p string) (uint32, uint32, os.FileMode) {
+		t.Helper()
+		fi, err := os.Lstat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		return st.Uid, st.Gid, fi.Mode()
+	}
+	check := func(p string, uid, gid int, mode os.FileMode) {
+		t.Helper()
+		if u, g, m := owner(p); int(u) != uid || int(g) != gid || m != mode {
+			t.Errorf("%s: %d:%d %v, want %d:%d %v", p, u, g, m, uid, gid, mode)
+		}
+	}
+	check(filepath.Join(e.cfg.StateRoot, testUUID), 0, acct.gid, os.ModeDir|0o710)
+	check(stateDir, acct.uid, acct.gid, os.ModeDir|0o700)
+	check(filepath.Join(stateDir, "tpm2-00.permall"), acct.uid, acct.gid, 0o600)
+	check(filepath.Join(stateDir, "probe"), acct.uid, acct.gid, 0o600)
+	check(victim, 0, 0, 0o600)
+	check(filepath.Join(e.cfg.StateRoot, testUUID, "vtpmd.log"), 0, 0, 0o600)
+	check(sock, os.Getuid(), os.Getgid(), os.ModeSocket|0o600) // newHookEnv's qemu user: ours
+	if err := e.run(x, "vm1", OpRelease, "end", "-"); err != nil {
+		t.Fatal(err)
+	}
+	if proc.Alive(rec.PID) {
+		t.Fatal("vTPM still running after release")
+	}
+
+	// a state directory of a third user is not taken over
+	if err := os.Chown(stateDir, 4242, 4242); err != nil {
+		t.Fatal(err)
+	}
+	err = e.run(x, "vm1", OpPrepare, "begin", "-")
+	if !errors.Is(err, ErrStateOwner) {
+		t.Fatalf("err = %v, want ErrStateOwner", err)
+	}
+	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
+		t.Fatalf("socket left after a refused start: %v", err)
+	}
+	check(stateDir, 4242, 4242, os.ModeDir|0o700)
 }

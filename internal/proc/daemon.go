@@ -15,14 +15,14 @@ import (
 // Sentinel errors of Start.
 var (
 	// ErrExited is wrapped when the daemon exits before it is ready.
-	ErrExited = errors.New("exited before its socket appeared")
-	// ErrNotReady is wrapped when the daemon's socket does not appear in time.
-	ErrNotReady = errors.New("socket did not show up in time")
+	ErrExited = errors.New("exited before it was ready")
+	// ErrNotReady is wrapped when the daemon is not ready in time.
+	ErrNotReady = errors.New("was not ready in time")
 )
 
 // Daemon is a long-running process to start detached from the caller: in its own session,
 // in /, with standard input and output on /dev/null and standard error appended to a log.
-// It is ready when it has created its unix socket.
+// It is ready when it has created its unix socket, or when Ready says so.
 type Daemon struct {
 	Path string   // executable
 	Args []string // arguments after the program name
@@ -32,12 +32,21 @@ type Daemon struct {
 	// Banner, when set, is written to the log as a timestamped line before the daemon starts
 	// (who starts it, for whom).
 	Banner string
-	// Socket is the unix socket whose appearance means the daemon is ready.
+	// Socket is the unix socket whose appearance means the daemon is ready (unless Ready is
+	// set; then it only names the daemon's socket in errors).
 	Socket string
 	// SocketOwner is the uid the socket must belong to (the daemon may create it as itself
 	// and chown it afterwards); -1 accepts any owner.
 	SocketOwner int
-	// Wait bounds the wait for the socket.
+	// Ready, when set, replaces the wait for Socket: the daemon (process pid) is ready once it
+	// returns true. It is polled, so it must not block.
+	Ready func(pid int) bool
+	// Files are passed to the daemon as descriptors 3, 4, ... in this order.
+	Files []*os.File
+	// Credential, when set, is the user and groups the daemon runs as from its first
+	// instruction (the caller needs the privilege to set them); nil keeps the caller's.
+	Credential *syscall.Credential
+	// Wait bounds the wait for readiness.
 	Wait time.Duration
 }
 
@@ -47,7 +56,7 @@ type Started struct {
 	Exe string // /proc/PID/exe once ready, "" if unreadable
 }
 
-// Start launches d and waits until its socket appears, it exits, d.Wait passes or ctx ends;
+// Start launches d and waits until it is ready, it exits, d.Wait passes or ctx ends;
 // in the last two cases it kills the daemon. The daemon outlives the caller.
 func Start(ctx context.Context, d Daemon) (*Started, error) {
 	logf, err := os.OpenFile(d.Log, os.O_WRONLY|os.O_CREATE|os.O_APPEND|syscall.O_NOFOLLOW, 0o600)
@@ -66,13 +75,14 @@ func Start(ctx context.Context, d Daemon) (*Started, error) {
 	cmd := exec.Command(d.Path, d.Args...)
 	cmd.Dir = "/"
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, devnull, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.ExtraFiles = d.Files
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Credential: d.Credential}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", d.Path, err)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	if err := d.waitReady(ctx, exited); err != nil {
+	if err := d.waitReady(ctx, cmd.Process.Pid, exited); err != nil {
 		_ = cmd.Process.Kill()
 		return nil, err
 	}
@@ -80,21 +90,21 @@ func Start(ctx context.Context, d Daemon) (*Started, error) {
 	return &Started{PID: pid, Exe: Exe(pid)}, nil
 }
 
-// waitReady polls for the socket until the daemon exits, d.Wait passes or ctx ends.
-func (d *Daemon) waitReady(ctx context.Context, exited <-chan error) error {
+// waitReady polls for readiness until the daemon exits, d.Wait passes or ctx ends.
+func (d *Daemon) waitReady(ctx context.Context, pid int, exited <-chan error) error {
 	deadline := time.NewTimer(d.Wait)
 	defer deadline.Stop()
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		if d.socketReady() {
+		if d.Ready != nil && d.Ready(pid) || d.Ready == nil && d.socketReady() {
 			return nil
 		}
 		select {
 		case err := <-exited:
 			return fmt.Errorf("%s %w (%v): %s", d.Path, ErrExited, err, LogTail(d.Log))
 		case <-deadline.C:
-			return fmt.Errorf("%s: %w: %s within %v: %s", d.Path, ErrNotReady, d.Socket, d.Wait, LogTail(d.Log))
+			return fmt.Errorf("%s (for %s) %w (%v): %s", d.Path, d.Socket, ErrNotReady, d.Wait, LogTail(d.Log))
 		case <-ctx.Done():
 			return fmt.Errorf("%s: wait for %s: %w", d.Path, d.Socket, ctx.Err())
 		case <-tick.C:

@@ -1,8 +1,9 @@
 // Package proc manages the vTPM processes vtpmd runs for others (the libvirt hook now, the
-// host manager next): it starts a daemon detached and waits until its socket is ready
-// (Start), tells whether a process is alive and what it runs (Alive, Inspect), finds `vtpmd
-// socket` and `swtpm socket` instances by their command-line sub-options (FindInstances,
-// IsInstance), reads pid files (ReadPidFile) and stops processes (Terminate).
+// host manager next): it starts a daemon detached, optionally as another user and with
+// descriptors handed on, and waits until it is ready (Start), tells whether a process is
+// alive and what it runs (Alive, Inspect), finds `vtpmd socket` and `swtpm socket` instances
+// by their command-line sub-options (FindInstances, IsInstance), reads pid files
+// (ReadPidFile) and stops processes (Terminate).
 //
 // It reads /proc and knows nothing of libvirt or of TPMs beyond the shape of a vTPM's
 // command line.

@@ -43,6 +43,13 @@ func fakeDaemon(mode string, args []string) int {
 	case "hang":
 		time.Sleep(time.Hour)
 		return 0
+	case "pidfd":
+		// ready by writing its pid to the descriptor it was handed, never creating a socket
+		f := os.NewFile(3, "pid")
+		fmt.Fprint(f, os.Getpid())
+		f.Close()
+		time.Sleep(time.Hour)
+		return 0
 	}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM)
@@ -272,5 +279,36 @@ func TestLogTail(t *testing.T) {
 	os.WriteFile(p, []byte(b.String()), 0o600)
 	if got, want := LogTail(p), "log "+p+": line 196\nline 197\nline 198\nline 199"; got != want {
 		t.Fatalf("got %q, want %q", got, want)
+	}
+}
+
+// TestStartReadyFiles: a daemon handed a file as descriptor 3 is ready when Ready says so.
+func TestStartReadyFiles(t *testing.T) {
+	d := daemon(t, "pidfd")
+	f, err := os.CreateTemp(t.TempDir(), "pid")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	d.Files = []*os.File{f}
+	d.Ready = func(pid int) bool {
+		b, _ := os.ReadFile(f.Name())
+		return string(b) == fmt.Sprint(pid)
+	}
+	st, err := Start(context.Background(), d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(d.Socket); !os.IsNotExist(err) {
+		t.Fatalf("socket %v", err)
+	}
+	if _, err := Terminate(context.Background(), st.PID, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// never ready: Start gives up and kills it
+	d.Ready = func(int) bool { return false }
+	d.Wait = 200 * time.Millisecond
+	if _, err := Start(context.Background(), d); !errors.Is(err, ErrNotReady) {
+		t.Fatalf("err = %v", err)
 	}
 }
