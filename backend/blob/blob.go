@@ -1,6 +1,7 @@
 package blob
 
 import (
+	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hmac"
@@ -42,9 +43,18 @@ var (
 	ErrVersionAuth = fmt.Errorf("state version authentication failed: %w", ErrDecrypt)
 )
 
+// blobError says what was wrong with a blob and wraps one sentinel.
+type blobError struct {
+	msg      string
+	sentinel error
+}
+
+func (e *blobError) Error() string { return "state blob: " + e.msg + ": " + e.sentinel.Error() }
+func (e *blobError) Unwrap() error { return e.sentinel }
+
 // fail builds an error that says what was wrong and wraps the sentinel.
 func fail(sentinel error, format string, a ...any) error {
-	return fmt.Errorf("state blob: "+format+": %w", append(a, sentinel)...)
+	return &blobError{msg: fmt.Sprintf(format, a...), sentinel: sentinel}
 }
 
 // Header flags (swtpm's BLOB_FLAG_*).
@@ -404,11 +414,12 @@ func Seal(plain []byte, stateKey *Key) ([]byte, error) {
 
 // Open decodes a stored state file to the libtpms blob. As swtpm does, when stateKey is set
 // the data must be encrypted with it (the header's encrypted flag is not consulted); when it
-// is nil the data must be plain. Version-1 (legacy) bodies are read too.
+// is nil the data must be plain. Version-1 (legacy) bodies are read too, and so are the
+// headerless files of early swtpm releases (see openHeaderless).
 func Open(data []byte, stateKey *Key) ([]byte, error) {
 	h, body, err := ParseHeader(data)
 	if err != nil {
-		return nil, err
+		return openHeaderless(data, stateKey, err)
 	}
 	if stateKey == nil {
 		if h.Flags&FlagEncrypted != 0 {
@@ -417,6 +428,44 @@ func Open(data []byte, stateKey *Key) ([]byte, error) {
 		return plainData(body, h, stateLayer, false)
 	}
 	return decrypt(stateKey, body, h, stateLayer)
+}
+
+// openHeaderless reads a stored file whose header check failed (hdrErr) the way swtpm 0.7.1's
+// SWTPM_NVRAM_LoadData does: as a file written before swtpm had its blob header, whose whole
+// content is a version-1 payload. Without a state key that is the libtpms blob itself; with
+// one it is AES-CBC with a zero IV over SHA256(blob) || blob, padded to the key length
+// (decryptLegacy), which the hash authenticates. Stored files only: SET_STATEBLOB refuses a
+// blob without a header, as swtpm does.
+//
+// Without a key swtpm hands data of any shape to libtpms, which refuses what is not its own.
+// libtpms blobs begin with a zero byte (the high byte of their format version), swtpm's
+// header with its version, 1 or 2: unencrypted data that begins with 1 or 2 is a broken (for
+// example truncated) current-format file, which libtpms would refuse; it is refused here with
+// hdrErr, which says what is wrong with it. With a key the headerless reading is tried
+// whatever the data looks like (ciphertext may begin with any byte), and its failure is the
+// error, as in swtpm, with what was wrong with the header in its message.
+func openHeaderless(data []byte, stateKey *Key, hdrErr error) ([]byte, error) {
+	if stateKey == nil {
+		if len(data) == 0 || looksLikeHeader(data) {
+			return nil, hdrErr
+		}
+		return bytes.Clone(data), nil
+	}
+	plain, err := decryptLegacy(stateKey, data, stateLayer)
+	if err == nil {
+		return plain, nil
+	}
+	var he, le *blobError
+	if errors.As(hdrErr, &he) && errors.As(err, &le) {
+		return nil, fail(le.sentinel, "no valid swtpm header (%s), and as an early swtpm's headerless file: %s", he.msg, le.msg)
+	}
+	return nil, err
+}
+
+// looksLikeHeader reports whether data begins like swtpm's blob header (version 1 or 2) rather
+// than like a libtpms blob (a zero byte).
+func looksLikeHeader(data []byte) bool {
+	return len(data) > 0 && (data[0] == 1 || data[0] == 2)
 }
 
 // WrapMigration builds the GET_STATEBLOB form of a libtpms blob: header(flags |0x04) around

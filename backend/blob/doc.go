@@ -24,6 +24,18 @@
 // ciphertext || IV. Version-1 (legacy) bodies are read: the raw blob, or AES-CBC with a zero
 // IV over SHA256(data) || data.
 //
+// Early swtpm releases stored state files without the header: the libtpms blob itself, or,
+// with a state key, a version-1 body (AES-CBC, zero IV, SHA256(data) || data, padded to the
+// key length). Like swtpm 0.7.1 (SWTPM_NVRAM_LoadData), Open and OpenVersioned read a stored
+// file whose header check fails as such a headerless file: with a key the hash then decides;
+// without one the data goes to libtpms as it is, except data that begins with a header
+// version (1 or 2), which no libtpms blob does (they begin with a zero byte): that is a
+// broken current-format file, refused for its header as libtpms would refuse it. A
+// truncated or tampered current-format file is therefore still refused, with the header
+// problem in the error. Files written back are always in the current format, as swtpm writes
+// them. SET_STATEBLOB blobs must have the header (swtpm's SWTPM_NVRAM_SetStateBlob checks it
+// and stops); version-1 ones are read.
+//
 // # State versions
 //
 // With a state key, vtpmd can stamp a stored file with a state version (SealVersioned,

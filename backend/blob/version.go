@@ -181,7 +181,8 @@ func OpenVersioned(data []byte, stateKey *Key, vk *VersionKey, name string) ([]b
 	}
 	h, body, err := ParseHeader(data)
 	if err != nil {
-		return nil, Stamp{}, err
+		plain, err := openHeaderless(data, stateKey, err) // an early swtpm's file, or refused
+		return plain, Stamp{}, err
 	}
 	if h.Version != 2 {
 		plain, err := decrypt(stateKey, body, h, stateLayer) // version 1 (legacy), or refused
@@ -207,15 +208,22 @@ func OpenVersioned(data []byte, stateKey *Key, vk *VersionKey, name string) ([]b
 }
 
 // StoredStamp returns the authenticated Stamp of a stored blob without decrypting it: the
-// zero Stamp for a blob without one (written by swtpm, or a legacy version-1 blob). It checks
-// the stamp against swtpm's HMAC as stored, not the ciphertext against that HMAC: a blob whose
-// ciphertext was changed reports its stamp here and is refused by OpenVersioned.
+// zero Stamp for a blob without one (written by swtpm, a legacy version-1 blob, or data
+// without a valid header that may be an early swtpm's headerless file, which OpenVersioned
+// reads or refuses). It checks the stamp against swtpm's HMAC as stored, not the ciphertext
+// against that HMAC: a blob whose ciphertext was changed reports its stamp here and is
+// refused by OpenVersioned. Data that begins like a broken header is refused with the header
+// error; without the state key it cannot tell the rare headerless file whose ciphertext
+// begins the same way, which OpenVersioned reads (a caller with the key may ask it).
 func StoredStamp(data []byte, vk *VersionKey, name string) (Stamp, error) {
 	if vk == nil {
 		return Stamp{}, fmt.Errorf("state blob: a state version needs a version key")
 	}
 	h, body, err := ParseHeader(data)
 	if err != nil {
+		if len(data) > 0 && !looksLikeHeader(data) {
+			return Stamp{}, nil // an early swtpm's headerless file (OpenVersioned decides)
+		}
 		return Stamp{}, err
 	}
 	if h.Version != 2 {

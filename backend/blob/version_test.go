@@ -301,16 +301,17 @@ func TestEveryBitFlipOfVersionedBlob(t *testing.T) {
 		switch {
 		case i == 0:
 			return flipExpect{errs: []error{ErrVersion}}
-		case i == 1:
-			return flipExpect{ok: bit == 1, errs: []error{ErrVersion}}
+		case i == 1: // min_version 1 -> 0 is still readable; with a key, a header swtpm
+			// refuses sends it to the headerless reading, whose error counts (openHeaderless)
+			return flipExpect{ok: bit == 1, errs: []error{ErrMalformed, ErrDecrypt}}
 		case i == 2 || i == 3:
-			return flipExpect{errs: []error{ErrHeaderSize}}
+			return flipExpect{errs: []error{ErrMalformed, ErrDecrypt}}
 		case i == 5 && bit == FlagEncrypted256:
 			return flipExpect{errs: []error{ErrKeyLength}}
 		case i == 4 || i == 5:
 			return flipExpect{ok: true}
 		case i < 10:
-			return flipExpect{errs: []error{ErrMalformed}}
+			return flipExpect{errs: []error{ErrMalformed, ErrDecrypt}}
 		case hdrs[i]:
 			// a changed tag makes a TLV unknown (a missing version reads as none, if the
 			// rest holds) or turns it into another one

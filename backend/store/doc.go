@@ -70,7 +70,10 @@
 //
 // # Bad state
 //
-// Corrupt, truncated, tampered or wrongly keyed state is refused with an error that names the
+// State files of early swtpm releases, a libtpms blob stored without swtpm's header (plain, or
+// encrypted the legacy way), are read as swtpm 0.7.1 reads them (see package blob) and written
+// back in the current format at the next write. Corrupt, truncated, tampered or wrongly keyed
+// state is refused with an error that names the
 // file and wraps one of package blob's sentinels (or ErrLinearHeader); a tampered or moved
 // state version wraps blob.ErrVersionAuth, a kind of blob.ErrDecrypt. A failed Load changes
 // nothing on disk, not even file modes.

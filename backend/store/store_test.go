@@ -212,7 +212,9 @@ func TestBadStateRefusedAndUntouched(t *testing.T) {
 				t.Fatalf("%s: %v, want one of %v", what, err, want)
 			}
 			for n := 0; n < len(good); n++ {
-				try(fmt.Sprintf("truncated to %d", n), good[:n], blob.ErrMalformed)
+				// with a key, a cut header leads to the headerless reading of early swtpm
+				// files (package blob), which fails on the padding or the hash
+				try(fmt.Sprintf("truncated to %d", n), good[:n], blob.ErrMalformed, blob.ErrDecrypt)
 			}
 			for i := range good {
 				b := bytes.Clone(good)

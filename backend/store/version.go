@@ -73,7 +73,10 @@ func (s *Store) readVersionsLocked() error {
 			return fmt.Errorf("store: read the state version of %s: %w", name, err)
 		}
 		if stamps[i], err = blob.StoredStamp(raw, s.versionKey, name); err != nil {
-			return fmt.Errorf("store: state version of %s in %s: %w", name, s.be, err)
+			// an early swtpm's headerless file whose ciphertext begins like a header: no version
+			if _, _, lerr := blob.OpenVersioned(raw, s.opts.StateKey, s.versionKey, name); lerr != nil {
+				return fmt.Errorf("store: state version of %s in %s: %w", name, s.be, err)
+			}
 		}
 		present[i] = true
 		if newest < 0 || stamps[i].Version > stamps[newest].Version {
