@@ -31,6 +31,8 @@ var allowed = map[string][]string{
 	"backend/setup/provision": {"backend/localca"},
 	"backend/setup": {"backend", "backend/blob", "backend/seam", "backend/store", "backend/localca", "backend/setup/provision",
 		"emulator", "emulator/libtpms"},
+	// vtpmd run: manufactures in-process, serves from a `vtpmd socket` child, runs QEMU
+	"backend/qemu": {"backend/setup", "backend/setup/provision", "backend/localca"},
 
 	"manager/registry": {},
 	"manager/hwtpm":    {},
@@ -50,7 +52,7 @@ var neverImported = []string{"cmd/", "bench", "integration"}
 
 // needLibtpms are the packages that may depend on libtpms (cgo), directly or not; every other
 // package builds and vets with CGO_ENABLED=0.
-var needLibtpms = []string{"emulator/libtpms", "backend", "backend/setup", "cmd/vtpmd", "bench", "integration"}
+var needLibtpms = []string{"emulator/libtpms", "backend", "backend/setup", "backend/qemu", "cmd/vtpmd", "bench", "integration"}
 
 type pkg struct {
 	ImportPath string
