@@ -63,6 +63,10 @@ func (s *Server) enroll(ctx context.Context, p Peer, req *VMRequest) (*VMStatus,
 	if err != nil {
 		return nil, err
 	}
+	// before the record changes: a refused request must leave the vTPM able to start
+	if err := checkIdle(path, tpm2); err != nil {
+		return nil, err
+	}
 	var key []byte
 	if rec == nil {
 		if rec, key, err = s.newRecord(ctx, path, tpm2); err != nil {
@@ -114,6 +118,9 @@ func (s *Server) unenroll(ctx context.Context, p Peer, req *VMRequest) (*VMStatu
 	rec := s.ledger.findByPath(path)
 	if rec == nil {
 		return nil, fmt.Errorf("%w: %s", ErrNotEnrolled, path)
+	}
+	if err := checkIdle(path, rec.TPM2); err != nil {
+		return nil, err
 	}
 	key, err := s.hw.Unseal(ctx, rec.Sealed)
 	if err != nil {
@@ -229,12 +236,34 @@ func storeURI(path string) string {
 	return "dir://" + path
 }
 
+// checkIdle refuses a state that a vTPM serves: a running instance names it, or its lock is
+// held. enroll and unenroll check it before they change the record, since a record left
+// enrolling or unenrolling stops the vTPM's next start; reencrypt checks again under the lock.
+func checkIdle(path string, tpm2 bool) error {
+	if len(proc.FindInstances("dir", path)) > 0 {
+		return errInUse(path)
+	}
+	st, err := store.Open(storeURI(path), store.Options{TPM2: tpm2, Lock: true})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	if err := st.Lock(0); err != nil {
+		return fmt.Errorf("%s is in use (its lock is held): stop the VM first: %w", path, err)
+	}
+	return nil
+}
+
+func errInUse(path string) error {
+	return fmt.Errorf("%s is in use by a running vTPM: stop the VM first", path)
+}
+
 // reencrypt rewrites every blob of the state at path from key `from` to key `to` (either nil:
 // plain), under the state lock, keeping each file's owner and mode. A blob that already opens
 // with `to` is left alone, so an interrupted run is finished by running it again.
 func reencrypt(path string, tpm2 bool, from, to *blob.Key) error {
 	if len(proc.FindInstances("dir", path)) > 0 {
-		return fmt.Errorf("%s is in use by a running vTPM: stop the VM first", path)
+		return errInUse(path)
 	}
 	uri := storeURI(path)
 	src, err := store.Open(uri, store.Options{TPM2: tpm2, StateKey: from, Lock: true})
