@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vtpmd/vtpmd/backend/store"
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/opts"
 	"github.com/vtpmd/vtpmd/internal/proc"
@@ -35,6 +36,9 @@ func (s *Server) key(ctx context.Context, p Peer, req *KeyRequest) (*KeyResponse
 			return nil, fmt.Errorf("%w: %s", ErrNotEnrolled, path)
 		}
 		return s.enrollFresh(ctx, path, req.TPM2)
+	}
+	if req.Fresh && s.cfg.AutoEnroll && rec.Phase == phaseEnrolled && manufactures(p) && !hasState(path) {
+		return s.reenrollFresh(ctx, rec, path, req.TPM2)
 	}
 	if rec.Phase != phaseEnrolled {
 		return nil, rec.incomplete()
@@ -65,6 +69,57 @@ func (s *Server) enrollFresh(ctx context.Context, path string, tpm2 bool) (*KeyR
 	}
 	s.log.Info("enrolled a new vTPM", "vm", rec.label(), "state", path)
 	return &KeyResponse{VM: rec.label(), Key: key}, nil
+}
+
+// reenrollFresh replaces the record of a vTPM whose state is gone by a new one, with a new
+// key, for the new vTPM being manufactured at its path (mu held). libvirt removes a transient
+// domain's vTPM state when it stops, and undefine --tpm removes a persistent one's; the next
+// start with the same UUID makes a new vTPM there with swtpm_setup. A new key (not the old one
+// with its version reset) keeps every copy of the old state undecryptable, so none can be
+// rolled in; the old key is dropped (a ledger backup and the recovery key still recover it).
+func (s *Server) reenrollFresh(ctx context.Context, old *vmRecord, path string, tpm2 bool) (*KeyResponse, error) {
+	rec, key, err := s.newRecord(ctx, path, tpm2)
+	if err != nil {
+		return nil, err
+	}
+	rec.Phase = phaseEnrolled
+	delete(s.ledger.VMs, old.ID)
+	s.ledger.VMs[rec.ID] = rec
+	if err := s.store.save(ctx, s.ledger); err != nil {
+		delete(s.ledger.VMs, rec.ID)
+		s.ledger.VMs[old.ID] = old
+		clear(key)
+		return nil, err
+	}
+	s.log.Warn("the state of an enrolled vTPM is gone and a new vTPM is being made in its place: enrolled it with a new key, the old key is dropped",
+		"vm", rec.label(), "state", path, "old_version", old.Version, "old_enrolled", old.Enrolled)
+	return &KeyResponse{VM: rec.label(), Key: key}, nil
+}
+
+// manufactures reports whether the peer is vtpmd setup (swtpm_setup), which makes a new vTPM;
+// the peer was authorized for its state path already (it runs vtpmd).
+func manufactures(p Peer) bool {
+	info, err := proc.Inspect(p.PID)
+	if err != nil || len(info.Args) == 0 {
+		return false
+	}
+	return filepath.Base(info.Args[0]) == "swtpm_setup" || len(info.Args) > 1 && info.Args[1] == "setup"
+}
+
+// hasState reports whether the state at path holds any blob (TPM 2 or 1.2), or cannot be read.
+func hasState(path string) bool {
+	for _, tpm2 := range []bool{true, false} {
+		st, err := store.Open(storeURI(path), store.Options{TPM2: tpm2})
+		if err != nil {
+			return true
+		}
+		states, err := st.States()
+		st.Close()
+		if err != nil || len(states) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // newRecord makes a fresh state key, sealed to the hardware TPM and wrapped to the recovery
