@@ -84,6 +84,25 @@ func TestLibvirtManager(t *testing.T) {
 	e.destroyAndWait(d, pid)
 	e.checkSealedState(stateDir)
 
+	// a transient domain: libvirt removes its vTPM state when it stops; created again (same
+	// UUID, so the same state path) it is a new vTPM, enrolled anew
+	tr := e.domain("lv-mgr-tmp", "12", "nvmark hang", "<backend type='emulator' version='2.0'/>")
+	trState := filepath.Join("/var/lib/libvirt/swtpm", tr.UUID, "tpm2")
+	var trEK []byte
+	for run := 1; run <= 2; run++ {
+		ek, start := e.managerBoot(tr, 1, "create", tr.writeXML())
+		if bytes.Equal(ek, trEK) {
+			t.Fatalf("transient run %d: the guest sees the EK certificate of the run before", run)
+		}
+		trEK = ek
+		e.managerRecord(tr, trState, start, 1)
+		e.checkSealedState(trState)
+		e.destroyAndWait(tr, e.observeEmulator(tr))
+		if lvExists(trState) {
+			t.Fatalf("libvirt kept the transient domain's state %s", trState)
+		}
+	}
+
 	// without its manager the vTPM cannot start, and its state is left as it was
 	m.stop()
 	before, logged := dirHash(t, stateDir), len(e.swtpmLogAll(d))
@@ -135,14 +154,21 @@ func (e *lvEnv) startManager() *hostManager {
 	return m
 }
 
-// managerBoot starts the defined domain and waits for the guest's report: its NV marker must
-// count this boot (boot-1 before), its TPM work; it returns the guest's EK certificate.
-func (e *lvEnv) managerBoot(d *lvDomain, boot int) ([]byte, time.Time) {
+// managerBoot starts the domain (virsh start, or the virsh command given) and waits for the
+// guest's report: its NV marker must count this boot (boot-1 before), its TPM work; it
+// returns the guest's EK certificate and when the domain was started.
+func (e *lvEnv) managerBoot(d *lvDomain, boot int, virsh ...string) ([]byte, time.Time) {
 	t := e.t
 	t.Helper()
+	if len(virsh) == 0 {
+		virsh = []string{"start", d.Name}
+	}
 	os.Remove(d.serial("A"))
 	start := time.Now()
-	e.virsh("A", "start", d.Name)
+	if out, err := e.virshErr("A", virsh...); err != nil {
+		t.Fatalf("boot %d: virsh %v: %v\n%s\nswtpm log:\n%s", boot, virsh, err, out, e.swtpmLog(d))
+	}
+	t.Logf("virsh[A] %s (%v)", strings.Join(virsh, " "), time.Since(start).Round(time.Millisecond))
 	var out string
 	ok := lvWait(2*time.Minute, func() bool {
 		raw, _ := os.ReadFile(d.serial("A"))
@@ -164,7 +190,7 @@ func (e *lvEnv) managerBoot(d *lvDomain, boot int) ([]byte, time.Time) {
 	if !ok || len(ek) == 0 {
 		t.Fatalf("boot %d: no EK certificate from the guest", boot)
 	}
-	t.Logf("boot %d: NV marker %s -> %s, EK certificate %d bytes (%v)", boot, want[0], want[1], len(ek), time.Since(start).Round(time.Millisecond))
+	t.Logf("%s boot %d: NV marker %s -> %s, EK certificate %d bytes (%v)", d.Name, boot, want[0], want[1], len(ek), time.Since(start).Round(time.Millisecond))
 	return ek, start
 }
 
@@ -272,7 +298,7 @@ type lvManagerVM struct {
 }
 
 // managerRecord is the manager's record of the domain's vTPM, from `vtpmd manager status`:
-// the only one, enrolled, sealed, named from the registry; its key last released after seen
+// enrolled, sealed, named from the registry; its key last released after seen
 // (zero: not checked); its state version at least minVersion (waited for: a running vTPM
 // reports its versions asynchronously).
 func (e *lvEnv) managerRecord(d *lvDomain, stateDir string, seen time.Time, minVersion uint64) lvManagerVM {
@@ -293,14 +319,16 @@ func (e *lvEnv) managerRecord(d *lvDomain, stateDir string, seen time.Time, minV
 			t.Fatalf("vtpmd manager status output: %v\n%s", err, out)
 		}
 		vm = nil
-		if len(st.VMs) == 1 && st.VMs[0].StatePath == stateDir {
-			vm = &st.VMs[0]
+		for i := range st.VMs {
+			if st.VMs[i].StatePath == stateDir {
+				vm = &st.VMs[i]
+			}
 		}
 		return vm != nil && vm.Name == d.Name && vm.UUID == d.UUID && vm.Sealed && vm.Phase == "enrolled" &&
 			vm.Version >= minVersion && (seen.IsZero() || vm.LastSeen.After(seen))
 	})
 	if !ok {
-		t.Fatalf("the manager's record of %s (want the only one, name %s, uuid %s, sealed, enrolled, version >= %d, last seen after %v):\n%s",
+		t.Fatalf("the manager's record of %s (want name %s, uuid %s, sealed, enrolled, version >= %d, last seen after %v):\n%s",
 			stateDir, d.Name, d.UUID, minVersion, seen.UTC(), out)
 	}
 	t.Logf("the manager's record: %+v", *vm)
