@@ -3,6 +3,7 @@ package backend
 import (
 	"fmt"
 	"io"
+	"os"
 	"strings"
 
 	"github.com/vtpmd/vtpmd/backend/store"
@@ -41,6 +42,9 @@ func PrintStates(w io.Writer, uri string, tpm2 bool) error {
 		return err
 	}
 	defer st.Close()
+	if st.Formatted() { // a new file:// store, formatted as swtpm formats it, and says so
+		fmt.Fprintln(os.Stderr, "swtpm: "+st.FormatNotice())
+	}
 	states, err := st.States()
 	if err != nil {
 		return err

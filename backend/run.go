@@ -115,6 +115,9 @@ func Run(ctx context.Context, cfg RunConfig) error {
 		return err
 	}
 	defer st.Close()
+	if st.Formatted() {
+		log.Info(st.FormatNotice())
+	}
 	if keys.Flush != nil {
 		defer func() {
 			fctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -39,6 +39,9 @@ func openDir(dir string, o Options) (*dirBackend, error) {
 
 func (d *dirBackend) String() string { return "dir://" + d.dir }
 
+// prepare has nothing to do for a directory: its files are created when they are written.
+func (d *dirBackend) prepare() (bool, error) { return false, nil }
+
 // file is swtpm's name: tpm2-00.<name> (TPM 2) or tpm-00.<name> (TPM 1.2).
 func (d *dirBackend) file(name string) string {
 	if d.opts.TPM2 {

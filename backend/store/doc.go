@@ -11,8 +11,11 @@
 //     offset, data length, section length; entries 0-2 are permall, volatilestate,
 //     savestate) followed by the blobs, each in a section of the next power of two. Blobs
 //     are placed, moved and compacted exactly as swtpm does. A file or device without the
-//     magic is a new, empty store (swtpm formats it; vtpmd formats it at the first write).
-//     Regular files are resized to the image; block devices never are.
+//     magic is a new, empty store: Open formats it as swtpm does when it opens its backend
+//     (even for --print-states): a missing file is created (192 bytes, the header alone), an
+//     empty one grows to the header, a foreign one gets the header over its first 192 bytes
+//     and keeps its size, durably (below); swtpm_setup relies on it. Regular files are
+//     resized to the image; block devices never are.
 //
 // # Durability and atomicity
 //

@@ -128,12 +128,15 @@ func ParseLinear(img []byte) (*LinearImage, error) {
 	return li, nil
 }
 
-// format writes a new header over the image, keeping its size, as swtpm does.
+// format writes a new header over the image, keeping its size, as swtpm does: magic, version,
+// header size and empty entries; swtpm leaves the padding byte after the version as it was.
 func (li *LinearImage) format() {
 	if len(li.data) < linearHeaderSize {
 		li.data = append(li.data, make([]byte, linearHeaderSize-len(li.data))...)
 	}
+	pad := li.data[9]
 	newLinearHeader(li.data)
+	li.data[9] = pad
 	li.fresh = true
 }
 
@@ -442,6 +445,25 @@ func (l *linearBackend) loaded(string) error {
 	return nil
 }
 
+// prepare is swtpm's SWTPM_NVRAM_Prepare_Linear: a store without the magic (a missing, empty
+// or foreign regular file, a zeroed block device) is formatted on disk as a new, empty store
+// when it is opened: a regular file is created (Options.Mode, as for a write) or grown to the
+// 192-byte header, or its first 192 bytes are replaced, keeping its size; a block device gets
+// the header. It reports whether it formatted.
+func (l *linearBackend) prepare() (bool, error) {
+	li, err := l.image()
+	if err != nil {
+		return false, err
+	}
+	if !li.fresh {
+		return false, nil
+	}
+	if err := l.commit(bytes.Clone(li.data), li, true); err != nil {
+		return false, fmt.Errorf("store: format %s as a new linear store: %w", l, err)
+	}
+	return true, nil
+}
+
 func (l *linearBackend) apply(changes []change) error {
 	li, err := l.image()
 	if err != nil {
@@ -463,7 +485,13 @@ func (l *linearBackend) apply(changes []change) error {
 			return err
 		}
 	}
-	if !wasFresh && bytes.Equal(orig, li.data) {
+	return l.commit(orig, li, wasFresh)
+}
+
+// commit makes the image li durable on disk, where orig is what is there (apart from a fresh
+// image's header); an unchanged image that is not fresh is not written.
+func (l *linearBackend) commit(orig []byte, li *LinearImage, fresh bool) error {
+	if !fresh && bytes.Equal(orig, li.data) {
 		return nil
 	}
 	if l.fixed == 0 && !l.opts.Lock {

@@ -92,11 +92,30 @@ func mustRead(t testing.TB, p string) []byte {
 
 func TestLinearFormatting(t *testing.T) {
 	dir := t.TempDir()
-	// empty file and a file without the magic: no state, nothing written by loads
+	// an empty file and a file without the magic are formatted when the store is opened, as
+	// swtpm formats them: the header replaces the first 192 bytes, the size is kept (an empty
+	// file grows to the header), the mode too; loads write nothing more
 	for _, content := range [][]byte{nil, bytes.Repeat([]byte("junk"), 100)} {
 		img := filepath.Join(dir, "img")
 		os.WriteFile(img, content, 0o600)
+		os.Chmod(img, 0o604)
 		s := mustOpen(t, "file://"+img, Options{TPM2: true})
+		if !s.Formatted() || s.FormatNotice() != "Formatting 'file://"+img+"' as new linear NVRAM store" {
+			t.Fatalf("Formatted %v, %q", s.Formatted(), s.FormatNotice())
+		}
+		formatted := mustRead(t, img)
+		want := make([]byte, max(len(content), linearHeaderSize))
+		copy(want, content)
+		newLinearHeader(want)
+		if len(content) > 9 {
+			want[9] = content[9] // swtpm keeps the padding byte after the version
+		}
+		if !bytes.Equal(formatted, want) {
+			t.Fatalf("formatted store:\n% x\nwant\n% x", formatted, want)
+		}
+		if st, _ := os.Stat(img); st.Mode().Perm() != 0o604 {
+			t.Fatalf("formatting changed the mode to %o", st.Mode().Perm())
+		}
 		if _, err := s.Load(emulator.StatePermanent); !errors.Is(err, emulator.ErrNotExist) {
 			t.Fatalf("load from a new store: %v", err)
 		}
@@ -106,28 +125,34 @@ func TestLinearFormatting(t *testing.T) {
 		if err := s.Delete(emulator.StatePermanent, false); err != nil {
 			t.Fatal(err)
 		}
-		if !bytes.Equal(mustRead(t, img), content) {
+		if !bytes.Equal(mustRead(t, img), formatted) {
 			t.Fatal("loading from a new store wrote to it")
+		}
+		if again := mustOpen(t, "file://"+img, Options{TPM2: true}); again.Formatted() {
+			t.Fatal("a formatted store was formatted again")
 		}
 		if err := s.Store(emulator.StatePermanent, testBlob); err != nil {
 			t.Fatal(err)
-		}
-		raw := mustRead(t, img)
-		if string(raw[:8]) != "nilmptws" || raw[8] != 1 || binary.LittleEndian.Uint16(raw[10:]) != 192 {
-			t.Fatalf("formatted header % x", raw[:12])
 		}
 		if got, err := s.Load(emulator.StatePermanent); err != nil || !bytes.Equal(got, testBlob) {
 			t.Fatal(err)
 		}
 	}
-	// a store file that does not exist yet is created at the first write
+	// a store file that does not exist is created when the store is opened: 192 bytes, the
+	// header alone, with the store's mode
 	img := filepath.Join(dir, "new.img")
 	s := mustOpen(t, "file://"+img, Options{TPM2: true, Mode: 0o600, ModeSet: true})
+	want := make([]byte, linearHeaderSize)
+	newLinearHeader(want)
+	if st, err := os.Stat(img); err != nil || st.Mode().Perm() != 0o600 || !s.Formatted() || !bytes.Equal(mustRead(t, img), want) {
+		t.Fatalf("created store: %v", err)
+	}
 	if err := s.Store(emulator.StateVolatile, testBlob); err != nil {
 		t.Fatal(err)
 	}
-	if st, err := os.Stat(img); err != nil || st.Mode().Perm() != 0o600 {
-		t.Fatalf("created store: %v", err)
+	// a directory store has nothing to format
+	if d := mustOpen(t, dir, Options{TPM2: true}); d.Formatted() {
+		t.Fatal("a directory was formatted")
 	}
 }
 
@@ -326,4 +351,30 @@ func FuzzLinearHeader(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestLinearFormatFixedSize: a zeroed block device is formatted in place when opened (the
+// header written, the size kept), and only once.
+func TestLinearFormatFixedSize(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "dev")
+	const size = 8 << 10
+	os.WriteFile(img, make([]byte, size), 0o600)
+	lb := &linearBackend{path: img, opts: Options{TPM2: true, Mode: DefaultMode}, fixed: size}
+	var ops []string
+	testHook = func(op, path string) { ops = append(ops, op) }
+	defer func() { testHook = nil }()
+	if formatted, err := lb.prepare(); err != nil || !formatted {
+		t.Fatalf("prepare: %v %v", formatted, err)
+	}
+	want := make([]byte, size)
+	newLinearHeader(want)
+	if raw := mustRead(t, img); !bytes.Equal(raw, want) {
+		t.Fatalf("formatted device: % x", raw[:16])
+	}
+	if len(ops) == 0 || ops[0] != "write-in-place" {
+		t.Fatalf("ops %v", ops)
+	}
+	if formatted, err := lb.prepare(); err != nil || formatted {
+		t.Fatalf("second prepare: %v %v", formatted, err)
+	}
 }

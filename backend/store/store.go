@@ -77,6 +77,9 @@ type backend interface {
 	// an error.
 	apply(changes []change) error
 	loaded(name string) error // called after a successful Load (file mode fix-ups)
+	// prepare is swtpm's backend preparation when a store is opened: file:// formats a store
+	// without the magic (formatted reports it); dir:// has nothing to do.
+	prepare() (formatted bool, err error)
 	lockFile() (path string, flags int, perm uint32)
 	String() string
 }
@@ -100,13 +103,17 @@ type Store struct {
 	lockFD  int // -1 when not locked
 	closed  bool
 	pending map[string]change // writes held back between Defer and Sync; nil when not deferred
+	// formatted: Open formatted a file:// store without the magic (see Formatted)
+	formatted bool
 
 	versions // with Options.Versioned (see version.go)
 }
 
 // Open opens a state location: "dir://<dir>", "file://<file-or-block-device>", or a bare
-// directory path. The directory (or the file's directory) must exist. Open neither takes the
-// lock nor changes anything on disk.
+// directory path. The directory (or the file's directory) must exist. Open does not take the
+// lock. It changes nothing on disk but what swtpm changes when it opens its backend: a file://
+// store without swtpm's magic (a file that does not exist, an empty or foreign file, a zeroed
+// block device) is formatted as a new, empty linear store, durably (Formatted reports it).
 func Open(uri string, o Options) (*Store, error) {
 	if o.Mode == 0 {
 		o.Mode = DefaultMode
@@ -130,6 +137,9 @@ func Open(uri string, o Options) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	if s.formatted, err = s.be.prepare(); err != nil {
+		return nil, err
+	}
 	if o.StateKey != nil {
 		if s.versionKey, err = blob.NewVersionKey(o.StateKey); err != nil {
 			return nil, fmt.Errorf("store: %w", err)
@@ -146,6 +156,16 @@ func Open(uri string, o Options) (*Store, error) {
 
 // String names the location, e.g. "dir:///var/lib/swtpm/x".
 func (s *Store) String() string { return s.be.String() }
+
+// Formatted reports whether Open formatted the location as a new, empty linear store, where
+// swtpm says FormatNotice.
+func (s *Store) Formatted() bool { return s.formatted }
+
+// FormatNotice is what swtpm says when it formats a linear store as it opens it (on stderr, or
+// in its --log file): "Formatting '<uri>' as new linear NVRAM store".
+func (s *Store) FormatNotice() string {
+	return fmt.Sprintf("Formatting '%s' as new linear NVRAM store", s.be)
+}
 
 func blobName(t emulator.StateType) (string, error) {
 	switch t {

@@ -331,6 +331,11 @@ func TestDurableWriteOrder(t *testing.T) {
 	ops = nil
 	img := filepath.Join(dir, "tpm.img")
 	l := mustOpen(t, "file://"+img, Options{TPM2: true})
+	// Open formats the missing store (durably), the write then replaces it
+	if want := "[fsync tpm.img.tmp rename tpm.img fsync-dir " + filepath.Base(dir) + "]"; fmt.Sprint(ops) != want {
+		t.Fatalf("formatting a new linear store: %v, want %s", ops, want)
+	}
+	ops = nil
 	l.Store(emulator.StatePermanent, testBlob)
 	if want := "[fsync tpm.img.tmp rename tpm.img fsync-dir " + filepath.Base(dir) + "]"; fmt.Sprint(ops) != want {
 		t.Fatalf("linear store: %v, want %s", ops, want)
