@@ -16,6 +16,10 @@
 //   - For <backend type='external'> the Hook owns one `vtpmd socket` process per VM: started at
 //     prepare (or reconnect when missing), stopped at release. For <backend type='emulator'>
 //     libvirt itself runs vtpmd (through the swtpm links Install creates); the Hook only records.
+//   - An external backend's `vtpmd socket` runs as the configured run_as user (tss unless the
+//     configuration names another, root only when it says so) from its first instruction,
+//     owns its state directory and nothing else: the hook creates the control socket (owned by
+//     the qemu user, 0600) and the log and hands them on as descriptors.
 //   - Registry records are replaced atomically under an exclusive lock (see manager/registry);
 //     registry failures only warn: a VM never fails because bookkeeping did.
 //   - As a migrate/restore filter the Hook prints the rewritten XML on stdout, or nothing when
