@@ -59,7 +59,8 @@ func main() {
 		log.Fatalf("reference swtpm not found: %v (install Debian's swtpm)", err)
 	}
 	r := &run{work: work, iters: *iters, impls: []impl{
-		{name: "vtpmd", bin: *vtpmd, args: []string{"socket"}},
+		// --manager none: a host manager (its default socket) must not serve the bench's vTPMs
+		{name: "vtpmd", bin: *vtpmd, args: []string{"socket", "--manager", "none"}},
 		{name: "swtpm", bin: swPath, args: []string{"socket"}},
 	}}
 	report, err := r.all(parseCounts(*instances))

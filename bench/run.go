@@ -424,7 +424,7 @@ func (r *run) all(counts []int) (string, error) {
 		return "", err
 	}
 	b.WriteString(dur)
-	mgr, err := r.managerSection(r.impls[0].bin)
+	mgr, err := r.managerSection()
 	if err != nil {
 		return "", err
 	}
