@@ -49,6 +49,16 @@ func (k *KeySource) Keys(ctx context.Context) (seam.Keys, error) {
 	if own.State != nil {
 		return own, nil
 	}
+	if !k.Required && !Available(k.Client.Socket) {
+		// no manager on this host (or not running): a plain state is served as without one;
+		// an encrypted one without its key is explained now rather than failing at INIT
+		if _, encrypted, err := k.inspect(); err == nil && encrypted {
+			own.Zero()
+			return seam.Keys{}, fmt.Errorf("the state at %s is encrypted and no key is given: if the host's vtpmd manager sealed it, "+
+				"the manager is not running (no socket at %s)", statePathOfURI(k.StateURI), k.Client.Socket)
+		}
+		return own, nil
+	}
 	path := statePathOfURI(k.StateURI)
 	fresh, encrypted, err := k.inspect()
 	if err != nil {
@@ -81,7 +91,7 @@ func (k *KeySource) Keys(ctx context.Context) (seam.Keys, error) {
 	}
 	rep := newVersionReporter(k.Client, path, k.log())
 	return seam.Keys{State: key, Migration: own.Migration, MinVersion: resp.Version, RecordVersion: rep.record,
-		Owner: "the vtpmd manager (vTPM " + resp.VM + ")"}, nil
+		Flush: rep.flush, Owner: "the vtpmd manager (vTPM " + resp.VM + ")"}, nil
 }
 
 func (k *KeySource) log() *slog.Logger {
