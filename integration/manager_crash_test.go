@@ -223,6 +223,7 @@ type ledgerView struct {
 		ID        string `json:"id"`
 		StatePath string `json:"state_path"`
 		Phase     string `json:"phase"`
+		Version   uint64 `json:"version"`
 		Recovery  []byte `json:"recovery"`
 	} `json:"vms"`
 }
@@ -246,6 +247,19 @@ func readLedgerView(dir string) (*ledgerView, error) {
 		return nil, err
 	}
 	return &l, nil
+}
+
+// recordVersion is the state version the ledger records for the vTPM at state.
+func (m *killableManager) recordVersion(state string) uint64 {
+	l, _ := readLedgerView(m.dir)
+	if l != nil {
+		for _, r := range l.VMs {
+			if r.StatePath == state {
+				return r.Version
+			}
+		}
+	}
+	return 0
 }
 
 // record is the ledger's record of the vTPM at state ("" phase: none), with its state key
@@ -272,12 +286,13 @@ func (m *killableManager) record(state string) (phase string, key *blob.Key, err
 // killableVTPM is `vtpmd socket` on a state directory with the manager, with data and control
 // sockets at fixed paths so that a restart after SIGKILL takes their place.
 type killableVTPM struct {
-	cmd    *exec.Cmd
-	done   chan struct{}
-	stderr *lockedBuffer
-	ctrl   *socket.Client
-	data   net.Conn
-	tp     transport.TPM
+	dataPath, ctrlPath string
+	cmd                *exec.Cmd
+	done               chan struct{}
+	stderr             *lockedBuffer
+	ctrl               *socket.Client
+	data               net.Conn
+	tp                 transport.TPM
 }
 
 type lockedBuffer struct {
@@ -302,19 +317,29 @@ func (l *lockedBuffer) String() string {
 // exits instead is an error that says why.
 func startKillableVTPM(t *testing.T, run, state, mgr string) (*killableVTPM, error) {
 	t.Helper()
-	data, ctrl := filepath.Join(run, "d.sock"), filepath.Join(run, "c.sock")
-	v := &killableVTPM{stderr: &lockedBuffer{}, done: make(chan struct{})}
+	return launchVTPM(t, run, state, mgr).connect()
+}
+
+// launchVTPM starts the vtpmd process; connect waits for it to serve.
+func launchVTPM(t *testing.T, run, state, mgr string) *killableVTPM {
+	t.Helper()
+	v := &killableVTPM{stderr: &lockedBuffer{}, done: make(chan struct{}),
+		dataPath: filepath.Join(run, "d.sock"), ctrlPath: filepath.Join(run, "c.sock")}
 	v.cmd = exec.Command(env.bin, "socket", "--tpm2", "--tpmstate", "dir="+state, "--manager", mgr,
-		"--server", "type=unixio,path="+data, "--ctrl", "type=unixio,path="+ctrl)
+		"--server", "type=unixio,path="+v.dataPath, "--ctrl", "type=unixio,path="+v.ctrlPath)
 	v.cmd.Stdout, v.cmd.Stderr = v.stderr, v.stderr
 	if err := v.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	go func() { v.cmd.Wait(); close(v.done) }()
 	t.Cleanup(v.kill)
+	return v
+}
+
+func (v *killableVTPM) connect() (*killableVTPM, error) {
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		c, err := socket.Dial("unix", ctrl)
+		c, err := socket.Dial("unix", v.ctrlPath)
 		if err == nil {
 			v.ctrl = c
 			break
@@ -330,7 +355,7 @@ func startKillableVTPM(t *testing.T, run, state, mgr string) (*killableVTPM, err
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
-	c, err := dialRetry("unix", data)
+	c, err := dialRetry("unix", v.dataPath)
 	if err != nil {
 		v.kill()
 		return nil, err
@@ -373,7 +398,8 @@ type crashCounts struct {
 	killVTPM, killManager, killBoth        int // during NV writes
 	killManagerAtStart, startsRefused      int // while a vTPM fetched its key
 	writesWithoutManager                   int // acknowledged while the manager was down or starting
-	killFresh, freshRefused                int // while a new vTPM was auto-enrolled
+	killFreshManager, killFreshVTPM        int // while a new vTPM was auto-enrolled
+	freshRefused                           int // new vTPMs that did not start (killed, or no manager)
 	killEnroll, killUnenroll               int // while the operator's request ran
 	enrollInterrupted, unenrollInterrupted int // the request failed because of the kill
 	phases                                 map[string]int
@@ -391,7 +417,7 @@ type crashCounts struct {
 // encrypted file is always sealed in the ledger.
 func TestManagerCrashSafety(t *testing.T) {
 	needRefSwtpm(t)
-	writeRounds, freshRounds, enrolKills := 70, 10, 40
+	writeRounds, freshRounds, enrolKills := 70, 15, 40
 	if testing.Short() {
 		writeRounds, freshRounds, enrolKills = 15, 3, 6
 	}
@@ -419,8 +445,8 @@ func TestManagerCrashSafety(t *testing.T) {
 		tEnrol.Round(time.Millisecond), m.nstart, (m.starts / time.Duration(max(m.nstart, 1))).Round(time.Millisecond))
 	t.Logf("kills during NV writes: vTPM %d, manager %d, both %d; %d writes acknowledged while the manager was down or restarting",
 		n.killVTPM, n.killManager, n.killBoth, n.writesWithoutManager)
-	t.Logf("manager kills while a vTPM fetched its key: %d (%d starts refused); while a new vTPM was auto-enrolled: %d (%d refused)",
-		n.killManagerAtStart, n.startsRefused, n.killFresh, n.freshRefused)
+	t.Logf("manager kills while a vTPM fetched its key: %d (%d starts refused); kills while a new vTPM was auto-enrolled: manager %d, vTPM %d (%d starts failed)",
+		n.killManagerAtStart, n.startsRefused, n.killFreshManager, n.killFreshVTPM, n.freshRefused)
 	t.Logf("manager kills during enroll: %d (%d failed it), during unenroll: %d (%d failed it); %d done but answered \"already\" when run again; phases after a request: %v",
 		n.killEnroll, n.enrollInterrupted, n.killUnenroll, n.unenrollInterrupted, n.answersLost, n.phases)
 	t.Logf("restarts with the hardware counter one ahead of the ledger (killed between increment and write): %d; vTPM restarts: %d",
@@ -640,7 +666,16 @@ func crashWrites(t *testing.T, m *killableManager, rng *mrand.Rand, n *crashCoun
 			t.Fatalf("round %d: write after the round: %v", round, err)
 		}
 	}
+	// the versions the vTPM reported reached the manager across its restarts, and the last
+	// ones before it stopped (it flushes its reports at exit)
+	first := m.recordVersion(state)
+	nv.write(v.tp)
 	v.stop()
+	if last := m.recordVersion(state); last <= first {
+		t.Errorf("the manager's record of the vTPM's version did not grow: %d, then %d after more writes", first, last)
+	} else {
+		t.Logf("the manager records state version %d", last)
+	}
 }
 
 // startAndKillManager starts a vTPM on state and kills the manager at a random moment within
@@ -656,29 +691,57 @@ func startAndKillManager(t *testing.T, m *killableManager, rng *mrand.Rand, run,
 }
 
 // crashFresh: new vTPMs (empty state) are auto-enrolled when they first ask for a key; the
-// manager is killed meanwhile. The vTPM starts (again), keeps its NV across a restart, and its
-// state is sealed.
+// manager, the vTPM or both are killed meanwhile. The vTPM starts (again), keeps its NV across
+// a restart, and its state is sealed.
 func crashFresh(t *testing.T, m *killableManager, rng *mrand.Rand, n *crashCounts, rounds int) {
 	want := []byte("fresh-vtpm-nv")
+	const window = 80 * time.Millisecond // a vTPM's start with its key request, and a little more
 	for round := 1; round <= rounds; round++ {
 		n.rounds++
-		n.killFresh++
 		run := t.TempDir()
 		state := filepath.Join(t.TempDir(), "tpm2")
 		os.MkdirAll(state, 0o700)
-		v, err := startAndKillManager(t, m, rng, run, state, 80*time.Millisecond)
-		restartManager(t, m, n)
-		if err != nil {
+		killManager, killVTPM := true, false
+		switch rng.Intn(3) {
+		case 1:
+			killManager, killVTPM = false, true
+		case 2:
+			killVTPM = true
+		}
+		var wg sync.WaitGroup
+		v := launchVTPM(t, run, state, m.sock)
+		if killManager {
+			n.killFreshManager++
+			wg.Add(1)
+			time.AfterFunc(time.Duration(rng.Int63n(int64(window))), func() { m.kill(); wg.Done() })
+		}
+		if killVTPM {
+			n.killFreshVTPM++
+			wg.Add(1)
+			p := v
+			time.AfterFunc(time.Duration(rng.Int63n(int64(window))), func() { p.cmd.Process.Signal(syscall.SIGKILL); wg.Done() })
+		}
+		_, err := v.connect()
+		wg.Wait()
+		if killManager {
+			restartManager(t, m, n)
+		}
+		if killVTPM {
+			v.kill()
+		}
+		if err != nil || killVTPM {
 			n.freshRefused++
 			if v, err = startKillableVTPM(t, run, state, m.sock); err != nil {
-				t.Fatalf("round %d: a new vTPM does not start after the manager was killed: %v", round, err)
+				t.Fatalf("round %d: a new vTPM does not start after a kill: %v", round, err)
 			}
 		}
 		if err := v.power(); err != nil {
 			t.Fatal(err)
 		}
-		if err := tpmclient.NVDefine(v.tp, crashNV, uint16(len(want))); err != nil {
-			t.Fatal(err)
+		if _, err := tpmclient.NVRead(v.tp, crashNV, uint16(len(want)), 0); err != nil {
+			if err := tpmclient.NVDefine(v.tp, crashNV, uint16(len(want))); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if err := tpmclient.NVWrite(v.tp, crashNV, want, 0); err != nil {
 			t.Fatal(err)
