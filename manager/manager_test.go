@@ -444,3 +444,26 @@ func extendHostPCR(t *testing.T, hw *swtpmtest.TPM, pcr uint32) {
 		t.Fatal(err)
 	}
 }
+
+// TestKeySourceWithoutManager: with no manager running, a plain state is served as without
+// one, and an encrypted state without its key is refused at once with the reason.
+func TestKeySourceWithoutManager(t *testing.T) {
+	ctx := context.Background()
+	plain, sealed := stateDir(t), stateDir(t)
+	writeState(t, plain, nil, "permanent")
+	k, _ := blob.NewKey(bytes.Repeat([]byte{3}, 32))
+	writeState(t, sealed, k, "permanent")
+	gone := NewClient(filepath.Join(t.TempDir(), "no-manager.sock"))
+	ks := &KeySource{Client: gone, StateURI: "dir://" + plain, TPM2: true}
+	if keys, err := ks.Keys(ctx); err != nil || keys.State != nil || keys.RecordVersion != nil {
+		t.Fatalf("plain state without a manager: %+v %v", keys, err)
+	}
+	ks.StateURI = "dir://" + sealed
+	if _, err := ks.Keys(ctx); err == nil || !strings.Contains(err.Error(), "manager is not running") {
+		t.Fatalf("encrypted state without a manager: %v", err)
+	}
+	ks.Required = true
+	if _, err := ks.Keys(ctx); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("--manager given, none running: %v", err)
+	}
+}

@@ -202,7 +202,7 @@ func runSocket(ctx context.Context, c *cli.Context, o *socketOpts) error {
 // with --manager SOCK, or when the default manager's socket exists.
 func withManager(c *cli.Context, cfg backend.RunConfig, log *slog.Logger) seam.KeySource {
 	sock, explicit := c.String("manager"), c.IsSet("manager")
-	if sock == "none" || (!explicit && !manager.Available(manager.DefaultSocket)) {
+	if sock == "none" {
 		return cfg.Keys
 	}
 	return &manager.KeySource{Client: manager.NewClient(sock), StateURI: cfg.StateURI, TPM2: cfg.Version == emulator.TPM2,
