@@ -404,6 +404,7 @@ type crashCounts struct {
 	enrollInterrupted, unenrollInterrupted int // the request failed because of the kill
 	phases                                 map[string]int
 	answersLost                            int // done, its answer lost to the kill: "already (un)enrolled" when run again
+	enrollAbandoned                        int // interrupted enrolments undone by unenroll
 	counterAhead                           int // restarts with the hardware counter one ahead of the ledger
 	vtpmRestarts                           int
 	managerStarts                          int
@@ -447,8 +448,8 @@ func TestManagerCrashSafety(t *testing.T) {
 		n.killVTPM, n.killManager, n.killBoth, n.writesWithoutManager)
 	t.Logf("manager kills while a vTPM fetched its key: %d (%d starts refused); kills while a new vTPM was auto-enrolled: manager %d, vTPM %d (%d starts failed)",
 		n.killManagerAtStart, n.startsRefused, n.killFreshManager, n.killFreshVTPM, n.freshRefused)
-	t.Logf("manager kills during enroll: %d (%d failed it), during unenroll: %d (%d failed it); %d done but answered \"already\" when run again; phases after a request: %v",
-		n.killEnroll, n.enrollInterrupted, n.killUnenroll, n.unenrollInterrupted, n.answersLost, n.phases)
+	t.Logf("manager kills during enroll: %d (%d failed it), during unenroll: %d (%d failed it); %d done but answered \"already\" when run again; %d interrupted enrolments undone by unenroll; phases after a request: %v",
+		n.killEnroll, n.enrollInterrupted, n.killUnenroll, n.unenrollInterrupted, n.answersLost, n.enrollAbandoned, n.phases)
 	t.Logf("restarts with the hardware counter one ahead of the ledger (killed between increment and write): %d; vTPM restarts: %d",
 		n.counterAhead, n.vtpmRestarts)
 	t.Logf("killed managers left %d objects, %d HMAC and %d policy sessions loaded in the stand-in TPM (flushed by the test as a resource manager would)",
@@ -886,6 +887,11 @@ func crashEnrol(t *testing.T, m *killableManager, rng *mrand.Rand, n *crashCount
 					if err == nil {
 						took[op] = elapsed
 					}
+					break
+				}
+				if op == "enroll" && phase == "enrolling" && rng.Intn(4) == 0 {
+					// the operator gives up: unenroll finishes an interrupted enrolment backwards
+					n.enrollAbandoned++
 					break
 				}
 			}
