@@ -70,6 +70,10 @@ type ledgerStore struct {
 	// may be one behind the hardware counter: the next save must not increment again (two
 	// behind is a rollback at the next start). Guarded by the caller (Server.mu).
 	behind bool
+	// base is the hardware counter's value when the manager directory was made (sealed with
+	// the ledger key): a missing ledger is a new one while the counter is at most base+1 (a
+	// first save cut short); past that, a ledger existed and was removed: a rollback.
+	base uint64
 }
 
 // saveTimeout bounds a save once it has begun: it is not cut short by the request that caused
@@ -89,8 +93,8 @@ func (s *ledgerStore) mac(b []byte) []byte {
 }
 
 // load reads the ledger and checks it against the hardware counter. A missing ledger is a new
-// one (only when the counter is still where a new manager leaves it: at most 1), written at
-// once. The counter may be one ahead of the ledger: a crash between a save's increment and
+// one only while the counter has not moved past the directory's base (and one save), and is
+// written at once. The counter may be one ahead of the ledger: a crash between a save's increment and
 // its write loses that last change (never acknowledged), which is the window the design
 // accepts; more is a rollback.
 //
@@ -107,8 +111,8 @@ func (s *ledgerStore) load(ctx context.Context) (*ledger, error) {
 	}
 	raw, err := readLimited(s.path, maxLedgerSize)
 	if errors.Is(err, fs.ErrNotExist) {
-		if hw > 1 {
-			return nil, fmt.Errorf("%w: %s is missing but the counter is at %d", ErrLedgerRollback, s.path, hw)
+		if hw > s.base+1 {
+			return nil, fmt.Errorf("%w: %s is missing but the counter is at %d (base %d)", ErrLedgerRollback, s.path, hw, s.base)
 		}
 		l := &ledger{Counter: hw, VMs: map[string]*vmRecord{}}
 		if err := s.write(l); err != nil {

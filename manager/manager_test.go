@@ -467,3 +467,44 @@ func TestKeySourceWithoutManager(t *testing.T) {
 		t.Fatalf("--manager given, none running: %v", err)
 	}
 }
+
+// TestLedgerOnAUsedCounter: a TPM whose counter starts high (counters deleted before) still
+// gives a new manager; a ledger removed after saves is a rollback, a first save cut short is
+// not.
+func TestLedgerOnAUsedCounter(t *testing.T) {
+	hw := swtpmtest.Start(t)
+	ctx := context.Background()
+	h, err := OpenHardware(ctx, hw.Spec(), "none", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	for range 5 {
+		if _, err := h.Increment(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dir := t.TempDir()
+	srv, err := New(ctx, Config{Dir: dir, Registry: registry.New(t.TempDir())}, h)
+	if err != nil {
+		t.Fatalf("new manager on a counter at 6: %v", err)
+	}
+	// a first save cut after its increment: the ledger is gone, the counter one past base
+	os.Remove(filepath.Join(dir, ledgerName))
+	h.Increment(ctx)
+	if _, err := New(ctx, Config{Dir: dir, Registry: srv.cfg.Registry}, h); err != nil {
+		t.Fatalf("after a first save cut short: %v", err)
+	}
+	srv2, _ := New(ctx, Config{Dir: dir, Registry: srv.cfg.Registry}, h)
+	srv2.mu.Lock()
+	for range 2 {
+		if err := srv2.store.save(ctx, srv2.ledger); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv2.mu.Unlock()
+	os.Remove(filepath.Join(dir, ledgerName))
+	if _, err := New(ctx, Config{Dir: dir, Registry: srv.cfg.Registry}, h); !errors.Is(err, ErrLedgerRollback) {
+		t.Fatalf("ledger removed after saves: %v", err)
+	}
+}

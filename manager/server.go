@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -73,11 +74,11 @@ func New(ctx context.Context, cfg Config, hw Hardware) (*Server, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("manager directory: %w", err)
 	}
-	macKey, err := ledgerKey(ctx, cfg.Dir, hw)
+	macKey, base, err := ledgerKey(ctx, cfg.Dir, hw)
 	if err != nil {
 		return nil, err
 	}
-	st := &ledgerStore{path: filepath.Join(cfg.Dir, ledgerName), macKey: macKey, counter: hw}
+	st := &ledgerStore{path: filepath.Join(cfg.Dir, ledgerName), macKey: macKey, counter: hw, base: base}
 	l, err := st.load(ctx)
 	if err != nil {
 		return nil, err
@@ -95,35 +96,51 @@ func New(ctx context.Context, cfg Config, hw Hardware) (*Server, error) {
 
 // ledgerKey unseals the key that authenticates the ledger, creating and sealing one on first
 // start. A sealed key from another TPM fails to unseal: the directory belongs to another host.
-func ledgerKey(ctx context.Context, dir string, hw Hardware) ([]byte, error) {
+// Sealed with the key is the hardware counter's value when the directory was made (base): a
+// TPM's new counter may start above 1 (past counters deleted before), and a ledger that is
+// missing is new only while the counter is still at base or one past it (a first save cut
+// short).
+func ledgerKey(ctx context.Context, dir string, hw Hardware) (key []byte, base uint64, err error) {
 	p := filepath.Join(dir, ledgerKeyName)
 	raw, err := readLimited(p, 1<<20)
 	if err == nil {
-		key, err := hw.Unseal(ctx, raw)
+		secret, err := hw.Unseal(ctx, raw)
 		if err != nil {
-			return nil, fmt.Errorf("unseal the ledger key %s: %w", p, err)
+			return nil, 0, fmt.Errorf("unseal the ledger key %s: %w", p, err)
 		}
-		return key, nil
+		if len(secret) != ledgerKeySize+8 {
+			clear(secret)
+			return nil, 0, fmt.Errorf("ledger key %s: %d bytes sealed, want %d", p, len(secret), ledgerKeySize+8)
+		}
+		return secret[:ledgerKeySize], binary.BigEndian.Uint64(secret[ledgerKeySize:]), nil
 	}
 	if !os.IsNotExist(err) {
-		return nil, err
+		return nil, 0, err
 	}
 	if _, serr := os.Stat(filepath.Join(dir, ledgerName)); serr == nil {
-		return nil, fmt.Errorf("%s is missing but a ledger exists: refusing to start over", p)
+		return nil, 0, fmt.Errorf("%s is missing but a ledger exists: refusing to start over", p)
 	}
-	key := make([]byte, 32)
-	if _, err := rand.Read(key); err != nil {
-		return nil, err
+	if base, err = hw.Read(ctx); err != nil {
+		return nil, 0, fmt.Errorf("read hardware counter: %w", err)
 	}
-	sealed, err := hw.Seal(ctx, key)
+	secret := make([]byte, ledgerKeySize, ledgerKeySize+8)
+	if _, err := rand.Read(secret); err != nil {
+		return nil, 0, err
+	}
+	secret = binary.BigEndian.AppendUint64(secret, base)
+	sealed, err := hw.Seal(ctx, secret)
 	if err != nil {
-		return nil, fmt.Errorf("seal a new ledger key: %w", err)
+		clear(secret)
+		return nil, 0, fmt.Errorf("seal a new ledger key: %w", err)
 	}
 	if err := writePrivate(p, sealed); err != nil {
-		return nil, err
+		clear(secret)
+		return nil, 0, err
 	}
-	return key, nil
+	return secret[:ledgerKeySize], base, nil
 }
+
+const ledgerKeySize = 32
 
 // Serve answers the API on ln until ctx ends.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
