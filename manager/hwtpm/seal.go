@@ -210,6 +210,9 @@ func (t *TPM) Unseal(ctx context.Context, s *Sealed) ([]byte, error) {
 				InPrivate:    priv,
 				InPublic:     pub,
 			}.Execute(tp)
+			if isResourceError(err) {
+				return fmt.Errorf("load the sealed object: the TPM is out of object or session memory: %w", err)
+			}
 			if err != nil {
 				return fmt.Errorf("%w: the storage key does not load it: %w", ErrBadSealed, err)
 			}

@@ -57,7 +57,15 @@ func Open(ctx context.Context, spec Spec) (*TPM, error) {
 				return fmt.Errorf("TPM2_Startup: %w", err)
 			}
 		}
-		return probe(tp)
+		if err := probe(tp); err != nil {
+			return err
+		}
+		if spec.Kind != KindDevice {
+			// no resource manager between us and the TPM: a manager killed mid-operation
+			// leaves its objects and sessions loaded, and three of them exhaust swtpm
+			flushLeftovers(tp)
+		}
+		return nil
 	})
 	if err != nil {
 		_ = t.link.close()
@@ -139,4 +147,32 @@ func (t *TPM) flush(ctx context.Context, h tpm2.TPMHandle) {
 	// An error leaves nothing to do: the transport has been dropped (a resource manager
 	// flushes the connection's objects) or the handle is already gone.
 	_, _ = tpm2.FlushContext{FlushHandle: h}.Execute(t.transport(ctx))
+}
+
+// flushLeftovers flushes every transient object and session the TPM holds, as the kernel's
+// resource manager (/dev/tpmrm0) does for a process that went away. Only for TPMs the manager
+// owns alone (swtpm, simulator): it would pull objects from under other clients.
+func flushLeftovers(tp transport.TPM) {
+	for _, first := range []tpm2.TPMHandle{0x80000000, 0x02000000, 0x03000000} { // transient, loaded and saved sessions
+		resp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: uint32(first), PropertyCount: 64}.Execute(tp)
+		if err != nil {
+			continue
+		}
+		handles, err := resp.CapabilityData.Data.Handles()
+		if err != nil {
+			continue
+		}
+		for _, h := range handles.Handle {
+			if h>>24 != first>>24 {
+				continue
+			}
+			_, _ = tpm2.FlushContext{FlushHandle: h}.Execute(tp)
+		}
+	}
+}
+
+// isResourceError reports the TPM running out of object or session slots.
+func isResourceError(err error) bool {
+	return errors.Is(err, tpm2.TPMRCObjectMemory) || errors.Is(err, tpm2.TPMRCSessionMemory) ||
+		errors.Is(err, tpm2.TPMRCSessionHandles) || errors.Is(err, tpm2.TPMRCObjectHandles)
 }
