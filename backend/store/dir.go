@@ -1,10 +1,8 @@
 package store
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -59,86 +57,57 @@ func (d *dirBackend) tmpName(name string) string {
 	return "TMP-00." + name
 }
 
-func (d *dirBackend) lockFile() (string, int, uint32) {
-	return filepath.Join(d.dir, ".lock"), unix.O_WRONLY, 0o660
+func (d *dirBackend) lockFile() (string, int, uint32, bool) {
+	return filepath.Join(d.dir, ".lock"), unix.O_WRONLY, 0o660, false
 }
 
-// openBlob opens a blob file for reading, refusing symlinks and anything but regular files.
-func (d *dirBackend) openBlob(name string) (*os.File, fs.FileInfo, error) {
-	p := d.file(name)
-	// unix.Open + os.NewFile: a blocking descriptor that os does not try to register with the
-	// network poller (os.OpenFile costs four more system calls per blob on a regular file)
-	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		if errors.Is(err, unix.ELOOP) {
-			return nil, nil, fmt.Errorf("%s is a symbolic link: %w", p, err)
-		}
-		return nil, nil, &fs.PathError{Op: "open", Path: p, Err: err}
-	}
-	f := os.NewFile(uintptr(fd), p)
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, nil, err
-	}
-	if !st.Mode().IsRegular() {
-		f.Close()
-		return nil, nil, fmt.Errorf("%s is not a regular file", p)
-	}
-	return f, st, nil
+// openBlob opens a blob file for reading as swtpm does, following a symbolic link (swtpm's
+// SWTPM_NVRAM_LoadData_Dir opens it without O_NOFOLLOW; writes replace the link), and refusing
+// at once anything but a regular file (openFile).
+func (d *dirBackend) openBlob(name string) (int, unix.Stat_t, error) {
+	return openFile(d.file(name), unix.O_RDONLY, 0, true, false)
 }
 
 func (d *dirBackend) read(name string) ([]byte, error) {
-	f, st, err := d.openBlob(name)
+	fd, st, err := d.openBlob(name)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	if st.Size() > maxBlob {
-		return nil, fmt.Errorf("%s: %d bytes is larger than any TPM state (%d)", f.Name(), st.Size(), maxBlob)
-	}
-	// one read of the stat'ed size (plus one byte, to see growth), then the EOF
-	buf := bytes.NewBuffer(make([]byte, 0, st.Size()+1))
-	if _, err := buf.ReadFrom(io.LimitReader(f, maxBlob+1)); err != nil {
-		return nil, fmt.Errorf("read %s: %w", f.Name(), err)
-	}
-	if buf.Len() > maxBlob {
-		return nil, fmt.Errorf("%s grew beyond %d bytes while being read", f.Name(), maxBlob)
-	}
-	return buf.Bytes(), nil
+	defer unix.Close(fd)
+	return readFD(fd, d.file(name), st.Size, maxBlob)
 }
 
+// size is the blob's size, through a symbolic link as swtpm's stat; a blob that is not a
+// regular file is an error.
 func (d *dirBackend) size(name string) (int64, error) {
-	st, err := os.Lstat(d.file(name))
-	if err != nil {
-		return 0, err
+	p := d.file(name)
+	var st unix.Stat_t
+	if err := unix.Stat(p, &st); err != nil {
+		return 0, &fs.PathError{Op: "stat", Path: p, Err: err}
 	}
-	if !st.Mode().IsRegular() {
-		return 0, fmt.Errorf("%s is not a regular file", d.file(name))
+	if !typeOK(st.Mode, false) {
+		return 0, notRegular(p, st.Mode, true)
 	}
-	return st.Size(), nil
+	return st.Size, nil
 }
 
 // loaded applies swtpm's mode handling to a file that was just loaded: an explicit mode is
 // set exactly; otherwise the owner keeps write permission.
 func (d *dirBackend) loaded(name string) error {
-	f, st, err := d.openBlob(name)
+	fd, st, err := d.openBlob(name)
 	if err != nil {
 		return err
 	}
-	defer f.Close()
-	perm := uint32(st.Mode().Perm())
-	want := perm | 0o200
+	defer unix.Close(fd)
+	p := permBits(st.Mode)
+	want := p | 0o200
 	if d.opts.ModeSet {
 		want = d.opts.Mode
 	}
-	if want == perm {
+	if want == p {
 		return nil
 	}
-	if err := f.Chmod(os.FileMode(want)); err != nil {
-		return fmt.Errorf("chmod %s: %w", f.Name(), err)
-	}
-	return nil
+	return fchmod(fd, d.file(name), want)
 }
 
 // apply replaces blobs atomically and durably, as swtpm writes them: each blob goes to

@@ -71,6 +71,17 @@
 // leaves nothing to carry a version: such state is refused against a record like a rollback.
 // A deleted blob that is put back is caught by the next write's stamp, not before.
 //
+// # Files that are not files
+//
+// Every state file, the lock file and a file:// store are opened so that nothing can make the
+// open block or redirect it: O_NONBLOCK (a FIFO's open does not wait for its other end), and
+// the descriptor's type checked once open. A FIFO, a device, a socket or a directory in their
+// place (for file://, anything but a regular file or a block device) is refused at once with
+// an error that says what is there and wraps ErrNotRegular. Symbolic links are followed where
+// swtpm follows them, to the same check: dir:// blobs (swtpm's dir backend opens them
+// without O_NOFOLLOW; a write replaces the link, never its target); the lock file, the
+// temporary files and a file:// store are opened O_NOFOLLOW, as swtpm opens them.
+//
 // # Bad state
 //
 // State files of early swtpm releases, a libtpms blob stored without swtpm's header (plain, or

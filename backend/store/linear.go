@@ -291,26 +291,23 @@ func openLinear(path string, o Options) (*linearBackend, error) {
 		return nil, errors.New("store: empty file:// path")
 	}
 	lb := &linearBackend{path: path, opts: o}
-	st, err := os.Lstat(path)
+	// swtpm opens the store O_NOFOLLOW: a symbolic link is refused, and so is anything but a
+	// regular file or a block device, at once (openFile does not block on a FIFO)
+	fd, st, err := openFile(path, unix.O_RDONLY, 0, false, true)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		if st, err := os.Stat(filepath.Dir(path)); err != nil || !st.IsDir() {
 			return nil, fmt.Errorf("store: directory of %s: %w", path, errors.Join(err, fs.ErrNotExist))
 		}
 		return lb, nil
+	case errors.Is(err, ErrNotRegular):
+		return nil, err
 	case err != nil:
 		return nil, fmt.Errorf("store: %w", err)
-	case st.Mode()&fs.ModeSymlink != 0:
-		return nil, fmt.Errorf("store: %s is a symbolic link (refused, as swtpm opens it O_NOFOLLOW)", path)
-	case st.Mode().IsRegular():
-		return lb, nil
-	case st.Mode()&fs.ModeDevice != 0 && st.Mode()&fs.ModeCharDevice == 0:
-		f, err := os.Open(path)
-		if err != nil {
-			return nil, fmt.Errorf("store: %w", err)
-		}
-		defer f.Close()
-		n, err := f.Seek(0, io.SeekEnd)
+	}
+	defer unix.Close(fd)
+	if st.Mode&unix.S_IFMT == unix.S_IFBLK {
+		n, err := unix.Seek(fd, 0, io.SeekEnd)
 		if err != nil {
 			return nil, fmt.Errorf("store: size of block device %s: %w", path, err)
 		}
@@ -318,18 +315,19 @@ func openLinear(path string, o Options) (*linearBackend, error) {
 			return nil, fmt.Errorf("store: block device %s has %d bytes, too small for the %d-byte header", path, n, linearHeaderSize)
 		}
 		lb.fixed = n
-		return lb, nil
 	}
-	return nil, fmt.Errorf("store: %s is neither a regular file nor a block device", path)
+	return lb, nil
 }
 
 func (l *linearBackend) String() string { return "file://" + l.path }
 
-func (l *linearBackend) lockFile() (string, int, uint32) { return l.path, unix.O_RDWR, l.opts.Mode }
+func (l *linearBackend) lockFile() (string, int, uint32, bool) {
+	return l.path, unix.O_RDWR, l.opts.Mode, true
+}
 
 // image reads the store. A missing or empty file, or one without the magic, is a new store.
 func (l *linearBackend) image() (*LinearImage, error) {
-	f, err := os.OpenFile(l.path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	fd, st, err := openFile(l.path, unix.O_RDONLY, 0, false, l.fixed != 0)
 	if errors.Is(err, fs.ErrNotExist) && l.fixed == 0 {
 		li := &LinearImage{}
 		li.format()
@@ -338,21 +336,11 @@ func (l *linearBackend) image() (*LinearImage, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	defer unix.Close(fd)
 	if l.fixed == 0 {
-		st, err := f.Stat()
+		img, err := readFD(fd, l.path, st.Size, maxLinearImage)
 		if err != nil {
 			return nil, err
-		}
-		if !st.Mode().IsRegular() {
-			return nil, fmt.Errorf("%s is no longer a regular file", l.path)
-		}
-		if st.Size() > maxLinearImage {
-			return nil, fmt.Errorf("%s: %d bytes is larger than any linear TPM store (%d)", l.path, st.Size(), maxLinearImage)
-		}
-		img, err := io.ReadAll(io.LimitReader(f, maxLinearImage+1))
-		if err != nil {
-			return nil, fmt.Errorf("read %s: %w", l.path, err)
 		}
 		li, err := ParseLinear(img)
 		if err != nil {
@@ -362,8 +350,8 @@ func (l *linearBackend) image() (*LinearImage, error) {
 	}
 	// fixed size: read the header, then only the used sections
 	hdr := make([]byte, linearHeaderSize)
-	if _, err := io.ReadFull(f, hdr); err != nil {
-		return nil, fmt.Errorf("read %s: %w", l.path, err)
+	if err := preadFull(fd, l.path, hdr, 0); err != nil {
+		return nil, err
 	}
 	entries, fresh, err := ParseLinearHeader(hdr, l.fixed)
 	if err != nil {
@@ -385,8 +373,8 @@ func (l *linearBackend) image() (*LinearImage, error) {
 	}
 	li.data = make([]byte, used)
 	copy(li.data, hdr)
-	if _, err := f.ReadAt(li.data[linearHeaderSize:], linearHeaderSize); err != nil {
-		return nil, fmt.Errorf("read %s: %w", l.path, err)
+	if err := preadFull(fd, l.path, li.data[linearHeaderSize:], linearHeaderSize); err != nil {
+		return nil, err
 	}
 	return li, nil
 }
@@ -428,19 +416,13 @@ func (l *linearBackend) loaded(string) error {
 	if !l.opts.ModeSet || l.fixed != 0 {
 		return nil
 	}
-	f, err := os.OpenFile(l.path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	fd, st, err := openFile(l.path, unix.O_RDONLY, 0, false, false)
 	if err != nil {
 		return err
 	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	if uint32(st.Mode().Perm()) != l.opts.Mode {
-		if err := f.Chmod(os.FileMode(l.opts.Mode)); err != nil {
-			return fmt.Errorf("chmod %s: %w", l.path, err)
-		}
+	defer unix.Close(fd)
+	if permBits(st.Mode) != l.opts.Mode {
+		return fchmod(fd, l.path, l.opts.Mode)
 	}
 	return nil
 }
@@ -533,40 +515,38 @@ func (l *linearBackend) replace(img []byte) (done bool, err error) {
 // on the file itself): the changed data after the header first, fsync, then the header,
 // the new length of a regular file, fsync.
 func (l *linearBackend) writeInPlace(orig, img []byte) error {
-	flags := os.O_WRONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
+	flags := unix.O_WRONLY
 	if l.fixed == 0 {
-		flags |= os.O_CREATE
+		flags |= unix.O_CREAT
 	}
-	f, err := os.OpenFile(l.path, flags, os.FileMode(l.opts.Mode))
+	fd, st, err := openFile(l.path, flags, l.opts.Mode, false, l.fixed != 0)
 	if err != nil {
 		return err
 	}
-	defer f.Close()
-	if l.fixed == 0 && l.opts.ModeSet {
-		if st, err := f.Stat(); err == nil && uint32(st.Mode().Perm()) != l.opts.Mode {
-			if err := f.Chmod(os.FileMode(l.opts.Mode)); err != nil {
-				return fmt.Errorf("chmod %s: %w", l.path, err)
-			}
+	defer unix.Close(fd)
+	if l.fixed == 0 && l.opts.ModeSet && permBits(st.Mode) != l.opts.Mode {
+		if err := fchmod(fd, l.path, l.opts.Mode); err != nil {
+			return err
 		}
 	}
 	hook("write-in-place", l.path)
 	if lo, hi, ok := changedSpan(orig, img, linearHeaderSize); ok {
-		if _, err := f.WriteAt(img[lo:hi], int64(lo)); err != nil {
-			return fmt.Errorf("write %s: %w", l.path, err)
+		if err := pwriteFull(fd, l.path, img[lo:hi], int64(lo)); err != nil {
+			return err
 		}
-		if err := fsyncFile(f, l.opts.NoFsync); err != nil {
+		if err := fsyncFD(fd, l.path, l.opts.NoFsync); err != nil {
 			return err
 		}
 	}
-	if _, err := f.WriteAt(img[:linearHeaderSize], 0); err != nil {
-		return fmt.Errorf("write %s: %w", l.path, err)
+	if err := pwriteFull(fd, l.path, img[:linearHeaderSize], 0); err != nil {
+		return err
 	}
 	if l.fixed == 0 {
-		if err := f.Truncate(int64(len(img))); err != nil {
+		if err := unix.Ftruncate(fd, int64(len(img))); err != nil {
 			return fmt.Errorf("resize %s: %w", l.path, err)
 		}
 	}
-	return fsyncFile(f, l.opts.NoFsync)
+	return fsyncFD(fd, l.path, l.opts.NoFsync)
 }
 
 // changedSpan finds the bytes from start on where img differs from orig (or extends it).

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"strings"
 	"sync"
 	"time"
@@ -80,7 +79,7 @@ type backend interface {
 	// prepare is swtpm's backend preparation when a store is opened: file:// formats a store
 	// without the magic (formatted reports it); dir:// has nothing to do.
 	prepare() (formatted bool, err error)
-	lockFile() (path string, flags int, perm uint32)
+	lockFile() (path string, flags int, perm uint32, block bool) // block: may be a block device
 	String() string
 }
 
@@ -410,8 +409,10 @@ func (s *Store) Sync() error {
 // Lock takes the state lock, trying retries more times 10 ms apart. The lock is an
 // open-file-description (OFD) write lock on <dir>/.lock (file://: on the file itself), which
 // conflicts with the classic fcntl lock swtpm takes there. The lock file is created (mode
-// 0660, subject to the umask) and never deleted. Without Options.Lock, Lock does nothing.
-// When another process holds the lock the error wraps ErrLocked and names the lock file.
+// 0660, subject to the umask) and never deleted; one that is not a regular file (a FIFO, a
+// device; a symbolic link is not followed) is refused at once (ErrNotRegular). Without
+// Options.Lock, Lock does nothing. When another process holds the lock the error wraps
+// ErrLocked and names the lock file.
 func (s *Store) Lock(retries int) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -421,8 +422,8 @@ func (s *Store) Lock(retries int) error {
 	if !s.opts.Lock || s.lockFD >= 0 {
 		return nil
 	}
-	path, flags, perm := s.be.lockFile()
-	fd, err := unix.Open(path, flags|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC, perm)
+	path, flags, perm, block := s.be.lockFile()
+	fd, _, err := openFile(path, flags|unix.O_CREAT, perm, false, block)
 	if err != nil {
 		return fmt.Errorf("store: could not open lock file %s: %w", path, err)
 	}
@@ -497,18 +498,6 @@ func hook(op, path string) {
 	if testHook != nil {
 		testHook(op, path)
 	}
-}
-
-// fsyncFile fsyncs f unless fsync is off.
-func fsyncFile(f *os.File, noFsync bool) error {
-	if noFsync {
-		return nil
-	}
-	hook(atomicfile.StepFsync, f.Name())
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", f.Name(), err)
-	}
-	return nil
 }
 
 // fsyncDir fsyncs a directory, making the renames apply did in it durable.
