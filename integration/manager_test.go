@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-tpm/tpm2"
+
 	"github.com/vtpmd/vtpmd/internal/swtpmtest"
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 )
@@ -169,6 +171,8 @@ func TestManagerSealsState(t *testing.T) {
 	ref.cmd.Process.Kill()
 	ref.cmd.Wait()
 
+	// the vTPM's identity: its EK (from the endorsement seed in its state) and its NV
+	var ek []byte
 	readNV := func(m *hostManager, dir string) {
 		t.Helper()
 		vtpmdOnce(t, m, dir, func(tp tpmclient.SendFunc) {
@@ -177,6 +181,15 @@ func TestManagerSealsState(t *testing.T) {
 			if err != nil || !bytes.Equal(got, want) {
 				t.Fatalf("NV after restart: %q %v", got, err)
 			}
+			k, err := tpmclient.CreatePrimary(tp, tpm2.TPMRHEndorsement, tpm2.RSAEKTemplate)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pub := tpm2.Marshal(k.Public)
+			if ek != nil && !bytes.Equal(pub, ek) {
+				t.Fatal("the vTPM's EK changed")
+			}
+			ek = pub
 		})
 	}
 	readNV(a, state)
