@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/vtpmd/vtpmd/backend/store"
+	"github.com/vtpmd/vtpmd/internal/seccomp"
 )
 
 // SwtpmCompatVersion is the swtpm whose interfaces vtpmd reproduces: what
@@ -17,8 +18,12 @@ const SwtpmCompatVersion = "0.8.0"
 // JSON shape (libvirt reads it to choose options).
 func Capabilities(tpm2 bool) string {
 	features := []string{"tpm-1.2", "tpm-2.0", "tpm-send-command-header", "flags-opt-startup",
-		"flags-opt-disable-auto-shutdown", "ctrl-opt-terminate", "cmdarg-key-fd", "cmdarg-pwd-fd",
-		"cmdarg-print-states", "cmdarg-chroot", "cmdarg-migration", "nvram-backend-dir", "nvram-backend-file"}
+		"flags-opt-disable-auto-shutdown", "ctrl-opt-terminate"}
+	if seccomp.Supported() { // --seccomp installs a filter here
+		features = append(features, "cmdarg-seccomp")
+	}
+	features = append(features, "cmdarg-key-fd", "cmdarg-pwd-fd",
+		"cmdarg-print-states", "cmdarg-chroot", "cmdarg-migration", "nvram-backend-dir", "nvram-backend-file")
 	if tpm2 {
 		for _, n := range rsaKeySizes() {
 			features = append(features, fmt.Sprintf("rsa-keysize-%d", n))

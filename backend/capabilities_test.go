@@ -3,6 +3,8 @@ package backend
 import (
 	"strings"
 	"testing"
+
+	"github.com/vtpmd/vtpmd/internal/seccomp"
 )
 
 func TestCapabilities(t *testing.T) {
@@ -18,5 +20,9 @@ func TestCapabilities(t *testing.T) {
 	}
 	if !strings.HasPrefix(c2, `{ "type": "swtpm", "features": [ "tpm-1.2", "tpm-2.0", "tpm-send-command-header"`) {
 		t.Errorf("feature order differs from swtpm's: %s", c2)
+	}
+	// cmdarg-seccomp only where --seccomp installs a filter, where swtpm lists it
+	if seccomp.Supported() != strings.Contains(c2, `"ctrl-opt-terminate", "cmdarg-seccomp", "cmdarg-key-fd"`) {
+		t.Errorf("cmdarg-seccomp (supported: %v): %s", seccomp.Supported(), c2)
 	}
 }

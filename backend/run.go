@@ -74,6 +74,9 @@ type RunConfig struct {
 	Server socket.Options
 	// PidFile is written once the TPM is ready to be served.
 	PidFile daemon.PidFile
+	// Confine is called once the channels, the state and the pid file are open, before the TPM
+	// is powered on and served: swtpm's --seccomp filter (nil: nothing).
+	Confine func() error
 	// Ready is called once the channels are served (a --daemon parent waits for it).
 	Ready func()
 	Log   *slog.Logger
@@ -139,6 +142,11 @@ func Run(ctx context.Context, cfg RunConfig) error {
 		return err
 	}
 	defer removePid()
+	if cfg.Confine != nil {
+		if err := cfg.Confine(); err != nil {
+			return err
+		}
+	}
 	if cfg.PowerOn {
 		if err := powerOnAtStart(inst, cfg.Startup, startup); err != nil {
 			return err

@@ -88,7 +88,7 @@ func socketFlags(o *socketOpts) []cli.Flag {
 		&cli.GenericFlag{Name: "migration", Value: &o.migration, Usage: "incoming,release-lock-outgoing"},
 		&cli.StringFlag{Name: "runas", Aliases: []string{"r"}, Usage: "user to run as"},
 		&cli.StringFlag{Name: "chroot", Aliases: []string{"R"}, Usage: "directory to chroot into"},
-		&cli.GenericFlag{Name: "seccomp", Value: &o.seccomp, Usage: "action=none|kill|log (accepted; vtpmd installs no filter)"},
+		&cli.GenericFlag{Name: "seccomp", Value: &o.seccomp, Usage: "action=none|kill|log: what a forbidden system call does (default kill)"},
 		&cli.StringFlag{Name: "manager", Usage: "the vtpmd manager's socket (default " + manager.DefaultSocket + " when it exists; none: no manager)"},
 		&cli.BoolFlag{Name: "print-capabilities", Usage: "print capabilities as JSON and exit"},
 		&cli.BoolFlag{Name: "print-states", Usage: "print the existing state blobs as JSON and exit"},

@@ -11,6 +11,7 @@ import (
 	"github.com/vtpmd/vtpmd/backend"
 	"github.com/vtpmd/vtpmd/emulator"
 	"github.com/vtpmd/vtpmd/internal/daemon"
+	"github.com/vtpmd/vtpmd/internal/seccomp"
 	"github.com/vtpmd/vtpmd/socket"
 )
 
@@ -35,12 +36,14 @@ func socketConfig(c *cli.Context, o *socketOpts, tpm2 bool) (backend.RunConfig, 
 		RejectLocality4:  o.locality.set.Bool("reject-locality-4", false),
 		AllowSetLocality: o.locality.set.Bool("allow-set-locality", false),
 	}
-	if o.seccomp.set != nil {
-		switch a := o.seccomp.set.String("action", "kill"); a {
-		case "none", "kill", "log":
-		default:
-			return cfg, fmt.Errorf("--seccomp: unsupported action '%s'", a)
-		}
+	// swtpm confines itself unless told action=none, --seccomp given or not (where there is
+	// no filter for the platform, only an explicit --seccomp is refused)
+	action, err := seccomp.ParseAction(o.seccomp.set.String("action", "kill"))
+	if err != nil {
+		return cfg, fmt.Errorf("--seccomp: %w", err)
+	}
+	if action != seccomp.None && (o.seccomp.set != nil || seccomp.Supported()) {
+		cfg.Confine = func() error { return seccomp.Install(action) }
 	}
 	if cfg.PidFile, err = pidFlags(o); err != nil {
 		return cfg, err
