@@ -40,8 +40,9 @@ type ListenSpec struct {
 	Terminate bool
 	// Disconnect closes the data connection after every response (--server ...,disconnect).
 	Disconnect bool
-	// charDevOK lets ConnFD be a character device (only -f/--fd).
-	charDevOK bool
+	// charDevOK lets ConnFD be a character device (only -f/--fd); anyFile lets it be any file
+	// but a socket (swtpm chardev's data channel: a device, a FIFO, the vTPM proxy's fd).
+	charDevOK, anyFile bool
 }
 
 func newSpec(name string) *ListenSpec {
@@ -142,6 +143,46 @@ func parseDataFD(fd int) (*ListenSpec, error) {
 	return sp, nil
 }
 
+// Errors of swtpm chardev's data channel.
+var (
+	ErrFDType  = errors.New("given file descriptor type is not supported")
+	ErrStdioFD = errors.New("cannot accept file descriptors with values 0, 1, or 2")
+)
+
+// CharDevFD is swtpm chardev's -f/--fd: an inherited character device, socket, FIFO or
+// anonymous file such as the vTPM proxy's; a regular file, directory, block device or symbolic
+// link is refused, as are stdin, stdout and stderr. Losing it ends the server.
+func CharDevFD(fd int) (*ListenSpec, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("--fd %d: cannot stat file descriptor: %w", fd, err)
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFREG, unix.S_IFDIR, unix.S_IFBLK, unix.S_IFLNK:
+		return nil, fmt.Errorf("--fd %d: %w", fd, ErrFDType)
+	}
+	if fd <= 2 {
+		return nil, fmt.Errorf("--fd %d: %w", fd, ErrStdioFD)
+	}
+	return charDevSpec("--fd "+strconv.Itoa(fd), fd), nil
+}
+
+// OpenCharDev is swtpm chardev's -c/--chardev: the file at path, opened read-write now (as
+// swtpm does while parsing its options, before --chroot and --runas).
+func OpenCharDev(path string) (*ListenSpec, error) {
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("cannot open %s: %w", path, err)
+	}
+	return charDevSpec("--chardev "+path, fd), nil
+}
+
+func charDevSpec(name string, fd int) *ListenSpec {
+	sp := newSpec(name)
+	sp.ConnFD, sp.charDevOK, sp.anyFile = fd, true, true
+	return sp
+}
+
 func parseListener(name, typ string, s *opts.Set) (*ListenSpec, error) {
 	sp := newSpec(name)
 	fd, err := s.Int("fd", -1)
@@ -198,7 +239,7 @@ func (sp *ListenSpec) Open() (*Endpoint, error) {
 	e := &Endpoint{spec: *sp}
 	switch {
 	case sp.ConnFD >= 0:
-		c, err := adoptConn(sp.ConnFD, sp.charDevOK)
+		c, err := adoptConn(sp.ConnFD, sp.charDevOK, sp.anyFile)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", sp.Name, err)
 		}
@@ -248,7 +289,7 @@ func listenUnix(sp *ListenSpec) (net.Listener, error) {
 }
 
 // adoptConn wraps an inherited connected stream socket, or a character device as a stream.
-func adoptConn(fd int, charDevOK bool) (io.ReadWriteCloser, error) {
+func adoptConn(fd int, charDevOK, anyFile bool) (io.ReadWriteCloser, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, err
@@ -260,10 +301,26 @@ func adoptConn(fd int, charDevOK bool) (io.ReadWriteCloser, error) {
 		return net.FileConn(f)
 	case unix.S_IFCHR:
 		if charDevOK {
-			return os.NewFile(uintptr(fd), "tpm-data"), nil
+			return streamFile(fd), nil
 		}
 	}
+	if anyFile {
+		return streamFile(fd), nil
+	}
 	return nil, errors.New("not a socket")
+}
+
+// streamFile wraps a data channel that is not a socket. When epoll accepts it (the vTPM
+// proxy's fd, a FIFO, most character devices) it is made non-blocking, so that the netpoller
+// serves it and closing it ends a pending read; otherwise reads block their thread.
+func streamFile(fd int) *os.File {
+	if ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC); err == nil {
+		if unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: unix.EPOLLIN}) == nil {
+			_ = unix.SetNonblock(fd, true)
+		}
+		unix.Close(ep)
+	}
+	return os.NewFile(uintptr(fd), "tpm-data")
 }
 
 // Close closes the listener and removes the unix socket file it created; an adopted

@@ -23,7 +23,7 @@ func newVtpmdApp() *cli.App {
 		Version:         version,
 		HideHelpCommand: true,
 		Commands: []*cli.Command{
-			socketCommand(),
+			socketCommand(), chardevCommand(),
 			{
 				Name:            "setup",
 				Usage:           "manufacture a new vTPM's state (swtpm_setup's options)",

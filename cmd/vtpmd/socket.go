@@ -143,12 +143,12 @@ func swtpmMain(ctx context.Context, args []string) int {
 		fmt.Printf("TPM emulator version %s, Copyright (c) 2014-2022 IBM Corp. and others (vtpmd %s)\n", backend.SwtpmCompatVersion, version)
 		return 0
 	case "-h", "--help":
-		fmt.Printf("Usage: %s socket|chardev|cuse [options]\n\nvtpmd implements the 'socket' interface.\n", args[0])
+		fmt.Printf("Usage: %s socket|chardev|cuse [options]\n\nvtpmd implements the 'socket' and 'chardev' interfaces.\n", args[0])
 		return 0
-	case "socket":
-		app := &cli.App{Name: "swtpm", HideHelpCommand: true, Commands: []*cli.Command{socketCommand()}}
+	case "socket", "chardev":
+		app := &cli.App{Name: "swtpm", HideHelpCommand: true, Commands: []*cli.Command{socketCommand(), chardevCommand()}}
 		return exitCode(app.RunContext(ctx, args))
-	case "chardev", "cuse":
+	case "cuse":
 		fmt.Fprintf(os.Stderr, "vtpmd does not implement the '%s' interface; use 'socket'.\n", args[1])
 		return 1
 	}

@@ -18,6 +18,21 @@ import (
 // socketConfig turns swtpm socket's flags into a backend.RunConfig (without the state
 // location and the logger, which runSocket fills in).
 func socketConfig(c *cli.Context, o *socketOpts, tpm2 bool) (backend.RunConfig, error) {
+	cfg, err := instanceConfig(c, o, tpm2)
+	if err != nil {
+		return cfg, err
+	}
+	port := -1
+	if c.IsSet("port") {
+		port = c.Int("port")
+	}
+	cfg.Data, err = socket.ParseData(o.server.set, port, c.Int("fd"))
+	return cfg, err
+}
+
+// instanceConfig turns the flags swtpm socket and chardev share into a backend.RunConfig:
+// everything but the data channel, the state location and the logger.
+func instanceConfig(c *cli.Context, o *socketOpts, tpm2 bool) (backend.RunConfig, error) {
 	cfg := backend.RunConfig{Version: emulator.TPM12}
 	if tpm2 {
 		cfg.Version = emulator.TPM2
@@ -48,14 +63,7 @@ func socketConfig(c *cli.Context, o *socketOpts, tpm2 bool) (backend.RunConfig, 
 	if cfg.PidFile, err = pidFlags(o); err != nil {
 		return cfg, err
 	}
-	if cfg.Ctrl, err = socket.ParseCtrl(o.ctrl.set); err != nil {
-		return cfg, err
-	}
-	port := -1
-	if c.IsSet("port") {
-		port = c.Int("port")
-	}
-	cfg.Data, err = socket.ParseData(o.server.set, port, c.Int("fd"))
+	cfg.Ctrl, err = socket.ParseCtrl(o.ctrl.set)
 	return cfg, err
 }
 
