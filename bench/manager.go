@@ -395,7 +395,7 @@ func nvWriter(t transport.TPM, index uint32, size int) (func() error, error) {
 		Data:       tpm2.TPM2BMaxNVBuffer{Buffer: data},
 	}
 	return func() error {
-		rand.Read(data) // a new value each time: nothing skips a write of the same bytes
+		rand.Read(data) // new bytes every time: libtpms stores nothing when a write leaves NV unchanged
 		_, err := cmd.Execute(t)
 		return err
 	}, nil

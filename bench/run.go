@@ -1,8 +1,8 @@
 package main
 
 import (
-	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"net"
 	"os"
@@ -273,8 +273,14 @@ func workloads() []workload {
 			if err := tpmclient.NVDefine(t, 0x01500020, 64); err != nil {
 				return nil, err
 			}
-			data := bytes.Repeat([]byte{7}, 64)
-			return func() error { return tpmclient.NVWrite(t, 0x01500020, data, 0) }, nil
+			// new bytes every time: libtpms stores nothing when a write leaves NV unchanged
+			data := make([]byte, 64)
+			var n uint64
+			return func() error {
+				n++
+				binary.BigEndian.PutUint64(data, n)
+				return tpmclient.NVWrite(t, 0x01500020, data, 0)
+			}, nil
 		}},
 	}
 }
