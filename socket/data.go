@@ -1,7 +1,6 @@
 package socket
 
 import (
-	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -9,76 +8,117 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
+	"time"
 
 	"github.com/vtpmd/vtpmd/internal/tpmwire"
 )
 
-// TPM response codes the server produces itself, beyond tpmwire's.
+// Data-channel framing follows swtpm's SWTPM_IO_Read: a command is what one read returns, up to
+// swtpm's buffer (the TPM's largest command plus a send-command prefix). The header's size field
+// does not frame anything: libtpms compares it with the bytes that arrived and answers
+// TPM_RC_COMMAND_SIZE (TPM_BAD_PARAM_SIZE for TPM 1.2) when they differ. So every write that
+// fits the buffer gets exactly one answer, whatever its size field says, and the stream never
+// loses step with the guest. Only a read shorter than a TPM header is continued, as in swtpm,
+// but for at most partialWindow (swtpm waits without bound, its main loop and control channel
+// blocked); what arrived by then is answered as a command.
+
 const (
-	tpm2SendCmd = 8 // TPM_SEND_COMMAND of the MS simulator protocol
+	// tpm2SendCmd is TPM_SEND_COMMAND of the MS simulator protocol, the first word of the
+	// tpm-send-command-header prefix.
+	tpm2SendCmd = 8
+	// sendCmdPrefixSize is that prefix: u32 TPM_SEND_COMMAND, u8 locality, u32 size.
+	sendCmdPrefixSize = 9
+
+	// rcInsufficient (TPM_RC_INSUFFICIENT) and resBadParamSize (TPM_BAD_PARAM_SIZE) answer a
+	// command shorter than a TPM header, as swtpm's tpmlib_process does.
+	rcInsufficient  = 0x9a
+	resBadParamSize = 0x19
 )
 
-// maxDiscard bounds how many bytes of an oversized command are read and dropped to keep the
-// stream in sync; beyond it the connection is closed.
-const maxDiscard = 1 << 20
+// partialWindow bounds every partial read: the rest of a TPM header on the data channel, the
+// rest of a control message, and each further read of a streamed control payload. It is
+// swtpm's control-channel window.
+const partialWindow = 500 * time.Millisecond
 
-// ErrFrame is wrapped by data-channel framing errors.
-var ErrFrame = errors.New("socket: bad tpm command frame")
-
-// Frame is one command read from the data channel.
+// Frame is one message read from the data channel, as swtpm's main loop sees it.
 type Frame struct {
-	// Command is the raw TPM command (header included).
+	// Command is the TPM command: the whole message, or what follows the send-command prefix.
+	// It may be shorter than a TPM header, and its size field may disagree with its length.
 	Command []byte
-	// Prefixed is set for the tpm-send-command-header variant; Locality is its locality byte.
+	// Prefixed is set for the tpm-send-command-header variant; Locality is its locality byte
+	// (applied unchecked, as swtpm does).
 	Prefixed bool
 	Locality uint8
-	// Oversize is set (and Command holds only the header) when the header's size exceeded the
-	// limit; the body was discarded.
-	Oversize bool
 }
 
-// ReadFrame reads one TPM command, framed by its header's size field. tpm2 enables detection of
-// the 9-byte tpm-send-command-header prefix. max bounds the command size.
-func ReadFrame(r io.Reader, tpm2 bool, max int) (*Frame, error) {
-	var hdr [10]byte
-	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+// ParseFrame splits a data-channel message the way swtpm's tpmlib_handle_tcg_tpm2_cmd_header
+// does: a TPM 2 message of at least a header's length whose tag is not a TPM 2 command tag and
+// whose first word is TPM_SEND_COMMAND carries the 9-byte prefix before its command; the
+// prefix's size field is ignored. Command aliases msg.
+func ParseFrame(msg []byte, tpm2 bool) Frame {
+	if tpm2 && len(msg) >= tpmwire.HeaderSize {
+		tag := binary.BigEndian.Uint16(msg)
+		if tag != tpmwire.TagNoSessions && tag != tpmwire.TagSessions && binary.BigEndian.Uint32(msg) == tpm2SendCmd {
+			return Frame{Command: msg[sendCmdPrefixSize:], Prefixed: true, Locality: msg[4]}
+		}
+	}
+	return Frame{Command: msg}
+}
+
+// deadliner is a connection whose reads can be bounded (net.Conn, pollable *os.File).
+type deadliner interface{ SetReadDeadline(time.Time) error }
+
+// frameReader receives data-channel messages (see the framing comment above).
+type frameReader struct {
+	r   io.Reader
+	dl  deadliner // nil: reads cannot be bounded
+	buf []byte
+}
+
+func newFrameReader(r io.Reader, size int) *frameReader {
+	fr := &frameReader{r: r, buf: make([]byte, size)}
+	fr.dl, _ = r.(deadliner)
+	return fr
+}
+
+// next returns one message; it is valid until the next call. An error means the connection is
+// gone (closed by the peer, or broken): it is never caused by what the bytes say.
+func (fr *frameReader) next() ([]byte, error) {
+	n, err := fr.r.Read(fr.buf)
+	if n >= tpmwire.HeaderSize {
+		return fr.buf[:n], nil
+	}
+	if err != nil {
 		return nil, err
 	}
-	f := &Frame{}
-	tag := binary.BigEndian.Uint16(hdr[:2])
-	if tpm2 && tag != tpmwire.TagNoSessions && tag != tpmwire.TagSessions && binary.BigEndian.Uint32(hdr[:4]) == tpm2SendCmd {
-		// u32 TPM_SEND_COMMAND, u8 locality, u32 size, then the command.
-		f.Prefixed = true
-		f.Locality = hdr[4]
-		first := hdr[9]
-		hdr[0] = first
-		if _, err := io.ReadFull(r, hdr[1:]); err != nil {
-			return nil, fmt.Errorf("%w: truncated command after send-command header: %w", ErrFrame, err)
+	return fr.rest(n)
+}
+
+// rest continues a read of n < tpmwire.HeaderSize bytes until a header's worth arrived, or
+// partialWindow passed since the first byte.
+func (fr *frameReader) rest(n int) ([]byte, error) {
+	bounded := false
+	for n < tpmwire.HeaderSize {
+		if n > 0 && !bounded && fr.dl != nil {
+			bounded = fr.dl.SetReadDeadline(time.Now().Add(partialWindow)) == nil
+			if bounded {
+				defer fr.dl.SetReadDeadline(time.Time{})
+			}
+		}
+		m, err := fr.r.Read(fr.buf[n:])
+		n += m
+		if n >= tpmwire.HeaderSize {
+			break
+		}
+		if err != nil {
+			if bounded && errors.Is(err, os.ErrDeadlineExceeded) {
+				break // answer what arrived
+			}
+			return nil, err
 		}
 	}
-	size := int(binary.BigEndian.Uint32(hdr[2:6]))
-	if size < 10 {
-		f.Command = hdr[:]
-		return f, fmt.Errorf("%w: command size %d smaller than its header", ErrFrame, size)
-	}
-	if size > max {
-		f.Command = hdr[:]
-		f.Oversize = true
-		if size-10 > maxDiscard {
-			return f, fmt.Errorf("%w: command size %d exceeds %d", ErrFrame, size, max)
-		}
-		if _, err := io.CopyN(io.Discard, r, int64(size-10)); err != nil {
-			return f, fmt.Errorf("%w: truncated oversized command: %w", ErrFrame, err)
-		}
-		return f, nil
-	}
-	cmd := make([]byte, size)
-	copy(cmd, hdr[:])
-	if _, err := io.ReadFull(r, cmd[10:]); err != nil {
-		return nil, fmt.Errorf("%w: truncated command (%d of %d bytes): %w", ErrFrame, 10, size, err)
-	}
-	f.Command = cmd
-	return f, nil
+	return fr.buf[:n], nil
 }
 
 // FatalResponse is what a stopped TPM answers to every command: QEMU tells the TPM version
@@ -90,46 +130,46 @@ func FatalResponse(tpm2 bool) []byte {
 	return tpmwire.ErrorResponse(false, uint32(tpmwire.ResFail))
 }
 
+// shortResponse answers a command shorter than a TPM header.
+func shortResponse(tpm2 bool) []byte {
+	if tpm2 {
+		return tpmwire.ErrorResponse(true, rcInsufficient)
+	}
+	return tpmwire.ErrorResponse(false, resBadParamSize)
+}
+
+// serveDataConn serves one data connection: one read and one write per command. Nothing a
+// client writes ends the connection or the process; only its closing (or a broken connection)
+// does.
 func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, terminate bool) {
 	stop := s.closeOnDone(ctx, c)
 	defer stop()
 	defer c.Close()
 	tpm2 := s.tpm.IsTPM2()
-	maxCmd := int(s.tpm.BufferSize())
-	br := bufio.NewReaderSize(c, 4096+16)
+	r := newFrameReader(c, int(s.tpm.BufferSize())+sendCmdPrefixSize)
 	for {
-		f, err := ReadFrame(br, tpm2, maxCmd)
-		var resp []byte
-		switch {
-		case err != nil && f == nil:
+		msg, err := r.next()
+		if err != nil {
 			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 				s.log.Warn("data channel", "err", err)
 			}
 			s.dataClosed(terminate)
 			return
-		case err != nil || f.Oversize:
-			s.log.Warn("data channel: refusing command", "err", err, "oversize", f.Oversize)
-			resp = tpmwire.ErrorResponse(tpm2, tpmwire.RCCommandSize)
-		default:
-			resp = s.process(f)
 		}
+		f := ParseFrame(msg, tpm2)
+		resp := s.process(f)
 		if f.Prefixed {
-			out := binary.BigEndian.AppendUint32(nil, uint32(len(resp)))
+			out := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(resp)+4), uint32(len(resp)))
 			out = append(out, resp...)
 			resp = append(out, 0, 0, 0, 0)
 		}
-		if _, werr := c.Write(resp); werr != nil {
-			s.log.Warn("data reply", "err", werr)
+		if _, err := c.Write(resp); err != nil {
+			s.log.Warn("data reply", "err", err)
 			s.dataClosed(terminate)
 			return
 		}
-		if err != nil || s.opts.Disconnect {
-			// After a framing error the stream cannot be trusted; with disconnect every
-			// response ends the connection.
-			if err != nil {
-				s.dataClosed(terminate)
-			}
-			return
+		if s.opts.Disconnect {
+			return // with disconnect every response ends the connection
 		}
 	}
 }
@@ -140,8 +180,10 @@ func (s *Server) dataClosed(terminate bool) {
 	}
 }
 
-// process runs one framed command, handling what swtpm intercepts before libtpms.
-func (s *Server) process(f *Frame) []byte {
+// process runs one command, handling what swtpm's main loop and tpmlib_process intercept
+// before libtpms, in their order: the prefix's locality, a stopped TPM, a command shorter than
+// a header, and the SET_LOCALITY vendor command (both families).
+func (s *Server) process(f Frame) []byte {
 	tpm2 := s.tpm.IsTPM2()
 	if f.Prefixed {
 		// swtpm applies the prefix's locality without range checks; it persists.
@@ -151,18 +193,11 @@ func (s *Server) process(f *Frame) []byte {
 		return FatalResponse(tpm2)
 	}
 	cmd := f.Command
-	if tpm2 && binary.BigEndian.Uint32(cmd[6:10]) == tpmwire.CCSetLocality {
-		if !s.opts.AllowSetLocality || len(cmd) < 11 {
-			return FatalResponse(true)
-		}
-		loc := cmd[10]
-		if !s.localityAllowed(loc) {
-			return tpmwire.ErrorResponse(true, tpmwire.RCSetLocalityRefused)
-		}
-		if err := s.tpm.SetLocality(loc); err != nil {
-			return tpmwire.ErrorResponse(true, tpmwire.RCSetLocalityRefused)
-		}
-		return tpmwire.ErrorResponse(true, tpmwire.RCSuccess)
+	if len(cmd) < tpmwire.HeaderSize {
+		return shortResponse(tpm2)
+	}
+	if binary.BigEndian.Uint32(cmd[6:10]) == tpmwire.CCSetLocality {
+		return s.setLocalityCmd(cmd, tpm2)
 	}
 	trace := s.log.Enabled(context.Background(), slog.LevelDebug)
 	if trace {
@@ -177,4 +212,24 @@ func (s *Server) process(f *Frame) []byte {
 		s.log.Debug("data rsp", "rsp", fmt.Sprintf("%x", resp))
 	}
 	return resp
+}
+
+// setLocalityCmd is swtpm's TPM_CC_SET_LOCALITY vendor command (allowed with --locality
+// allow-set-locality): its length is checked first, then whether it is allowed.
+func (s *Server) setLocalityCmd(cmd []byte, tpm2 bool) []byte {
+	if len(cmd) < tpmwire.HeaderSize+1 {
+		return shortResponse(tpm2)
+	}
+	if !s.opts.AllowSetLocality {
+		return FatalResponse(tpm2)
+	}
+	refused := tpmwire.ErrorResponse(false, uint32(tpmwire.ResBadLocality))
+	if tpm2 {
+		refused = tpmwire.ErrorResponse(true, tpmwire.RCSetLocalityRefused)
+	}
+	loc := cmd[tpmwire.HeaderSize]
+	if !s.localityAllowed(loc) || s.tpm.SetLocality(loc) != nil {
+		return refused
+	}
+	return tpmwire.ErrorResponse(tpm2, tpmwire.RCSuccess)
 }
