@@ -15,11 +15,8 @@ import (
 // ctrlBufSize is swtpm's receive buffer: u32 cmd + sizeof(ptm_hdata).
 const ctrlBufSize = 4 + 4100
 
-// ctrlDeadline is how long swtpm waits for the rest of a partly received command.
-const ctrlDeadline = 500 * time.Millisecond
-
-// errIncomplete means a control message did not arrive whole in time; the connection is
-// closed without an answer, as swtpm does.
+// errIncomplete means a control message (or a further part of a streamed payload) did not
+// arrive within partialWindow; the connection is closed without an answer, as swtpm does.
 var errIncomplete = errors.New("socket: incomplete control message")
 
 // ctrlRequest is one received control message.
@@ -83,7 +80,7 @@ func (r *ctrlReader) read() (*ctrlRequest, error) {
 			return nil, err
 		}
 	}
-	deadline := time.Now().Add(ctrlDeadline)
+	deadline := time.Now().Add(partialWindow)
 	defer r.conn.SetReadDeadline(time.Time{})
 	for {
 		need := 4
@@ -149,10 +146,21 @@ func (req *ctrlRequest) closeFD() {
 	}
 }
 
-// readMore reads exactly n further bytes of a streamed payload (SET_STATEBLOB, HASH_DATA).
+// readMore reads exactly len(dst) further bytes of a streamed payload (SET_STATEBLOB,
+// HASH_DATA). Each read must bring data within partialWindow: a stalled client loses its
+// connection instead of holding the control channel (swtpm waits without bound there).
 func (r *ctrlReader) readMore(dst []byte) error {
-	_, err := io.ReadFull(r.conn, dst)
-	return err
+	defer r.conn.SetReadDeadline(time.Time{})
+	want := len(dst)
+	for len(dst) > 0 {
+		r.conn.SetReadDeadline(time.Now().Add(partialWindow))
+		n, err := r.conn.Read(dst)
+		dst = dst[n:]
+		if err != nil && len(dst) > 0 {
+			return fmt.Errorf("%w: %d of %d bytes: %w", errIncomplete, want-len(dst), want, err)
+		}
+	}
+	return nil
 }
 
 func be32(b []byte) uint32 { return binary.BigEndian.Uint32(b) }

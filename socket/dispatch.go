@@ -152,7 +152,7 @@ func (s *Server) dispatch(ctx context.Context, r *ctrlReader, req *ctrlRequest) 
 		return s.setDataFD(ctx, req), afterNext
 
 	case CmdSetBufferSize:
-		if len(p) != 4 {
+		if len(p) < 4 { // swtpm ignores what follows the request
 			return res(tpmwire.ResBadParameter), afterNext
 		}
 		wanted := be32(p)
@@ -186,24 +186,29 @@ func (s *Server) localityAllowed(loc uint8) bool {
 	return loc < 4 || (loc == 4 && !s.opts.RejectLocality4)
 }
 
+// hashData hashes the data that came with the message, then streams the rest of the announced
+// length. As swtpm, the first part is hashed before the length is checked against it (a TPM
+// 1.2 without a hash sequence answers TPM_SHA_THREAD either way); more data than announced is
+// refused. A client that stops sending loses the connection without an answer.
 func (s *Server) hashData(r *ctrlReader, p []byte) ([]byte, after) {
 	if len(p) < 4 {
 		return res(tpmwire.ResBadParameter), afterNext
 	}
 	length := int(be32(p))
 	data := p[4:]
+	if err := s.tpm.HashData(data[:min(len(data), length)]); err != nil {
+		return res(s.resultOf(err)), afterNext
+	}
 	if len(data) > length {
 		return res(tpmwire.ResBadParameter), afterNext
 	}
-	if err := s.tpm.HashData(data); err != nil {
-		return res(s.resultOf(err)), afterNext
-	}
 	remain := length - len(data)
-	buf := make([]byte, 4096)
+	buf := make([]byte, min(remain, MaxHashData))
 	for remain > 0 {
 		chunk := buf[:min(remain, len(buf))]
 		if err := r.readMore(chunk); err != nil {
-			return res(tpmwire.ResIOError), afterClose
+			s.log.Warn("HASH_DATA", "err", err)
+			return nil, afterClose
 		}
 		if err := s.tpm.HashData(chunk); err != nil {
 			return res(s.resultOf(err)), afterNext
@@ -215,7 +220,7 @@ func (s *Server) hashData(r *ctrlReader, p []byte) ([]byte, after) {
 
 // getStateBlob answers with the whole blob in one reply (totlength == length), as QEMU needs.
 func (s *Server) getStateBlob(p []byte) []byte {
-	if len(p) != 12 {
+	if len(p) < 12 { // swtpm ignores what follows the request
 		return res(tpmwire.ResBadParameter)
 	}
 	flags, typ, offset := be32(p), be32(p[4:]), be32(p[8:])
@@ -238,27 +243,38 @@ func (s *Server) getStateBlob(p []byte) []byte {
 	return append(out, rest...)
 }
 
-// setStateBlob receives a streamed blob. The body is always consumed (or the connection
-// closed), so a refused blob cannot be misread as further commands.
+// setStateBlob receives a streamed blob. swtpm checks, in this order: a running TPM
+// (TPM_BAD_ORDINAL), more data than announced (TPM_BAD_PARAMETER), then the blob. The announced
+// body is always consumed, or the connection closed, so a refused blob is never read as further
+// commands (swtpm reads the rest of a refused blob as commands and answers each); a client
+// that stops sending loses the connection without an answer, as with swtpm.
 func (s *Server) setStateBlob(r *ctrlReader, p []byte, running bool) ([]byte, after) {
 	if len(p) < 12 {
 		return res(tpmwire.ResBadParameter), afterNext
 	}
 	flags, typ, length := be32(p), be32(p[4:]), be32(p[8:])
 	first := p[12:]
-	if uint64(len(first)) > uint64(length) {
-		return res(tpmwire.ResBadParameter), afterNext
-	}
+	trailing := uint64(len(first)) > uint64(length)
 	if length > MaxStateBlob {
+		if running {
+			return res(tpmwire.ResBadOrdinal), afterClose
+		}
 		return res(tpmwire.ResFail), afterClose
 	}
-	blob := make([]byte, length)
-	copy(blob, first)
-	if err := r.readMore(blob[len(first):]); err != nil {
-		return res(tpmwire.ResBadParameter), afterClose
+	var blob []byte
+	if !trailing {
+		blob = make([]byte, length)
+		copy(blob, first)
+		if err := r.readMore(blob[len(first):]); err != nil {
+			s.log.Warn("SET_STATEBLOB", "err", err)
+			return nil, afterClose
+		}
 	}
-	if running {
+	switch {
+	case running:
 		return res(tpmwire.ResBadOrdinal), afterNext
+	case trailing:
+		return res(tpmwire.ResBadParameter), afterNext
 	}
 	if length == 0 {
 		blob = nil
@@ -267,7 +283,7 @@ func (s *Server) setStateBlob(r *ctrlReader, p []byte, running bool) ([]byte, af
 }
 
 func (s *Server) getInfo(p []byte) []byte {
-	if len(p) != 16 {
+	if len(p) < 16 { // swtpm ignores what follows the request
 		return res(tpmwire.ResBadParameter)
 	}
 	flags := uint64(be32(p))<<32 | uint64(be32(p[4:]))

@@ -1,7 +1,7 @@
 // Package socket speaks swtpm's wire protocols: the control channel (CMD_* messages, big-endian,
-// fixed sizes, 4-byte error replies), the data channel (raw TPM commands framed by their header
-// size, and the 9-byte tpm-send-command-header variant), fd passing with CMD_SET_DATAFD, and the
-// listeners QEMU, libvirt, swtpm_ioctl, swtpm_setup and the tss2 swtpm TCTI connect to.
+// fixed sizes, 4-byte error replies), the data channel (raw TPM commands, one per read as swtpm
+// frames them, and the 9-byte tpm-send-command-header variant), fd passing with CMD_SET_DATAFD,
+// and the listeners QEMU, libvirt, swtpm_ioctl, swtpm_setup and the tss2 swtpm TCTI connect to.
 //
 // It knows nothing of libtpms or files: a Server drives one TPM (an interface implemented by
 // backend.Instance). Listening is here too: a ListenSpec is parsed once from swtpm's --ctrl or
@@ -16,5 +16,8 @@
 // The byte-level contract is swtpm's (its tpm_ioctl.h and the observed behaviour of swtpm
 // 0.7–0.9, see docs/notes.md): request and response sizes, result codes, the order of state and
 // size checks, the 500 ms window to complete a partly received control message, whole-blob
-// GET_STATEBLOB replies (totlength == length) and streamed SET_STATEBLOB bodies.
+// GET_STATEBLOB replies (totlength == length) and streamed SET_STATEBLOB bodies. Where swtpm
+// waits without bound (the rest of a TPM header, further parts of a streamed payload), vtpmd
+// waits 500 ms per read, so a stalled client never holds the other channel or the next client;
+// nothing a client writes closes a data connection or ends the process.
 package socket

@@ -168,8 +168,11 @@ func TestCtrlWireFormat(t *testing.T) {
 		{"unknown", hexBE(0x99), hexBE(0xa)},
 		{"get info offset past end", hexBE(0x12, 0, 1, 1000, 0), hexBE(3)},
 		{"savestate missing gives 0x800 header", hexBE(0xc, 1, 3, 0), hexBE(0x800, 0, 0, 0)},
-		{"unknown blob type gives full header", hexBE(0xc, 1, 9, 0), hexBE(9, 0, 0, 0)},
+		{"a failed GET_STATEBLOB gives the full header", hexBE(0xc, 1, 9, 0), hexBE(9, 0, 0, 0)},
+		{"GET_STATEBLOB ignores extra bytes", hexBE(0xc, 1, 3, 0, 7), hexBE(0x800, 0, 0, 0)},
 		{"set state blob while running", append(hexBE(0xd, 0, 1, 2), 0xaa, 0xbb), hexBE(0xa)},
+		{"running is checked before surplus data", append(hexBE(0xd, 0, 1, 1), 0xaa, 0xbb), hexBE(0xa)},
+		{"buffer size ignores extra bytes", hexBE(0x11, 0, 7), hexBE(0, 4096, 2808, 4096)},
 		{"stop", hexBE(0xe), hexBE(0)},
 		{"buffer size set while stopped", hexBE(0x11, 1000), hexBE(0, 2808, 2808, 4096)},
 		{"set data fd without fd", hexBE(0x10), hexBE(3)},
@@ -229,6 +232,62 @@ func TestCtrlIncompleteMessageClosesWithoutReply(t *testing.T) {
 	}
 	if d := time.Since(start); d < 400*time.Millisecond {
 		t.Fatalf("closed after %v, want ~500ms", d)
+	}
+}
+
+// TestCtrlStalledStreamCloses: a streamed payload that stops arriving costs the client its
+// connection after the window, without an answer (integration: the next client is served).
+func TestCtrlStalledStreamCloses(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		running bool
+		msg     []byte
+	}{
+		{"HASH_DATA announcing 1 MiB with 4 KiB", true, append(hexBE(7, 1<<20), make([]byte, 4096)...)},
+		{"HASH_DATA announcing 8 KiB with a full buffer", true, append(hexBE(7, 8192), make([]byte, 4096)...)},
+		{"SET_STATEBLOB announcing 100 KB with 1 KB", false, append(hexBE(0xd, 0, 1, 100000), make([]byte, 1000)...)},
+		{"SET_STATEBLOB announcing 100 KB with 5 KB", false, append(hexBE(0xd, 0, 1, 100000), make([]byte, 5000)...)},
+		{"SET_STATEBLOB while running, announcing 100 KB with 5 KB", true, append(hexBE(0xd, 0, 1, 100000), make([]byte, 5000)...)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFake()
+			f.running = tc.running
+			_, c := startServer(t, f, Options{})
+			if tc.running {
+				if err := c.HashStart(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			start := time.Now()
+			got, err := c.Raw(tc.msg, 16, 3*time.Second)
+			if len(got) != 0 || !errors.Is(err, io.EOF) {
+				t.Fatalf("got %x, %v; want EOF without reply", got, err)
+			}
+			if d := time.Since(start); d < partialWindow-100*time.Millisecond || d > partialWindow+time.Second {
+				t.Fatalf("closed after %v, want about %v", d, partialWindow)
+			}
+		})
+	}
+}
+
+// TestCtrlSlowStreamIsServed: a payload whose parts keep coming within the window is taken,
+// however long it takes in all.
+func TestCtrlSlowStreamIsServed(t *testing.T) {
+	f := newFake()
+	_, c := startServer(t, f, Options{})
+	blob := bytes.Repeat([]byte{0x33}, 50000)
+	conn := c.Conn()
+	conn.Write(hexBE(0xd, 0, 1, uint32(len(blob))))
+	for i := 0; i < len(blob); i += 10000 {
+		time.Sleep(partialWindow / 3)
+		conn.Write(blob[i : i+10000])
+	}
+	got, err := c.Raw(nil, 4, 2*time.Second)
+	if err != nil || !bytes.Equal(got, hexBE(0)) {
+		t.Fatalf("reply %x %v", got, err)
+	}
+	if !bytes.Equal(f.blobs[BlobPermanent], blob) {
+		t.Fatal("blob not stored")
 	}
 }
 
@@ -366,6 +425,13 @@ func FuzzCtrlMessage(f *testing.F) {
 	f.Add(hexBE(0xc, 1, 1, 0))
 	f.Add(hexBE(0x12, 0, 3, 0, 0))
 	f.Add(append(hexBE(5), 9))
+	f.Add(append(hexBE(7, 2), 1, 2, 3))            // HASH_DATA with more than announced
+	f.Add(append(hexBE(7, 1<<20), 1, 2, 3))        // HASH_DATA announcing more than sent
+	f.Add(append(hexBE(0xd, 0, 1, 1), 1, 2))       // SET_STATEBLOB with more than announced
+	f.Add(append(hexBE(0xd, 0, 9, 4), 1, 2, 3, 4)) // SET_STATEBLOB of an unknown type
+	f.Add(hexBE(0xc, 0, 1, 0, 0))                  // GET_STATEBLOB with extra bytes
+	f.Add(hexBE(0x11, 1, 1))                       // SET_BUFFERSIZE with extra bytes
+	f.Add(append(hexBE(2, 0), hexBE(4)...))        // two messages in one write
 	f.Fuzz(func(t *testing.T, msg []byte) {
 		if len(msg) > 8192 {
 			return
