@@ -143,6 +143,10 @@ func (in *Instance) powerOn(flags uint32, startup []byte) ([]byte, error) {
 		ds.Defer()
 	}
 	err := in.eng.Start()
+	if err != nil && in.cfg.Version == emulator.TPM12 {
+		// libtpms 1.2 passes its state callback's result on as its own (ResultOf's loadTable)
+		err = fmt.Errorf("%w: %w", errNVResultPassedOn, err)
+	}
 	var resp []byte
 	if err == nil && startup != nil {
 		resp, err = in.process(startup)
@@ -263,6 +267,14 @@ var (
 	// ErrLockLost means the state lock could not be re-taken for a data-channel command;
 	// swtpm terminates in this case.
 	ErrLockLost = errors.New("backend: cannot re-acquire the state lock")
+	// ErrBlobType is wrapped when SET_STATEBLOB names a blob type that does not exist.
+	ErrBlobType = errors.New("backend: unknown state blob type")
+	// ErrCancelTPM12 is CMD_CANCEL_TPM_CMD on a TPM 1.2, which swtpm does not cancel (TPM_FAIL).
+	ErrCancelTPM12 = errors.New("backend: a TPM 1.2 command cannot be canceled")
+
+	// errNVResultPassedOn marks a failed TPM 1.2 start: libtpms 1.2 answers with the result
+	// its state callback returned.
+	errNVResultPassedOn = errors.New("backend: libtpms 1.2 passed on the state callback's result")
 )
 
 // Established implements CMD_GET_TPMESTABLISHED.
@@ -288,8 +300,12 @@ func (in *Instance) HashData(b []byte) error { return in.eng.HashData(b) }
 // HashEnd implements CMD_HASH_END.
 func (in *Instance) HashEnd() error { return in.eng.HashEnd() }
 
-// Cancel implements CMD_CANCEL_TPM_CMD; it does not wait for the engine lock.
+// Cancel implements CMD_CANCEL_TPM_CMD; it does not wait for the engine lock. swtpm cancels
+// only TPM 2 commands.
 func (in *Instance) Cancel() error {
+	if in.cfg.Version != emulator.TPM2 {
+		return ErrCancelTPM12
+	}
 	in.eng.Cancel()
 	return nil
 }
@@ -350,16 +366,18 @@ func stateType(typ uint32) (emulator.StateType, error) {
 	case socket.BlobSavestate:
 		return emulator.StateSave, nil
 	}
-	return 0, fmt.Errorf("unknown state blob type %d", typ)
+	return 0, fmt.Errorf("%w %d", ErrBlobType, typ)
 }
 
 // GetStateBlob implements CMD_GET_STATEBLOB: the stored blob re-wrapped as a migration blob.
 // Fetching the volatile state stores it first and deletes the file afterwards; fetching the
 // savestate blob (the last one QEMU asks for) releases the state lock for the destination.
+//
+// swtpm has no blob of an unknown type: it answers as for a missing one (nil, TPM_RETRY).
 func (in *Instance) GetStateBlob(typ uint32, decrypt bool) ([]byte, bool, error) {
 	t, err := stateType(typ)
 	if err != nil {
-		return nil, false, err
+		return nil, false, nil
 	}
 	in.mu.Lock()
 	defer in.mu.Unlock()

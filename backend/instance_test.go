@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"testing"
 
-	"github.com/vtpmd/vtpmd/internal/tpmwire"
-
 	"github.com/google/go-tpm/tpm2"
 
 	"github.com/vtpmd/vtpmd/backend/store"
@@ -81,8 +79,8 @@ func TestStateBlobsAndLocking(t *testing.T) {
 	if b, _, err := in.GetStateBlob(socket.BlobSavestate, true); err != nil || b != nil {
 		t.Fatalf("TPM 2 savestate: %v %v", b, err)
 	}
-	if _, _, err := in.GetStateBlob(9, true); err == nil || ResultOf(err) != tpmwire.ResFail {
-		t.Fatalf("unknown type: %v", err)
+	if b, _, err := in.GetStateBlob(9, true); err != nil || b != nil { // no such blob, as swtpm
+		t.Fatalf("unknown type: %v %v", b, err)
 	}
 	// savestate fetched: the lock is released, so a second instance's store can take it
 	other, _ := store.Open(dir, store.Options{TPM2: true, Lock: true})

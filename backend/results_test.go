@@ -27,6 +27,14 @@ func TestResultOf(t *testing.T) {
 		{"version", blob.ErrVersion, tpmwire.ResBadVersion},
 		{"malformed", blob.ErrMalformed, tpmwire.ResBadParameter},
 		{"anything else", errors.New("disk full"), tpmwire.ResFail},
+		{"unknown blob type", fmt.Errorf("%w 9", ErrBlobType), tpmwire.ResBadParameter},
+		{"cancel on TPM 1.2", ErrCancelTPM12, tpmwire.ResFail},
+		// a TPM 1.2 start: libtpms passes its state callback's result on
+		{"TPM 1.2 start, wrong key", fmt.Errorf("%w: start tpm: %w (%w)", errNVResultPassedOn, tpmwire.ResFail, blob.ErrDecrypt), tpmwire.ResDecryptError},
+		{"TPM 1.2 start, key length", fmt.Errorf("%w: start tpm: %w (%w)", errNVResultPassedOn, tpmwire.ResFail, blob.ErrKeyLength), tpmwire.ResBadKeyProperty},
+		{"TPM 1.2 start, no key", fmt.Errorf("%w: start tpm: %w (%w)", errNVResultPassedOn, tpmwire.ResFail, blob.ErrKeyNotFound), tpmwire.ResFail},
+		{"TPM 1.2 start, malformed", fmt.Errorf("%w: start tpm: %w (%w)", errNVResultPassedOn, tpmwire.ResFail, blob.ErrMalformed), tpmwire.ResFail},
+		{"TPM 2 start, wrong key", fmt.Errorf("start tpm: %w (%w)", tpmwire.Result(0x101), blob.ErrDecrypt), 0x101},
 	}
 	for _, tt := range tests {
 		if got := ResultOf(tt.err); got != tt.want {
