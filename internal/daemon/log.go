@@ -35,7 +35,7 @@ func OpenLog(s *opts.Set) (*slog.Logger, func(), error) {
 		if s.Bool("truncate", false) {
 			flags = os.O_WRONLY | os.O_CREATE | os.O_TRUNC
 		}
-		f, err := os.OpenFile(s.String("file", ""), flags, 0o640)
+		f, err := os.OpenFile(s.String("file", ""), flags, 0o600) // swtpm: S_IRUSR|S_IWUSR
 		if err != nil {
 			return nil, nop, fmt.Errorf("could not open logfile: %w", err)
 		}
