@@ -26,6 +26,11 @@ type ctrlRequest struct {
 	fd      *os.File
 }
 
+// wire is the message as it came: the command word and the payload that arrived with it.
+func (r *ctrlRequest) wire() []byte {
+	return append(putBE32(make([]byte, 0, 4+len(r.payload)), uint32(r.cmd)), r.payload...)
+}
+
 // ctrlReader reads control messages the way swtpm's ctrlchannel_recv_cmd does.
 type ctrlReader struct {
 	conn net.Conn

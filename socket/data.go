@@ -156,6 +156,7 @@ func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, termin
 			s.dataClosed(terminate)
 			return
 		}
+		s.dump("SWTPM_IO_Read", msg)
 		f := ParseFrame(msg, tpm2)
 		resp := s.process(f)
 		if f.Prefixed {
@@ -163,6 +164,7 @@ func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, termin
 			out = append(out, resp...)
 			resp = append(out, 0, 0, 0, 0)
 		}
+		s.dump("SWTPM_IO_Write", resp)
 		if _, err := c.Write(resp); err != nil {
 			s.log.Warn("data reply", "err", err)
 			s.dataClosed(terminate)

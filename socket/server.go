@@ -26,6 +26,8 @@ type Options struct {
 	AllowSetLocality bool
 	// Log receives protocol traces at debug level and errors.
 	Log *slog.Logger
+	// Dump receives every control and data message in swtpm's --log dump format (nil: none).
+	Dump io.Writer
 	// ResultOf classifies a TPM method's error as a control-channel result code (nil:
 	// ResultInChain). backend.ResultOf is the table for a backend.Instance.
 	ResultOf func(error) tpmwire.Result
@@ -38,7 +40,8 @@ type Server struct {
 	log  *slog.Logger
 
 	mu      sync.Mutex
-	dataSet bool // guarded by mu; a data channel is configured (SET_DATAFD refused)
+	dataSet bool       // guarded by mu; a data channel is configured (SET_DATAFD refused)
+	dumpMu  sync.Mutex // serializes Options.Dump writes
 	wg      sync.WaitGroup
 
 	done     chan struct{}
@@ -194,9 +197,13 @@ func (s *Server) serveCtrlConn(ctx context.Context, c net.Conn) {
 			}
 			break
 		}
+		if s.opts.Dump != nil {
+			s.dump("Ctrl Cmd", req.wire())
+		}
 		resp, next := s.dispatch(ctx, r, req)
 		req.closeFD()
 		if resp != nil {
+			s.dump("Ctrl Rsp", resp)
 			if _, err := c.Write(resp); err != nil {
 				s.log.Warn("control reply", "cmd", req.cmd, "err", err)
 				break

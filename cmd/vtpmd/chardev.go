@@ -86,11 +86,12 @@ func runChardev(ctx context.Context, c *cli.Context, o *socketOpts) error {
 			return err
 		}
 	}
-	log, closeLog, err := daemon.OpenLog(o.log.set)
+	lg, err := daemon.OpenLog(o.log.set)
 	if err != nil {
 		return err
 	}
-	defer closeLog()
+	defer lg.Close()
+	log := lg.Logger
 	tpm2, proxy := c.Bool("tpm2"), c.Bool("vtpm-proxy")
 	if proxy {
 		if data != nil {
@@ -130,6 +131,7 @@ func runChardev(ctx context.Context, c *cli.Context, o *socketOpts) error {
 		vtpmProxyDefaults(&cfg, o)
 	}
 	cfg.StateURI, cfg.Store, cfg.Log, cfg.Ready = uri, storeOpts, log, daemon.SignalReady
+	cfg.Server.Dump = lg.Traffic
 	cfg.Keys = withManager(c, cfg, log)
 	return backend.Run(ctx, cfg)
 }

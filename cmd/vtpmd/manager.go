@@ -38,11 +38,12 @@ func managerCommand() *cli.Command {
 			if err != nil {
 				return cli.Exit("--nv-index: "+err.Error(), 1)
 			}
-			log, closeLog, err := daemon.OpenLog(c.Generic("log").(*optFlag).set)
+			lg, err := daemon.OpenLog(c.Generic("log").(*optFlag).set)
 			if err != nil {
 				return cli.Exit(err.Error(), 1)
 			}
-			defer closeLog()
+			defer lg.Close()
+			log := lg.Logger
 			return exitOnError(manager.Run(c.Context, manager.RunConfig{
 				TPM: c.String("tpm"), Dir: c.String("dir"), Listen: c.String("listen"), Group: c.String("group"),
 				AutoEnroll: c.Bool("auto-enroll"), Policy: c.String("policy"), RecoveryKey: c.String("recovery-key"),

@@ -172,11 +172,12 @@ func runSocket(ctx context.Context, c *cli.Context, o *socketOpts) error {
 			return err
 		}
 	}
-	log, closeLog, err := daemon.OpenLog(o.log.set)
+	lg, err := daemon.OpenLog(o.log.set)
 	if err != nil {
 		return err
 	}
-	defer closeLog()
+	defer lg.Close()
+	log := lg.Logger
 	tpm2 := c.Bool("tpm2")
 	if c.Bool("print-capabilities") {
 		fmt.Println(backend.Capabilities(tpm2))
@@ -194,6 +195,7 @@ func runSocket(ctx context.Context, c *cli.Context, o *socketOpts) error {
 		return err
 	}
 	cfg.StateURI, cfg.Store, cfg.Log, cfg.Ready = uri, storeOpts, log, daemon.SignalReady
+	cfg.Server.Dump = lg.Traffic
 	cfg.Keys = withManager(c, cfg, log)
 	return backend.Run(ctx, cfg)
 }
