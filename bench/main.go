@@ -41,41 +41,50 @@ func main() {
 		}
 		return
 	}
+	if err := bench(*vtpmd, *swtpm, *out, *readme, *iters, parseCounts(*instances)); err != nil {
+		log.Fatal(err)
+	}
+}
+
+// bench runs every measurement in a temporary directory, removed afterwards whatever happened
+// (log.Fatal would skip the deferred removal).
+func bench(vtpmd, swtpm, out, readme string, iters int, counts []int) error {
 	work, err := os.MkdirTemp("", "vtpmd-bench-")
 	if err != nil {
-		log.Fatal(err)
+		return err
 	}
 	defer os.RemoveAll(work)
-	if *vtpmd == "" {
-		*vtpmd = filepath.Join(work, "vtpmd")
-		cmd := exec.Command("go", "build", "-o", *vtpmd, "./cmd/vtpmd")
+	if vtpmd == "" {
+		vtpmd = filepath.Join(work, "vtpmd")
+		cmd := exec.Command("go", "build", "-o", vtpmd, "./cmd/vtpmd")
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {
-			log.Fatalf("build vtpmd: %v", err)
+			return fmt.Errorf("build vtpmd: %w", err)
 		}
 	}
-	swPath, err := exec.LookPath(*swtpm)
+	swPath, err := exec.LookPath(swtpm)
 	if err != nil {
-		log.Fatalf("reference swtpm not found: %v (install Debian's swtpm)", err)
+		return fmt.Errorf("reference swtpm not found: %w (install Debian's swtpm)", err)
 	}
-	r := &run{work: work, iters: *iters, impls: []impl{
+	r := &run{work: work, iters: iters, impls: []impl{
 		// --manager none: a host manager (its default socket) must not serve the bench's vTPMs
-		{name: "vtpmd", bin: *vtpmd, args: []string{"socket", "--manager", "none"}},
+		{name: "vtpmd", bin: vtpmd, args: []string{"socket", "--manager", "none"}},
 		{name: "swtpm", bin: swPath, args: []string{"socket"}},
 	}}
-	report, err := r.all(parseCounts(*instances))
+	report, err := r.all(counts)
 	if err != nil {
-		log.Fatal(err)
+		return err
 	}
-	if err := os.WriteFile(*out, []byte(report), 0o644); err != nil {
-		log.Fatal(err)
+	if err := os.WriteFile(out, []byte(report), 0o644); err != nil {
+		return err
 	}
-	if *readme != "" {
-		if err := updateReadme(*readme, r.summary); err != nil {
-			log.Fatal(err)
+	if readme != "" {
+		if err := updateReadme(readme, r.summary); err != nil {
+			return err
 		}
 	}
 	fmt.Print(report)
+	return nil
 }
 
 func parseCounts(s string) []int {
