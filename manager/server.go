@@ -178,6 +178,9 @@ func (s *Server) Handler() http.Handler {
 	return mux
 }
 
+// requestTimeout bounds one request's work, whatever its client does.
+const requestTimeout = time.Minute
+
 // maxRequest bounds a request body.
 const maxRequest = 64 << 10
 
@@ -199,7 +202,12 @@ func handle[Req, Resp any](f func(ctx context.Context, p Peer, req *Req) (*Resp,
 				return
 			}
 		}
-		resp, err := f(r.Context(), p, req)
+		// hardware TPM work is not cut short when the client goes away: a command cut in the
+		// middle leaves objects and sessions loaded in a TPM without a resource manager, and an
+		// NV increment counted but not recorded
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), requestTimeout)
+		defer cancel()
+		resp, err := f(ctx, p, req)
 		if err != nil {
 			writeError(w, err)
 			return

@@ -125,12 +125,16 @@ func exitOnError(err error) error {
 	return cli.Exit("vtpmd manager: "+err.Error(), 1)
 }
 
+// managerEnv=none keeps vtpmd setup (which has swtpm_setup's options only) away from the
+// host's manager, as --manager none does for vtpmd socket.
+const managerEnv = "VTPMD_MANAGER"
+
 // setupManagerKeys is the key source of vtpmd setup (swtpm_setup) on a host whose manager's
 // socket exists: a new vTPM is enrolled as it is made (auto-enrolment), so its very first
 // state is sealed. swtpm_setup has no option for it; libvirt runs it with a sanitized
 // environment, so the default socket is the one place to look.
 func setupManagerKeys(statePath string, tpm2 bool) seam.KeySource {
-	if statePath == "" || !manager.Available(manager.DefaultSocket) {
+	if statePath == "" || os.Getenv(managerEnv) == "none" || !manager.Available(manager.DefaultSocket) {
 		return nil
 	}
 	uri := statePath
