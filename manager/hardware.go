@@ -57,7 +57,7 @@ func ParsePolicy(s string) (hwtpm.Policy, error) {
 	}
 	rest, ok := strings.CutPrefix(s, "pcr:")
 	if !ok {
-		return nil, fmt.Errorf("unseal policy %q: use none or pcr:BANK:N,N,...", s)
+		return nil, fmt.Errorf("unseal policy %q: use none, or pcr:BANK:LIST (e.g. pcr:sha256:0,7)", s)
 	}
 	bank, list, ok := strings.Cut(rest, ":")
 	if !ok {
