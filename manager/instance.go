@@ -156,9 +156,9 @@ func (s *Server) version(ctx context.Context, p Peer, req *VersionReport) (*VMSt
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	rec := s.ledger.findByPath(path)
-	if rec == nil {
-		return nil, fmt.Errorf("%w: %s", ErrNotEnrolled, path)
+	rec, err := s.ledger.enrolled(path)
+	if err != nil {
+		return nil, err
 	}
 	if req.Version > rec.Version || rec.AcceptOnce {
 		old, accept := rec.Version, rec.AcceptOnce

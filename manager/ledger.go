@@ -223,6 +223,14 @@ func (l *ledger) findByPath(statePath string) *vmRecord {
 	return nil
 }
 
+// enrolled returns the record of the vTPM at statePath, or ErrNotEnrolled.
+func (l *ledger) enrolled(statePath string) (*vmRecord, error) {
+	if r := l.findByPath(statePath); r != nil {
+		return r, nil
+	}
+	return nil, fmt.Errorf("%w: %s", ErrNotEnrolled, statePath)
+}
+
 // recordID names a vTPM: its VM's UUID when known, else a digest of its state path.
 func recordID(uuid, statePath string) string {
 	if uuid != "" {

@@ -115,9 +115,9 @@ func (s *Server) unenroll(ctx context.Context, p Peer, req *VMRequest) (*VMStatu
 	defer to.Zero()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	rec := s.ledger.findByPath(path)
-	if rec == nil {
-		return nil, fmt.Errorf("%w: %s", ErrNotEnrolled, path)
+	rec, err := s.ledger.enrolled(path)
+	if err != nil {
+		return nil, err
 	}
 	if err := checkIdle(path, rec.TPM2); err != nil {
 		return nil, err
@@ -163,9 +163,9 @@ func (s *Server) accept(ctx context.Context, p Peer, req *VMRequest) (*VMStatus,
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	rec := s.ledger.findByPath(path)
-	if rec == nil {
-		return nil, fmt.Errorf("%w: %s", ErrNotEnrolled, path)
+	rec, err := s.ledger.enrolled(path)
+	if err != nil {
+		return nil, err
 	}
 	rec.AcceptOnce = true
 	if err := s.store.save(ctx, s.ledger); err != nil {

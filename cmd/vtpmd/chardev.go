@@ -42,28 +42,8 @@ func chardevFlags(o *socketOpts) []cli.Flag {
 // descriptor or a new vTPM proxy device, with socket's control channel and instance options.
 func chardevCommand() *cli.Command {
 	o := newSocketOpts()
-	return &cli.Command{
-		Name:            "chardev",
-		Usage:           "serve one vTPM on a character device, an inherited fd or Linux's vTPM proxy (swtpm chardev's options)",
-		HideHelpCommand: true,
-		Flags:           chardevFlags(o),
-		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
-			return cli.Exit(usageMessage(err), 1)
-		},
-		Action: func(c *cli.Context) error {
-			if c.Args().Len() > 0 {
-				return cli.Exit(fmt.Sprintf("Unknown parameter '%s'", c.Args().First()), 1)
-			}
-			if err := runChardev(c.Context, c, o); err != nil {
-				var ec cli.ExitCoder
-				if errors.As(err, &ec) {
-					return err
-				}
-				return cli.Exit("Error: "+err.Error(), 1)
-			}
-			return nil
-		},
-	}
+	return instanceCommand("chardev", "serve one vTPM on a character device, an inherited fd or Linux's vTPM proxy (swtpm chardev's options)",
+		chardevFlags(o), func(c *cli.Context) error { return runChardev(c.Context, c, o) })
 }
 
 // runChardev is runSocket for swtpm chardev: the device given with -c is opened first (before

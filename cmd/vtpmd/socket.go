@@ -97,11 +97,18 @@ func socketFlags(o *socketOpts) []cli.Flag {
 
 func socketCommand() *cli.Command {
 	o := newSocketOpts()
+	return instanceCommand("socket", "serve one vTPM over swtpm's socket protocol (swtpm socket's options)",
+		socketFlags(o), func(c *cli.Context) error { return runSocket(c.Context, c, o) })
+}
+
+// instanceCommand is a command that serves one vTPM with swtpm's command line (socket,
+// chardev): swtpm's wording for usage errors, stray arguments and failures.
+func instanceCommand(name, usage string, flags []cli.Flag, run func(*cli.Context) error) *cli.Command {
 	return &cli.Command{
-		Name:            "socket",
-		Usage:           "serve one vTPM over swtpm's socket protocol (swtpm socket's options)",
+		Name:            name,
+		Usage:           usage,
 		HideHelpCommand: true,
-		Flags:           socketFlags(o),
+		Flags:           flags,
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return cli.Exit(usageMessage(err), 1)
 		},
@@ -109,7 +116,7 @@ func socketCommand() *cli.Command {
 			if c.Args().Len() > 0 {
 				return cli.Exit(fmt.Sprintf("Unknown parameter '%s'", c.Args().First()), 1)
 			}
-			if err := runSocket(c.Context, c, o); err != nil {
+			if err := run(c); err != nil {
 				var ec cli.ExitCoder
 				if errors.As(err, &ec) {
 					return err
