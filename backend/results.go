@@ -59,6 +59,7 @@ var resultTable = []resultRow{
 // check as a headerless one, which libtpms then refuses). libtpms 2 answers TPM_RC_FAILURE
 // for all of them.
 var loadTable = []resultRow{
+	{blob.ErrNotEncrypted, tpmwire.ResFail},
 	{blob.ErrDecrypt, tpmwire.ResDecryptError},
 	{blob.ErrKeyLength, tpmwire.ResBadKeyProperty},
 }

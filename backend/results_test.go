@@ -31,6 +31,8 @@ func TestResultOf(t *testing.T) {
 		{"cancel on TPM 1.2", ErrCancelTPM12, tpmwire.ResFail},
 		// a TPM 1.2 start: libtpms passes its state callback's result on
 		{"TPM 1.2 start, wrong key", fmt.Errorf("%w: start tpm: %w (%w)", errNVResultPassedOn, tpmwire.ResFail, blob.ErrDecrypt), tpmwire.ResDecryptError},
+		{"TPM 1.2 start, plain state with a key", fmt.Errorf("%w: start tpm: %w (%w)", errNVResultPassedOn, tpmwire.ResFail, blob.ErrNotEncrypted), tpmwire.ResFail},
+		{"SET_STATEBLOB, plain blob with a key", fmt.Errorf("unwrap: %w", blob.ErrNotEncrypted), tpmwire.ResDecryptError},
 		{"TPM 1.2 start, key length", fmt.Errorf("%w: start tpm: %w (%w)", errNVResultPassedOn, tpmwire.ResFail, blob.ErrKeyLength), tpmwire.ResBadKeyProperty},
 		{"TPM 1.2 start, no key", fmt.Errorf("%w: start tpm: %w (%w)", errNVResultPassedOn, tpmwire.ResFail, blob.ErrKeyNotFound), tpmwire.ResFail},
 		{"TPM 1.2 start, malformed", fmt.Errorf("%w: start tpm: %w (%w)", errNVResultPassedOn, tpmwire.ResFail, blob.ErrMalformed), tpmwire.ResFail},

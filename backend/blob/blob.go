@@ -41,6 +41,10 @@ var (
 	// is a kind of ErrDecrypt: an error that wraps it wraps ErrDecrypt too (and no other of
 	// the sentinels above), so callers that map ErrDecrypt map it alike.
 	ErrVersionAuth = fmt.Errorf("state version authentication failed: %w", ErrDecrypt)
+	// ErrNotEncrypted: unencrypted data where a key is configured. A kind of ErrDecrypt
+	// (0x21 on SET_STATEBLOB), but swtpm's state callback answers TPM_FAIL for it (no HMAC),
+	// which libtpms 1.2 passes on as CMD_INIT's result.
+	ErrNotEncrypted = fmt.Errorf("data not encrypted: %w", ErrDecrypt)
 )
 
 // blobError says what was wrong with a blob and wraps one sentinel.
@@ -254,7 +258,7 @@ func checkEncrypted(k *Key, tl map[uint16][]byte, h Header, l layer) (ct, sum []
 	ct, okCT := tl[l.ctTag]
 	sum, okMAC := tl[TagHMAC]
 	if _, plain := tl[l.dataTag]; plain && !okCT {
-		return nil, nil, fail(ErrDecrypt, "the data is not encrypted (TLV %d), but a %s is configured", l.dataTag, l.key)
+		return nil, nil, fail(ErrNotEncrypted, "the data is not encrypted (TLV %d), but a %s is configured", l.dataTag, l.key)
 	}
 	want := 16
 	if h.Flags&l.flag256 != 0 {
