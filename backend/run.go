@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"time"
+
+	"github.com/vtpmd/vtpmd/emulator/libtpms"
 
 	"github.com/vtpmd/vtpmd/backend/seam"
 
@@ -77,15 +80,47 @@ type RunConfig struct {
 	// Confine is called once the channels, the state and the pid file are open, before the TPM
 	// is powered on and served: swtpm's --seccomp filter (nil: nothing).
 	Confine func() error
+	// DebugLog and DebugLevel hand libtpms' own debug output to the log, as swtpm does with
+	// its --log (nil: libtpms' default, stderr).
+	DebugLog   *os.File
+	DebugLevel int
 	// Ready is called once the channels are served (a --daemon parent waits for it).
 	Ready func()
 	Log   *slog.Logger
 }
 
+// ErrStartInterrupted is returned by Run when its context ends before the vTPM is served.
+var ErrStartInterrupted = errors.New("start-up interrupted")
+
 // Run serves one vTPM until ctx is done or the server finishes (CMD_SHUTDOWN, or the loss of a
 // connection that ends the process): it loads the keys, opens the channels and the state,
-// powers the TPM on if asked, and serves.
+// powers the TPM on if asked, and serves. Start-up may block in a system call that nothing
+// can interrupt (a key read from a FIFO or a pipe, a state on a stalled file system): when ctx
+// ends (SIGTERM) before the vTPM is served, Run returns at once with ErrStartInterrupted and
+// leaves the blocked start-up to the process's exit; once served, it shuts down in order.
 func Run(ctx context.Context, cfg RunConfig) error {
+	serving := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- runVTPM(ctx, cfg, serving) }()
+	select {
+	case err := <-done:
+		return err
+	case <-serving:
+		return <-done
+	case <-ctx.Done():
+	}
+	select {
+	case err := <-done:
+		return err
+	case <-serving:
+		return <-done
+	default:
+		return fmt.Errorf("%w: %w", ErrStartInterrupted, context.Cause(ctx))
+	}
+}
+
+// runVTPM is Run; it closes serving when start-up is over and the vTPM is served.
+func runVTPM(ctx context.Context, cfg RunConfig, serving chan<- struct{}) error {
 	log := cfg.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -128,6 +163,9 @@ func Run(ctx context.Context, cfg RunConfig) error {
 			keys.Flush(fctx)
 		}()
 	}
+	if cfg.DebugLog != nil && cfg.DebugLevel > 1 {
+		libtpms.SetDebug(int(cfg.DebugLog.Fd()), uint(cfg.DebugLevel))
+	}
 	inst, err := New(Config{
 		Version: cfg.Version, Store: st, StateKey: keys.State, MigrationKey: keys.Migration,
 		IncomingMigration: cfg.IncomingMigration, DisableAutoShutdown: cfg.DisableAutoShutdown,
@@ -152,6 +190,7 @@ func Run(ctx context.Context, cfg RunConfig) error {
 			return err
 		}
 	}
+	close(serving)
 	return serve(ctx, inst, ctrl, data, cfg, log)
 }
 

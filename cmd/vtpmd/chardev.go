@@ -111,7 +111,7 @@ func runChardev(ctx context.Context, c *cli.Context, o *socketOpts) error {
 		vtpmProxyDefaults(&cfg, o)
 	}
 	cfg.StateURI, cfg.Store, cfg.Log, cfg.Ready = uri, storeOpts, log, daemon.SignalReady
-	cfg.Server.Dump = lg.Traffic
+	cfg.Server.Dump, cfg.DebugLog, cfg.DebugLevel = lg.Traffic, lg.File, lg.Level
 	cfg.Keys = withManager(c, cfg, log)
 	return backend.Run(ctx, cfg)
 }

@@ -371,6 +371,13 @@ func (e *Engine) Info(flags uint32) string {
 	return C.GoString(s)
 }
 
+// SetDebug sends libtpms' own debug output to fd at level (libtpms writes only above 1), as
+// swtpm hands its --log level and file to libtpms. It applies to the whole process.
+func SetDebug(fd int, level uint) {
+	C.TPMLIB_SetDebugFD(C.int(fd))
+	C.TPMLIB_SetDebugLevel(C.uint(level))
+}
+
 // LibraryVersion is libtpms' version as 0xMMmmuu.
 func LibraryVersion() uint32 { return uint32(C.TPMLIB_GetVersion()) }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"os"
 	"testing"
 
 	"github.com/vtpmd/vtpmd/emulator"
@@ -138,5 +139,31 @@ func TestEngineTPM12(t *testing.T) {
 	resp, err := e.Process([]byte{0x00, 0xc1, 0, 0, 0, 0x0c, 0, 0, 0, 0x99, 0, 1})
 	if err != nil || len(resp) < 10 || resp[1] != 0xc4 || rc(resp) != 0 {
 		t.Fatalf("TPM_Startup: %x %v", resp, err)
+	}
+}
+
+// TestSetDebug: libtpms' own messages (here: a permanent state it cannot read) go to the file
+// SetDebug names, as swtpm's --log gets them.
+func TestSetDebug(t *testing.T) {
+	f, err := os.CreateTemp(t.TempDir(), "log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	SetDebug(int(f.Fd()), 20)
+	t.Cleanup(func() { SetDebug(2, 0) })
+	st := emulator.NewMemStore()
+	st.Store(emulator.StatePermanent, bytes.Repeat([]byte{0xab}, 64))
+	e, err := Open(emulator.TPM2, st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if err := e.Start(); err == nil {
+		t.Fatal("started on a garbage permanent state")
+	}
+	logged, _ := os.ReadFile(f.Name())
+	if !bytes.Contains(logged, []byte("libtpms")) {
+		t.Fatalf("libtpms wrote nothing to the debug file: %q", logged)
 	}
 }

@@ -19,7 +19,11 @@ type Log struct {
 	// Traffic receives swtpm's dumps of every control and data message (socket.Options.Dump)
 	// at the levels where swtpm writes them (2 and up); nil below.
 	Traffic io.Writer
-	close   func()
+	// File and Level are the log's file and --log level, which swtpm also hands to libtpms
+	// for its own debug output (nil File: none).
+	File  *os.File
+	Level int
+	close func()
 }
 
 // Close closes a log file.
@@ -57,13 +61,14 @@ func OpenLog(s *opts.Set) (*Log, error) {
 		if err != nil {
 			return nil, fmt.Errorf("could not open logfile: %w", err)
 		}
-		w, l.close = f, func() { f.Close() }
+		w, l.close, l.File = f, func() { f.Close() }, f
 	case s.Has("fd"):
 		fd, err := s.Int("fd", -1)
 		if err != nil || fd < 0 {
 			return nil, fmt.Errorf("--log: invalid fd")
 		}
-		w = os.NewFile(uintptr(fd), "log")
+		l.File = os.NewFile(uintptr(fd), "log")
+		w = l.File
 	default:
 		return nil, errors.New("--log: file= or fd= is required")
 	}
@@ -75,6 +80,7 @@ func OpenLog(s *opts.Set) (*Log, error) {
 	if p := s.String("prefix", ""); p != "" {
 		l.Logger = l.With("prefix", p)
 	}
+	l.Level = level
 	if level >= trafficLevel {
 		l.Traffic = w
 	}
