@@ -25,6 +25,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/syncbuf"
+
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
@@ -286,27 +288,10 @@ type killableVTPM struct {
 	dataPath, ctrlPath string
 	cmd                *exec.Cmd
 	done               chan struct{}
-	stderr             *lockedBuffer
+	stderr             *syncbuf.Buffer
 	ctrl               *socket.Client
 	data               net.Conn
 	tp                 transport.TPM
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // startKillableVTPM starts vtpmd socket on state with the manager at mgr ("none": without), and
@@ -320,7 +305,7 @@ func startKillableVTPM(t *testing.T, run, state, mgr string) (*killableVTPM, err
 // launchVTPM starts the vtpmd process; connect waits for it to serve.
 func launchVTPM(t *testing.T, run, state, mgr string) *killableVTPM {
 	t.Helper()
-	v := &killableVTPM{stderr: &lockedBuffer{}, done: make(chan struct{}),
+	v := &killableVTPM{stderr: &syncbuf.Buffer{}, done: make(chan struct{}),
 		dataPath: filepath.Join(run, "d.sock"), ctrlPath: filepath.Join(run, "c.sock")}
 	v.cmd = exec.Command(env.bin, "socket", "--tpm2", "--tpmstate", "dir="+state, "--manager", mgr,
 		"--server", "type=unixio,path="+v.dataPath, "--ctrl", "type=unixio,path="+v.ctrlPath)

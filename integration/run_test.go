@@ -13,10 +13,11 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/syncbuf"
 )
 
 // vtpmdRun is one `vtpmd run` of the test guest: its own TMPDIR (which must be empty again
@@ -24,25 +25,7 @@ import (
 type vtpmdRun struct {
 	tmp, serial string
 	cmd         *exec.Cmd
-	stderr      runOutput
-}
-
-// runOutput is vtpmd run's output, read while it runs.
-type runOutput struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *runOutput) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *runOutput) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	stderr      syncbuf.Buffer
 }
 
 // newRun prepares `vtpmd run OPTS -- qemu-system-x86_64 ...` booting the guest with cmdline

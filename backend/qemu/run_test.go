@@ -10,10 +10,11 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/syncbuf"
 )
 
 // fakeEnv makes the test binary act as `vtpmd socket`: ok (listen on its control socket, write
@@ -64,34 +65,16 @@ func fakeVTPMD(mode string, args []string) int {
 	return 0
 }
 
-// syncBuffer is QEMU's output, read while QEMU writes it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // testConfig runs the fake vTPM and, as "QEMU", sh -c script (which sees the added arguments
 // as "$@") in a temporary directory of its own.
-func testConfig(t *testing.T, mode, script string) (Config, *syncBuffer) {
+func testConfig(t *testing.T, mode, script string) (Config, *syncbuf.Buffer) {
 	t.Helper()
 	t.Setenv(fakeEnv, mode)
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := &syncBuffer{}
+	out := &syncbuf.Buffer{}
 	return Config{
 		QEMU: []string{"sh", "-c", script, "sh"}, TPM2: true, Vtpmd: exe,
 		TempDir: t.TempDir(), Stdin: strings.NewReader(""), Stdout: out, Stderr: out, Grace: 2 * time.Second,

@@ -4,7 +4,6 @@ package store
 // PATH), and the fixtures recorded from it.
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -13,9 +12,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/syncbuf"
 
 	"github.com/google/go-tpm/tpm2/transport"
 
@@ -63,26 +63,8 @@ type swtpmProc struct {
 	cmd    *exec.Cmd
 	ctrl   string
 	server string
-	out    *syncBuffer
+	out    *syncbuf.Buffer
 	done   chan struct{}
-}
-
-// syncBuffer collects a process's output; it may be read while the process writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // startSwtpm starts Debian's swtpm with args (e.g. --tpmstate ...) and waits for its control
@@ -94,7 +76,7 @@ func startSwtpm(t testing.TB, bins swtpmBins, args ...string) *swtpmProc {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(sock) })
-	p := &swtpmProc{t: t, bins: bins, ctrl: filepath.Join(sock, "c"), server: filepath.Join(sock, "s"), out: &syncBuffer{}, done: make(chan struct{})}
+	p := &swtpmProc{t: t, bins: bins, ctrl: filepath.Join(sock, "c"), server: filepath.Join(sock, "s"), out: &syncbuf.Buffer{}, done: make(chan struct{})}
 	all := append([]string{"socket", "--tpm2", "--ctrl", "type=unixio,path=" + p.ctrl, "--server", "type=unixio,path=" + p.server}, args...)
 	p.cmd = exec.Command(bins.swtpm, all...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out

@@ -4,16 +4,16 @@
 package swtpmtest
 
 import (
-	"bytes"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/syncbuf"
 )
 
 // Binary is Debian's swtpm, by full path: a vtpmd link named swtpm may come first in PATH.
@@ -41,8 +41,7 @@ type TPM struct {
 	Socket string
 	Port   int
 	cmd    *exec.Cmd
-	mu     sync.Mutex
-	log    bytes.Buffer
+	log    syncbuf.Buffer
 }
 
 // Need skips the test when Debian's swtpm is missing, and fails it in CI.
@@ -98,7 +97,7 @@ func (s *TPM) start() {
 		args = append(args, "--server", "type=unixio,path="+s.Socket, "--ctrl", "type=unixio,path="+s.Socket+".ctrl")
 	}
 	s.cmd = exec.Command(Binary, args...)
-	s.cmd.Stdout, s.cmd.Stderr = &lockedWriter{s}, &lockedWriter{s}
+	s.cmd.Stdout, s.cmd.Stderr = &s.log, &s.log
 	if err := s.cmd.Start(); err != nil {
 		t.Fatalf("start swtpm: %v", err)
 	}
@@ -140,19 +139,7 @@ func (s *TPM) Stop() {
 }
 
 // Log is what swtpm printed.
-func (s *TPM) Log() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.log.String()
-}
-
-type lockedWriter struct{ s *TPM }
-
-func (w *lockedWriter) Write(p []byte) (int, error) {
-	w.s.mu.Lock()
-	defer w.s.mu.Unlock()
-	return w.s.log.Write(p)
-}
+func (s *TPM) Log() string { return s.log.String() }
 
 // FreePortPair finds a port p such that p and p+1 are both free on 127.0.0.1 (just now).
 func FreePortPair(t testing.TB) int {
