@@ -45,6 +45,7 @@ var resultTable = []resultRow{
 	{ErrBlobType, tpmwire.ResBadParameter},
 	{ErrCancelTPM12, tpmwire.ResFail},
 	{blob.ErrKeyNotFound, tpmwire.ResKeyNotFound},
+	{blob.ErrLegacyHash, tpmwire.ResFail},
 	{blob.ErrDecrypt, tpmwire.ResDecryptError},
 	{blob.ErrKeyLength, tpmwire.ResBadKeyProperty},
 	{blob.ErrHeaderSize, tpmwire.ResBadDataSize},
@@ -60,6 +61,7 @@ var resultTable = []resultRow{
 // for all of them.
 var loadTable = []resultRow{
 	{blob.ErrNotEncrypted, tpmwire.ResFail},
+	{blob.ErrLegacyHash, tpmwire.ResFail},
 	{blob.ErrDecrypt, tpmwire.ResDecryptError},
 	{blob.ErrKeyLength, tpmwire.ResBadKeyProperty},
 }

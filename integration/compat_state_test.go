@@ -459,6 +459,9 @@ func TestOldFormatStateFiles(t *testing.T) {
 						t.Fatalf("both load: %v, want %v (%s)", sw.ok, c.loads, sw.initOut)
 					}
 					if !c.loads {
+						if sw.initOut != vt.initOut { // the same CMD_INIT result
+							t.Fatalf("CMD_INIT: swtpm %q, vtpmd %q", sw.initOut, vt.initOut)
+						}
 						for i := range dirs { // a refused file is left as it was
 							if b, _ := os.ReadFile(filepath.Join(dirs[i], scPermName(tpm2))); !bytes.Equal(b, c.file) {
 								t.Fatalf("%s changed a state file it refused", []string{"swtpm", "vtpmd"}[i])
@@ -531,6 +534,8 @@ func TestOldFormatStateBlobs(t *testing.T) {
 				{"version 1 plain", v1(blob.FlagMigrationData, raw), nil, true},
 				{"version 1 plain with a migration key", v1(blob.FlagMigrationData, raw), mig256, true},
 				{"version 1 migration-key encrypted", v1(blob.FlagMigrationData|blob.FlagMigrationEncrypted, scLegacyEncrypt(t, k256, raw)), mig256, true},
+				{"version 1 migration-key encrypted with a bit flipped", v1(blob.FlagMigrationData|blob.FlagMigrationEncrypted,
+					func() []byte { b := scLegacyEncrypt(t, k256, raw); b[100] ^= 0x10; return b }()), mig256, false},
 				{"version 1 migration-key encrypted without the key", v1(blob.FlagMigrationData|blob.FlagMigrationEncrypted, scLegacyEncrypt(t, k256, raw)), nil, false},
 				{"version 1 encrypted with both keys", v1(blob.FlagMigrationData|blob.FlagMigrationEncrypted|blob.FlagEncrypted,
 					scLegacyEncrypt(t, k256, scLegacyEncrypt(t, k128, raw))), append(mig256, key128...), true},

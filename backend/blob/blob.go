@@ -15,8 +15,8 @@ import (
 )
 
 // Sentinel errors. Every error returned by this package for bad input wraps exactly one of
-// the first six (ErrVersionAuth is a kind of ErrDecrypt); the comment names the swtpm
-// control-channel result a caller answers with.
+// the first six (ErrVersionAuth, ErrNotEncrypted and ErrLegacyHash are kinds of ErrDecrypt);
+// the comment names the swtpm control-channel result a caller answers with.
 var (
 	// ErrKeyNotFound: the data is encrypted and the key it needs is not configured
 	// (TPM_KEYNOTFOUND, 0x0d).
@@ -45,6 +45,11 @@ var (
 	// (0x21 on SET_STATEBLOB), but swtpm's state callback answers TPM_FAIL for it (no HMAC),
 	// which libtpms 1.2 passes on as CMD_INIT's result.
 	ErrNotEncrypted = fmt.Errorf("data not encrypted: %w", ErrDecrypt)
+	// ErrLegacyHash: a version-1 or headerless (early swtpm) encrypted blob decrypts to valid
+	// padding, but its SHA-256 does not match: a wrong key or tampered data. A kind of
+	// ErrDecrypt, but swtpm answers TPM_FAIL for it (SWTPM_CheckHash), on CMD_INIT (libtpms
+	// 1.2 passes it on) and on SET_STATEBLOB alike, not TPM_DECRYPT_ERROR.
+	ErrLegacyHash = fmt.Errorf("legacy hash mismatch: %w", ErrDecrypt)
 )
 
 // blobError says what was wrong with a blob and wraps one sentinel.
@@ -344,7 +349,7 @@ func decryptLegacy(k *Key, body []byte, l layer) ([]byte, error) {
 	}
 	sum := sha256.Sum256(plain[sha256.Size:])
 	if subtle.ConstantTimeCompare(sum[:], plain[:sha256.Size]) != 1 {
-		return nil, fail(ErrDecrypt, "version-1 hash mismatch: wrong %s or tampered data", l.key)
+		return nil, fail(ErrLegacyHash, "version-1 hash mismatch: wrong %s or tampered data", l.key)
 	}
 	return plain[sha256.Size:], nil
 }

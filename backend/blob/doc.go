@@ -68,7 +68,9 @@
 // sentinel, which callers map to swtpm's control-channel results: ErrKeyNotFound (0x0d),
 // ErrDecrypt (0x21), ErrKeyLength (0x28), ErrHeaderSize (0x2b), ErrVersion (0x2e),
 // ErrMalformed (0x03). Where swtpm answers TPM_FAIL for a structural problem (a missing TLV,
-// a ciphertext that is not whole AES blocks) this package says ErrMalformed. Decoding is
+// a ciphertext that is not whole AES blocks) this package says ErrMalformed; for a legacy
+// blob whose hash does not match (swtpm's SWTPM_CheckHash) it says ErrLegacyHash, a kind of
+// ErrDecrypt that callers map to TPM_FAIL as swtpm answers. Decoding is
 // stricter than swtpm in one way: the whole TLV stream must be well formed, not only the TLVs
 // up to the one looked for.
 //

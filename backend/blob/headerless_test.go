@@ -68,6 +68,13 @@ func TestHeaderlessFiles(t *testing.T) {
 		if _, err := Open(enc[:len(enc)-k.Len()], k); err == nil || oneSentinel(err) != nil {
 			t.Fatalf("%v: truncated: %v", k, err)
 		}
+		// a change before the last blocks leaves the padding intact: the hash catches it, and
+		// swtpm answers TPM_FAIL there (ErrLegacyHash), not TPM_DECRYPT_ERROR
+		c := bytes.Clone(enc)
+		c[40] ^= 1
+		if _, err := Open(c, k); !errors.Is(err, ErrLegacyHash) || !errors.Is(err, ErrDecrypt) || oneSentinel(err) != nil {
+			t.Fatalf("%v: tampered: %v", k, err)
+		}
 	}
 	// a key of the other length fails on padding or hash, as in swtpm (no key-length flag)
 	if _, err := Open(legacyEncrypt(t, k32, raw), k16); !errors.Is(err, ErrDecrypt) {
