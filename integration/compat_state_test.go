@@ -623,12 +623,11 @@ func TestPrintStatesFormatsMissingFile(t *testing.T) {
 	}
 }
 
-// scNoSeccomp keeps the seccomp filter out of the file:// tests below: under it (vtpmd's
-// default, as swtpm's) vtpmd dies of SIGSYS at the first write of a file:// store, whose atomic
-// replacement keeps the file's security labels and ACLs with f*xattr calls that swtpm's
-// deny-list (internal/seccomp) forbids. That is another item of the issue (seccomp); these
-// tests are about formatting the store.
-var scNoSeccomp = []string{"--seccomp", "action=none"}
+// scNoSeccomp is what the file:// tests below add to vtpmd's options: nothing, so they run
+// under vtpmd's default seccomp filter. They once needed action=none: a file:// store's atomic
+// replacement keeps the file's security labels and ACLs with f*xattr calls, which swtpm's
+// deny-list forbids; internal/seccomp now allows the descriptor calls.
+var scNoSeccomp []string
 
 // scTPMWrapper is an executable that runs vtpmd with "--manager none" (another test may run a
 // host manager at the default socket) and scNoSeccomp added, for swtpm_setup's --tpm.

@@ -33,9 +33,11 @@ var denied = []uintptr{
 	unix.SYS_TEE, unix.SYS_VMSPLICE, unix.SYS_TIMERFD_SETTIME, unix.SYS_TIMERFD_GETTIME, unix.SYS_SIGNALFD4,
 	unix.SYS_FANOTIFY_INIT, unix.SYS_FANOTIFY_MARK, unix.SYS_MKNODAT, unix.SYS_ACCT, unix.SYS_PRLIMIT64,
 	unix.SYS_SETRLIMIT, unix.SYS_BPF, unix.SYS_USERFAULTFD, unix.SYS_PERF_EVENT_OPEN,
-	// extended attributes
-	unix.SYS_SETXATTR, unix.SYS_LSETXATTR, unix.SYS_FSETXATTR, unix.SYS_GETXATTR, unix.SYS_LGETXATTR,
-	unix.SYS_FGETXATTR, unix.SYS_LISTXATTR, unix.SYS_LLISTXATTR, unix.SYS_FLISTXATTR, unix.SYS_REMOVEXATTR,
+	// extended attributes, by path (swtpm denies the descriptor calls too; vtpmd needs
+	// flistxattr, fgetxattr and fsetxattr: replacing a file:// state keeps its security
+	// labels and ACLs, internal/atomicfile's KeepAll)
+	unix.SYS_SETXATTR, unix.SYS_LSETXATTR, unix.SYS_GETXATTR, unix.SYS_LGETXATTR,
+	unix.SYS_LISTXATTR, unix.SYS_LLISTXATTR, unix.SYS_REMOVEXATTR,
 	unix.SYS_LREMOVEXATTR, unix.SYS_FREMOVEXATTR,
 	// processes
 	unix.SYS_EXECVE, unix.SYS_EXECVEAT,
