@@ -85,7 +85,11 @@ func listenAPI(path, group string) (net.Listener, error) {
 		}
 		os.Remove(path)
 	}
-	ln, err := net.Listen("unix", path)
+	// bound under a temporary name, given its mode and group, then renamed into place: the
+	// socket appears with its final permissions, never with the umask's
+	tmp := path + ".new"
+	os.Remove(tmp)
+	ln, err := net.Listen("unix", tmp)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}
@@ -95,19 +99,22 @@ func listenAPI(path, group string) (net.Listener, error) {
 		g, err := user.LookupGroup(group)
 		if err != nil {
 			ln.Close()
+			os.Remove(tmp)
 			return nil, fmt.Errorf("socket group %q: %w", group, err)
 		}
 		gid, _ = strconv.Atoi(g.Gid)
 	}
-	if err := os.Chmod(path, 0o660); err != nil {
-		ln.Close()
-		return nil, err
+	err = os.Chmod(tmp, 0o660)
+	if err == nil && gid >= 0 {
+		err = os.Chown(tmp, -1, gid)
 	}
-	if gid >= 0 {
-		if err := os.Chown(path, -1, gid); err != nil {
-			ln.Close()
-			return nil, err
-		}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		ln.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("manager socket %s: %w", path, err)
 	}
 	return ln, nil
 }
