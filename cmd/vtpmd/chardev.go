@@ -56,17 +56,7 @@ func runChardev(ctx context.Context, c *cli.Context, o *socketOpts) error {
 	if err != nil {
 		return err
 	}
-	if dir := c.String("chroot"); dir != "" {
-		if err := daemon.Chroot(dir); err != nil {
-			return err
-		}
-	}
-	if u := c.String("runas"); u != "" {
-		if err := daemon.RunAs(u); err != nil {
-			return err
-		}
-	}
-	lg, err := daemon.OpenLog(o.log.set)
+	lg, err := enterProcess(c, o)
 	if err != nil {
 		return err
 	}

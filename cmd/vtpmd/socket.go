@@ -169,17 +169,7 @@ func runSocket(ctx context.Context, c *cli.Context, o *socketOpts) error {
 	if c.Bool("daemon") && !daemon.IsDetached() {
 		return daemon.Detach(ctx)
 	}
-	if dir := c.String("chroot"); dir != "" {
-		if err := daemon.Chroot(dir); err != nil {
-			return err
-		}
-	}
-	if u := c.String("runas"); u != "" {
-		if err := daemon.RunAs(u); err != nil {
-			return err
-		}
-	}
-	lg, err := daemon.OpenLog(o.log.set)
+	lg, err := enterProcess(c, o)
 	if err != nil {
 		return err
 	}
@@ -216,4 +206,20 @@ func withManager(c *cli.Context, cfg backend.RunConfig, log *slog.Logger) seam.K
 	}
 	return &manager.KeySource{Client: manager.NewClient(sock), StateURI: cfg.StateURI, TPM2: cfg.Version == emulator.TPM2,
 		Fallback: cfg.Keys, Required: explicit, Log: log}
+}
+
+// enterProcess applies swtpm's process options in its order: --chroot, --runas, then opens
+// --log (as the user the process now runs as).
+func enterProcess(c *cli.Context, o *socketOpts) (*daemon.Log, error) {
+	if dir := c.String("chroot"); dir != "" {
+		if err := daemon.Chroot(dir); err != nil {
+			return nil, err
+		}
+	}
+	if u := c.String("runas"); u != "" {
+		if err := daemon.RunAs(u); err != nil {
+			return nil, err
+		}
+	}
+	return daemon.OpenLog(o.log.set)
 }
