@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/vtpmd/vtpmd/backend/seam"
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 	"github.com/vtpmd/vtpmd/internal/tpmwire"
 )
@@ -18,6 +19,7 @@ import (
 type pcrZeroGuard struct {
 	measurement []byte
 	started     int
+	done        int
 	failStart   error
 }
 
@@ -29,7 +31,9 @@ func (g *pcrZeroGuard) Check(cmd []byte) []byte {
 	return nil
 }
 
-func (g *pcrZeroGuard) Started(exec func([]byte) ([]byte, error)) error {
+func (g *pcrZeroGuard) Done(cmd, rsp []byte, exec seam.Exec) { g.done++ }
+
+func (g *pcrZeroGuard) Started(exec seam.Exec) error {
 	g.started++
 	if g.failStart != nil {
 		return g.failStart
@@ -63,8 +67,19 @@ func TestGuard(t *testing.T) {
 	if !errors.Is(err, tpm2.TPMRCLocality) {
 		t.Fatalf("guest extend of PCR 0: %v, want TPM_RC_LOCALITY", err)
 	}
+	doneBefore := g.done
 	if err := tpmclient.PCRExtend(tp, 1, m); err != nil {
 		t.Fatalf("guest extend of PCR 1: %v", err)
+	}
+	if g.done != doneBefore+1 {
+		t.Fatalf("Done ran %d times for one successful command, want 1", g.done-doneBefore)
+	}
+	// a refused command (TPM_RC_LOCALITY above) and a failing one do not reach Done
+	if err := tpmclient.PCRExtend(tp, 0, m); err == nil {
+		t.Fatal("PCR 0 extend succeeded")
+	}
+	if g.done != doneBefore+1 {
+		t.Fatalf("Done ran for a refused command")
 	}
 	// a Startup(STATE) after Shutdown(STATE) restores PCRs: the guard does not project twice
 	if err := tpmclient.Shutdown(tp, true); err != nil {

@@ -241,15 +241,18 @@ func (in *Instance) process(cmd []byte) ([]byte, error) {
 		return resp, nil
 	}
 	resp, err := in.eng.Process(cmd)
-	if err != nil || !in.IsTPM2() || !isStartupClear(cmd) {
+	if err != nil || !in.IsTPM2() {
 		return resp, err
 	}
 	if rc, rerr := tpmwire.ResponseCode(resp); rerr != nil || rc != tpmwire.RCSuccess {
 		return resp, nil
 	}
-	if err := g.Started(in.eng.Process); err != nil {
-		return nil, fmt.Errorf("guard after TPM2_Startup(CLEAR): %w", err)
+	if isStartupClear(cmd) {
+		if err := g.Started(in.eng.Process); err != nil {
+			return nil, fmt.Errorf("guard after TPM2_Startup(CLEAR): %w", err)
+		}
 	}
+	g.Done(cmd, resp, in.eng.Process)
 	return resp, nil
 }
 

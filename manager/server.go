@@ -175,8 +175,27 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST "+pathUnenroll, handle(s.unenroll))
 	mux.HandleFunc("POST "+pathAccept, handle(s.accept))
 	mux.HandleFunc("POST "+pathAdopt, handle(s.adopt))
+	for _, add := range routeSets {
+		for _, r := range add(s) {
+			mux.HandleFunc(r.pattern, r.handler)
+		}
+	}
 	return mux
 }
+
+// route is one API endpoint: a ServeMux pattern ("POST /v1/…") and its handler (made with
+// handle, so the peer is identified first).
+type route struct {
+	pattern string
+	handler http.HandlerFunc
+}
+
+// routeSets are the API's further endpoints, one set per concern (projection, attestation,
+// certificates, migration), each registered by its own file's init.
+var routeSets []func(*Server) []route
+
+// registerRoutes adds a set of endpoints to every Server's API.
+func registerRoutes(f func(*Server) []route) { routeSets = append(routeSets, f) }
 
 // requestTimeout bounds one request's work, whatever its client does.
 const requestTimeout = time.Minute

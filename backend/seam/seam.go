@@ -60,15 +60,68 @@ func (o KeyOptions) Keys(context.Context) (Keys, error) {
 	return k, nil
 }
 
-// Guard is the seam for host PCR projection. It sees every data-channel command before the
-// TPM runs it, and runs right after every successful TPM2_Startup(CLEAR), before the guest
-// gets that answer. The manager's projection providers implement it; without one (nil) the
-// guest owns every PCR.
+// Exec runs one command in the TPM on behalf of a guard, between the guest's commands.
+type Exec func(cmd []byte) ([]byte, error)
+
+// Guard is the seam for host PCR projection and the guest's attestation indices. It sees
+// every data-channel command before the TPM runs it and every successful answer before the
+// guest gets it, and runs right after every successful TPM2_Startup(CLEAR), before the guest
+// gets that answer. The manager's projection and attestation parts implement it; without one
+// (nil) the guest owns every PCR.
 type Guard interface {
 	// Check returns the response for a command the TPM must not run (for example
 	// TPM_RC_LOCALITY for an extend or reset of a projected PCR), or nil to let it run.
 	Check(cmd []byte) []byte
 	// Started runs after a successful TPM2_Startup(CLEAR); exec runs commands in the TPM
 	// (extends of projected PCRs). An error fails the guest's startup.
-	Started(exec func(cmd []byte) ([]byte, error)) error
+	Started(exec Exec) error
+	// Done runs after the TPM answered cmd with success (rsp), before the guest gets rsp;
+	// exec runs the guard's own commands (for example writing a report into an NV index
+	// the guest reads next). It must not fail the guest's command.
+	Done(cmd, rsp []byte, exec Exec)
+}
+
+// Guards combines guards: Check asks each in order and the first refusal wins; Started and
+// Done run each in order (Started stops at the first error). Nil guards are skipped; no
+// guards at all is nil.
+func Guards(gs ...Guard) Guard {
+	var list guardList
+	for _, g := range gs {
+		if g != nil {
+			list = append(list, g)
+		}
+	}
+	switch len(list) {
+	case 0:
+		return nil
+	case 1:
+		return list[0]
+	}
+	return list
+}
+
+type guardList []Guard
+
+func (l guardList) Check(cmd []byte) []byte {
+	for _, g := range l {
+		if r := g.Check(cmd); r != nil {
+			return r
+		}
+	}
+	return nil
+}
+
+func (l guardList) Started(exec Exec) error {
+	for _, g := range l {
+		if err := g.Started(exec); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (l guardList) Done(cmd, rsp []byte, exec Exec) {
+	for _, g := range l {
+		g.Done(cmd, rsp, exec)
+	}
 }

@@ -102,7 +102,7 @@ func runChardev(ctx context.Context, c *cli.Context, o *socketOpts) error {
 	}
 	cfg.StateURI, cfg.Store, cfg.Log, cfg.Ready = uri, storeOpts, log, daemon.SignalReady
 	cfg.Server.Dump, cfg.DebugLog, cfg.DebugLevel = lg.Traffic, lg.File, lg.Level
-	cfg.Keys = withManager(c, cfg, log)
+	cfg.Keys, cfg.Guard = withManager(c, cfg, log)
 	return backend.Run(ctx, cfg)
 }
 

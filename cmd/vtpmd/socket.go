@@ -193,19 +193,24 @@ func runSocket(ctx context.Context, c *cli.Context, o *socketOpts) error {
 	}
 	cfg.StateURI, cfg.Store, cfg.Log, cfg.Ready = uri, storeOpts, log, daemon.SignalReady
 	cfg.Server.Dump, cfg.DebugLog, cfg.DebugLevel = lg.Traffic, lg.File, lg.Level
-	cfg.Keys = withManager(c, cfg, log)
+	cfg.Keys, cfg.Guard = withManager(c, cfg, log)
 	return backend.Run(ctx, cfg)
 }
 
-// withManager puts the host's manager in front of the instance's own key options: explicitly
-// with --manager SOCK, or when the default manager's socket exists.
-func withManager(c *cli.Context, cfg backend.RunConfig, log *slog.Logger) seam.KeySource {
+// withManager puts the host's manager in front of the instance's own key options, and its
+// guard (host PCR projection, attestation indices) in front of the TPM: explicitly with
+// --manager SOCK, or when the default manager's socket exists.
+func withManager(c *cli.Context, cfg backend.RunConfig, log *slog.Logger) (seam.KeySource, seam.Guard) {
 	sock, explicit := c.String("manager"), c.IsSet("manager")
 	if sock == "none" {
-		return cfg.Keys
+		return cfg.Keys, cfg.Guard
 	}
-	return &manager.KeySource{Client: manager.NewClient(sock), StateURI: cfg.StateURI, TPM2: cfg.Version == emulator.TPM2,
+	client := manager.NewClient(sock)
+	tpm2 := cfg.Version == emulator.TPM2
+	keys := &manager.KeySource{Client: client, StateURI: cfg.StateURI, TPM2: tpm2,
 		Fallback: cfg.Keys, Required: explicit, Log: log}
+	guard := manager.InstanceGuard(manager.GuardConfig{Client: client, StateURI: cfg.StateURI, TPM2: tpm2, Log: log})
+	return keys, guard
 }
 
 // enterProcess applies swtpm's process options in its order: --chroot, --runas, then opens
