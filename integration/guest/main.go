@@ -100,6 +100,9 @@ func main() {
 		}
 		say("nvmark_after", fmt.Sprintf("%x", old))
 	}
+	if has("migloop") {
+		migLoop(tp)
+	}
 	if has("tpmloop") {
 		for n := 1; ; n++ {
 			if err := tpmclient.PCRExtend(tp, 16, a); err != nil {
