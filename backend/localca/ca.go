@@ -52,6 +52,8 @@ type CA struct {
 	cfg    Config
 	signer crypto.Signer
 	issuer *x509.Certificate
+	// serials hands out serial numbers (nil: the certserial counter, NextSerial)
+	serials func(context.Context) (*big.Int, error)
 	// Created reports whether Open created the CA.
 	Created bool
 }

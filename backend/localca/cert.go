@@ -62,6 +62,9 @@ type EKRequest struct {
 	TPM  TPMInfo
 	// AllowSigning and Decryption set the key usage as swtpm_cert does for a signing EK.
 	AllowSigning, Decryption bool
+	// Attributes are added to the subjectDirectoryAttributes extension, after
+	// tpmSpecification (e.g. the host that vouches for a vTPM).
+	Attributes []Attribute
 }
 
 // PlatformRequest asks for a platform certificate over the EK.
@@ -70,6 +73,8 @@ type PlatformRequest struct {
 	VMID      string
 	TPM       TPMInfo
 	Platform  Platform
+	// Attributes, if any, make a subjectDirectoryAttributes extension.
+	Attributes []Attribute
 }
 
 // SanitizeVMID applies swtpm_localca's replacement of '+' and ','.
@@ -148,8 +153,20 @@ type attribute struct {
 	Values []tpmSpecification `asn1:"set"`
 }
 
-func subjectDirectoryAttributes(info TPMInfo) ([]byte, error) {
-	return asn1.Marshal([]attribute{{Type: oidTPMSpecification, Values: []tpmSpecification{{info.Family, info.Level, info.Revision}}}})
+func subjectDirectoryAttributes(info TPMInfo, extra []Attribute) ([]byte, error) {
+	spec, err := asn1.Marshal(attribute{Type: oidTPMSpecification, Values: []tpmSpecification{{info.Family, info.Level, info.Revision}}})
+	if err != nil {
+		return nil, err
+	}
+	encoded := [][]byte{spec}
+	for _, a := range extra {
+		b, err := marshalAttribute(a)
+		if err != nil {
+			return nil, err
+		}
+		encoded = append(encoded, b)
+	}
+	return marshalDirectoryAttributes(encoded...)
 }
 
 func checkKey(pub crypto.PublicKey) error {
@@ -172,7 +189,7 @@ func (ca *CA) template(ctx context.Context, pub crypto.PublicKey, vmid string, t
 	if err := checkKey(pub); err != nil {
 		return nil, err
 	}
-	serial, err := ca.NextSerial(ctx)
+	serial, err := ca.nextSerial(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -213,7 +230,7 @@ func (ca *CA) IssueEK(ctx context.Context, req EKRequest) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	sda, err := subjectDirectoryAttributes(req.TPM)
+	sda, err := subjectDirectoryAttributes(req.TPM, req.Attributes)
 	if err != nil {
 		return nil, err
 	}
@@ -276,6 +293,21 @@ func (ca *CA) IssuePlatform(ctx context.Context, req PlatformRequest) ([]byte, e
 		return nil, err
 	}
 	tmpl.ExtraExtensions = []pkix.Extension{{Id: oidSubjectAltName, Critical: true, Value: san}}
+	if len(req.Attributes) > 0 {
+		var encoded [][]byte
+		for _, a := range req.Attributes {
+			b, err := marshalAttribute(a)
+			if err != nil {
+				return nil, err
+			}
+			encoded = append(encoded, b)
+		}
+		sda, err := marshalDirectoryAttributes(encoded...)
+		if err != nil {
+			return nil, err
+		}
+		tmpl.ExtraExtensions = append(tmpl.ExtraExtensions, pkix.Extension{Id: oidSubjectDirectoryAttrs, Value: sda})
+	}
 	tmpl.UnknownExtKeyUsage = []asn1.ObjectIdentifier{oidPlatformCertificate}
 	if _, isRSA := req.PublicKey.(*rsa.PublicKey); isRSA {
 		tmpl.KeyUsage = x509.KeyUsageKeyEncipherment

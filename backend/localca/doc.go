@@ -14,4 +14,10 @@
 // tpmModel and tpmVersion in a critical subjectAltName directory name, tpmSpecification in
 // subjectDirectoryAttributes, the EK certificate EKU, key usage by key type) and mark the TPM
 // as virtual in the subject (OU "virtual TPM"), so a verifier can tell a vTPM from hardware.
+//
+// NewWithSigner makes the same certificates with any crypto.Signer as the CA's key (the host
+// manager's key inside the hardware TPM) and random serial numbers, and a request's
+// Attributes go into subjectDirectoryAttributes, whose attribute types may be 2.25.<UUID>
+// OIDs (which encoding/asn1 cannot hold; Go's x509 still parses such certificates because
+// the extension's value is opaque to it). DirectoryAttributes reads them back.
 package localca
