@@ -21,6 +21,19 @@ root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,proc,sys,dev}
 cp "$W/x/bin/busybox" "$root/bin/busybox"
+# tpm2-tools, for the guest modes that use stock tools (deep attestation): the tpm2 binary and
+# its tpm2_* links, the shared libraries ldd finds, the dynamic loader, and the device TCTI that
+# libtss2-tctildr opens at run time (/dev/tpmrm0, /dev/tpm0)
+if [ -x /usr/bin/tpm2 ]; then
+  mkdir -p "$root/usr/bin" "$root/tmp"
+  cp /usr/bin/tpm2 "$root/usr/bin/tpm2"
+  for l in /usr/bin/tpm2_*; do ln -s tpm2 "$root/usr/bin/${l##*/}"; done
+  tcti=$(/sbin/ldconfig -p | awk '/libtss2-tcti-device\.so\.0 /{print $NF; exit}')
+  [ -n "$tcti" ] || { echo "build-guest: libtss2-tcti-device not found (apt-get install libtss2-tcti-device0)" >&2; exit 1; }
+  for f in $( (ldd /usr/bin/tpm2; ldd "$tcti"; echo "$tcti") | grep -o '/[^ ]*' | sort -u); do
+    cp -L --parents "$f" "$root"
+  done
+fi
 (cd "$top" && CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$root/bin/guest" ./integration/guest)
 cat > "$root/init" <<'INIT'
 #!/bin/busybox sh

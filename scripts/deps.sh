@@ -1,7 +1,7 @@
 #!/bin/bash
 # Install what vtpmd's build, tests, demo and benchmarks need on Debian 12, idempotently.
 set -euo pipefail
-pkgs=(libtpms-dev pkg-config swtpm swtpm-tools qemu-system-x86 ovmf tpm2-tools libtss2-tcti-swtpm0
+pkgs=(libtpms-dev pkg-config swtpm swtpm-tools qemu-system-x86 ovmf tpm2-tools libtss2-tcti-swtpm0 libtss2-tcti-device0
       socat busybox-static openssl libvirt-daemon-system libvirt-clients)
 missing=()
 for p in "${pkgs[@]}"; do

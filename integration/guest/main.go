@@ -82,6 +82,9 @@ func main() {
 	if cert, err := readNV(tp, 0x01c00016); err == nil {
 		blob("ekcert-ecc", cert)
 	}
+	if has("attest") {
+		deepAttest(modes)
+	}
 	a := bytes.Repeat([]byte("A"), 32)
 	if has("nvmark") {
 		// persistent marker: define once, then count boots in it
