@@ -27,10 +27,12 @@ func migLoop(tp transport.TPM) {
 	a := bytes.Repeat([]byte("A"), 32)
 	cur, err := tpmclient.NVRead(tp, migCounterIndex, 8, 0)
 	if err != nil {
+		cur = make([]byte, 8)
 		if err := tpmclient.NVDefine(tp, migCounterIndex, 8); err != nil {
 			say("error", fmt.Sprintf("NV_DefineSpace: %v", err))
+		} else if err := tpmclient.NVWrite(tp, migCounterIndex, cur, 0); err != nil {
+			say("error", fmt.Sprintf("NV_Write: %v", err))
 		}
-		cur = make([]byte, 8)
 	}
 	acked := binary.BigEndian.Uint64(cur)
 	say("nvcount_start", acked)
