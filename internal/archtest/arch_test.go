@@ -36,7 +36,8 @@ var allowed = map[string][]string{
 
 	"manager/registry": {},
 	"manager/hwtpm":    {},
-	"manager":          {"backend/seam", "backend/blob", "backend/store", "emulator", "manager/hwtpm", "manager/registry"},
+	"manager/attest":   {"manager/eventlog"},
+	"manager":          {"backend/seam", "backend/blob", "backend/store", "emulator", "manager/attest", "manager/hwtpm", "manager/registry"},
 
 	"libvirt": {"manager", "manager/registry"},
 

@@ -1,0 +1,117 @@
+package attest
+
+import (
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+
+	"github.com/vtpmd/vtpmd/manager/eventlog"
+)
+
+// trustedKey is the host AK as the verifier trusts it: its key, its TPM name when known,
+// and how it came to be trusted.
+type trustedKey struct {
+	key  crypto.PublicKey
+	name []byte
+	how  string
+}
+
+// hostKey finds the host AK from the evidence: a certificate that chains to the trust anchors,
+// or a public key given on trust.
+func hostKey(ev Evidence, rep *Report) (*trustedKey, error) {
+	switch {
+	case len(ev.HostAKCert) > 0:
+		return hostKeyFromCert(ev)
+	case len(ev.HostAKPublic) > 0:
+		if p, err := ParsePublic(ev.HostAKPublic); err == nil {
+			return &trustedKey{key: p.Key, name: p.Name, how: "its public key given to the verifier"}, nil
+		}
+		der := ev.HostAKPublic
+		if blk, _ := pem.Decode(der); blk != nil {
+			der = blk.Bytes
+		}
+		k, err := x509.ParsePKIXPublicKey(der)
+		if err != nil {
+			return nil, fmt.Errorf("%w: host AK public key: neither a TPM2B_PUBLIC nor a PKIX public key: %w", ErrHostKey, err)
+		}
+		return &trustedKey{key: k, how: "its public key given to the verifier"}, nil
+	}
+	return nil, fmt.Errorf("%w: the host AK's certificate (with trust anchors) or public key is needed", ErrInput)
+}
+
+// hostKeyFromCert verifies the host AK certificate up to the trust anchors.
+func hostKeyFromCert(ev Evidence) (*trustedKey, error) {
+	certs, err := parseCerts(ev.HostAKCert)
+	if err != nil || len(certs) == 0 {
+		return nil, fmt.Errorf("%w: host AK certificate: %v", ErrHostKey, err)
+	}
+	anchors, err := parseCerts(ev.TrustAnchors)
+	if err != nil || len(anchors) == 0 {
+		return nil, fmt.Errorf("%w: trust anchors are needed with a certificate: %v", ErrInput, err)
+	}
+	roots, inter := x509.NewCertPool(), x509.NewCertPool()
+	for _, c := range anchors {
+		roots.AddCert(c)
+	}
+	for _, c := range certs[1:] {
+		inter.AddCert(c)
+	}
+	opts := x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}, CurrentTime: ev.Now}
+	chains, err := certs[0].Verify(opts)
+	if err != nil {
+		return nil, fmt.Errorf("%w: host AK certificate: %w", ErrHostKey, err)
+	}
+	return &trustedKey{key: certs[0].PublicKey,
+		how: fmt.Sprintf("certificate %q, chained to trust anchor %q", certs[0].Subject, chains[0][len(chains[0])-1].Subject)}, nil
+}
+
+// parseCerts reads PEM certificates, or one DER certificate.
+func parseCerts(b []byte) ([]*x509.Certificate, error) {
+	var out []*x509.Certificate
+	rest := b
+	for {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			break
+		}
+		if blk.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	if len(out) == 0 && len(b) > 0 {
+		c, err := x509.ParseCertificate(b)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	return out, nil
+}
+
+// replayLog replays the host's event log and returns the values of the selected PCRs (in
+// ascending order) and the number of events.
+func replayLog(log []byte, sel PCRSelection) ([][]byte, int, error) {
+	l, err := eventlog.Parse(log)
+	if err != nil {
+		return nil, 0, err
+	}
+	all, err := l.Replay(sel.Hash)
+	if err != nil {
+		return nil, 0, err
+	}
+	var out [][]byte
+	for _, p := range sel.PCRs() {
+		if p >= len(all) {
+			return nil, 0, fmt.Errorf("PCR %d is outside the log's PCRs", p)
+		}
+		out = append(out, all[p])
+	}
+	return out, len(l.Events), nil
+}
