@@ -15,15 +15,15 @@ import (
 
 // TPM constants used here (TPM 2.0 Part 2).
 const (
-	algSHA1     = 0x0004
-	algSHA256   = 0x000b
-	algSHA384   = 0x000c
-	algSHA512   = 0x000d
-	algRSASSA   = 0x0014
-	algRSAPSS   = 0x0016
-	algECDSA    = 0x0018
-	generated   = 0xff544347 // TPM_GENERATED_VALUE
-	stAttQuote  = 0x8018     // TPM_ST_ATTEST_QUOTE
+	algSHA1    = 0x0004
+	algSHA256  = 0x000b
+	algSHA384  = 0x000c
+	algSHA512  = 0x000d
+	algRSASSA  = 0x0014
+	algRSAPSS  = 0x0016
+	algECDSA   = 0x0018
+	generated  = 0xff544347 // TPM_GENERATED_VALUE
+	stAttQuote = 0x8018     // TPM_ST_ATTEST_QUOTE
 )
 
 // ErrUnsupported: a hash or signature algorithm this verifier does not handle.
