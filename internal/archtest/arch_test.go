@@ -34,10 +34,13 @@ var allowed = map[string][]string{
 	// vtpmd run: manufactures in-process, serves from a `vtpmd socket` child, runs QEMU
 	"backend/qemu": {"backend/setup", "backend/setup/provision", "backend/localca"},
 
-	"manager/registry": {},
-	"manager/hwtpm":    {},
-	"manager/attest":   {"manager/eventlog"},
-	"manager":          {"backend/seam", "backend/blob", "backend/store", "emulator", "manager/attest", "manager/hwtpm", "manager/registry"},
+	"manager/registry":   {},
+	"manager/hwtpm":      {},
+	"manager/attest":     {"manager/eventlog"},
+	"manager/eventlog":   {},
+	"manager/projection": {"manager/eventlog"},
+	"manager": {"backend/seam", "backend/blob", "backend/store", "emulator", "manager/attest", "manager/hwtpm", "manager/registry",
+		"manager/eventlog", "manager/projection"},
 
 	"libvirt": {"manager", "manager/registry"},
 
