@@ -60,6 +60,8 @@ type Server struct {
 	mu     sync.Mutex // guards ledger and serializes ledger writes
 	ledger *ledger
 	store  *ledgerStore
+
+	identity *hostIdentity // the host's hardware identity (identity.go); nil: none
 }
 
 const ledgerKeyName = "ledger-key.sealed"
@@ -91,7 +93,13 @@ func New(ctx context.Context, cfg Config, hw Hardware) (*Server, error) {
 			return nil, fmt.Errorf("the manager's own executable: %w", err)
 		}
 	}
-	return &Server{cfg: cfg, hw: hw, log: log, ledger: l, store: st}, nil
+	s := &Server{cfg: cfg, hw: hw, log: log, ledger: l, store: st}
+	if s.identity, err = openIdentity(ctx, cfg.Dir, hw, log); err != nil {
+		// the manager still seals and counts; attestation and certificates say why not
+		log.Warn("no host identity", "err", err)
+		s.identity = nil
+	}
+	return s, nil
 }
 
 // ledgerKey unseals the key that authenticates the ledger, creating and sealing one on first

@@ -164,3 +164,24 @@ func FuzzParseDirectoryAttributes(f *testing.F) {
 		_ = out
 	})
 }
+
+// FuzzParseHostAttribute: any value is parsed or refused without a panic; what parses
+// encodes back to the same bytes.
+func FuzzParseHostAttribute(f *testing.F) {
+	a, err := HostAttribute{AKName: []byte{0, 11, 1, 2, 3}, VMUUID: "2b6c0a9e-4ab1-4bd1-9a5f-0f6d1b5ac2a1"}.Attribute()
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(a.Values[0])
+	f.Add([]byte{0x30, 0x03, 0x02, 0x01, 0x01})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, err := ParseHostAttribute(b)
+		if err != nil {
+			return
+		}
+		back, err := h.Attribute()
+		if err != nil || !bytes.Equal(back.Values[0], b) {
+			t.Fatalf("%x parsed as %+v, encodes back as %v, %v", b, h, back, err)
+		}
+	})
+}
