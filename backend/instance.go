@@ -1,11 +1,14 @@
 package backend
 
 import (
+	"context"
 	"errors"
 	"fmt"
-	"github.com/vtpmd/vtpmd/backend/seam"
 	"log/slog"
 	"sync"
+	"time"
+
+	"github.com/vtpmd/vtpmd/backend/seam"
 
 	"github.com/vtpmd/vtpmd/emulator/libtpms"
 	"github.com/vtpmd/vtpmd/internal/tpmwire"
@@ -46,6 +49,9 @@ type Config struct {
 	// Guard sees every data-channel command and every successful TPM2_Startup(CLEAR); nil:
 	// none.
 	Guard seam.Guard
+	// Blobs seals the state blobs that leave and opens those that arrive (secure migration
+	// under a manager); nil: swtpm's blobs as they are.
+	Blobs seam.BlobHook
 	Log   *slog.Logger
 }
 
@@ -61,7 +67,23 @@ type Instance struct {
 	mu          sync.Mutex // serializes lifecycle transitions
 	lockRetries int        // guarded by mu; retries for the next lock attempt
 	deferLock   bool       // guarded by mu; --migration incoming and no state received yet
+
+	// with a BlobHook (guarded by mu): blobs SET_STATEBLOB received, opened at the next INIT;
+	// whether the hook must admit the next command; the final refusal once released
+	incoming  map[uint32]incomingBlob
+	needAdmit bool
+	released  error
 }
+
+// incomingBlob is one SET_STATEBLOB kept for the hook until INIT.
+type incomingBlob struct {
+	encrypted bool
+	b         []byte
+}
+
+// hookTimeout bounds one call of the blob hook (a round trip to the manager, which may ask
+// another host's manager).
+const hookTimeout = 45 * time.Second
 
 // New opens libtpms for this process with the instance's configuration. The TPM is stopped.
 func New(cfg Config) (*Instance, error) {
@@ -73,7 +95,7 @@ func New(cfg Config) (*Instance, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open tpm engine: %w", err)
 	}
-	return &Instance{cfg: cfg, eng: eng, log: log, deferLock: cfg.IncomingMigration}, nil
+	return &Instance{cfg: cfg, eng: eng, log: log, deferLock: cfg.IncomingMigration, needAdmit: cfg.Blobs != nil}, nil
 }
 
 // Engine exposes the engine (for in-process tools such as provisioning and benchmarks).
@@ -125,9 +147,19 @@ func (in *Instance) StartWith(startup []byte) ([]byte, error) { return in.powerO
 func (in *Instance) powerOn(flags uint32, startup []byte) ([]byte, error) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
+	imported, err := in.admitOrImportLocked()
+	if err != nil {
+		return nil, err
+	}
 	if in.eng.Running() {
 		in.autoShutdownLocked()
 		in.eng.Stop()
+	}
+	if imported != nil {
+		// the opened blobs go to libtpms now, permanent first, for this INIT to load
+		if err := in.setImportedLocked(imported); err != nil {
+			return nil, err
+		}
 	}
 	// the startup command is a TPM command: like Process, it needs the lock even while an
 	// incoming migration defers it
@@ -142,7 +174,7 @@ func (in *Instance) powerOn(flags uint32, startup []byte) ([]byte, error) {
 	if deferrable {
 		ds.Defer()
 	}
-	err := in.eng.Start()
+	err = in.eng.Start()
 	if err != nil && in.cfg.Version == emulator.TPM12 {
 		// libtpms 1.2 passes its state callback's result on as its own (ResultOf's loadTable)
 		err = fmt.Errorf("%w: %w", errNVResultPassedOn, err)
@@ -187,6 +219,9 @@ func (in *Instance) autoShutdownLocked() {
 	if in.cfg.Version != emulator.TPM2 || in.cfg.DisableAutoShutdown || !in.eng.Running() {
 		return
 	}
+	if in.needAdmit || in.released != nil {
+		return // exported state: the TPM runs nothing more unless the hook admits it
+	}
 	if in.eng.LastOrdinal() == tpmwire.CCShutdown {
 		return
 	}
@@ -222,6 +257,10 @@ func (in *Instance) lockLocked() error {
 // Process implements socket.TPM: one TPM command, after making sure the state is locked.
 func (in *Instance) Process(cmd []byte) ([]byte, error) {
 	in.mu.Lock()
+	if err := in.admitLocked(); err != nil {
+		in.mu.Unlock()
+		return nil, err
+	}
 	if err := in.lockLocked(); err != nil {
 		in.mu.Unlock()
 		return nil, fmt.Errorf("%w: %w", ErrLockLost, err)
@@ -415,6 +454,19 @@ func (in *Instance) GetStateBlob(typ uint32, decrypt bool) ([]byte, bool, error)
 	if err != nil {
 		return nil, false, fmt.Errorf("wrap %s: %w", t.Name(), err)
 	}
+	if in.cfg.Blobs != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), hookTimeout)
+		defer cancel()
+		sealed, err := in.cfg.Blobs.Export(ctx, typ, b)
+		clear(b)
+		if err != nil {
+			in.log.Error("sealing the state blob for migration", "type", t.Name(), "err", err)
+			return nil, false, fmt.Errorf("seal %s blob for migration: %w", t.Name(), err)
+		}
+		// whatever happens to the sealed state, the instance asks before it goes on
+		in.needAdmit = true
+		return sealed, enc, nil
+	}
 	return b, enc, nil
 }
 
@@ -430,6 +482,22 @@ func (in *Instance) SetStateBlob(typ uint32, encrypted bool, b []byte) error {
 	if err := in.lockLocked(); err != nil {
 		return err
 	}
+	if in.cfg.Blobs != nil {
+		// kept for the hook, which opens every blob of the migration at INIT at once
+		if in.incoming == nil {
+			in.incoming = map[uint32]incomingBlob{}
+		}
+		if len(b) == 0 {
+			delete(in.incoming, typ)
+			return in.eng.SetState(t, nil)
+		}
+		in.incoming[typ] = incomingBlob{encrypted: encrypted, b: b}
+		return nil
+	}
+	if seam.IsSealed(b) {
+		in.log.Error("refusing state blob", "type", t.Name(), "err", errSealedNoHook)
+		return fmt.Errorf("%s blob: %w", t.Name(), errSealedNoHook)
+	}
 	var plain []byte
 	if len(b) > 0 {
 		plain, err = blob.UnwrapMigration(b, encrypted, in.cfg.StateKey, in.cfg.MigrationKey)
@@ -443,4 +511,102 @@ func (in *Instance) SetStateBlob(typ uint32, encrypted bool, b []byte) error {
 		return err
 	}
 	return nil
+}
+
+// errSealedNoHook refuses a sealed migration blob on a vTPM without a manager.
+var errSealedNoHook = fmt.Errorf("%w: the state blob is sealed by a vtpmd manager for secure migration, "+
+	"and this vTPM runs without a manager to open it", blob.ErrMalformed)
+
+// admitLocked asks the hook whether the instance may run its next command (after it started,
+// and after an export); a refusal that says the state was released stands for good (mu held).
+func (in *Instance) admitLocked() error {
+	if in.released != nil {
+		return in.released
+	}
+	if !in.needAdmit {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), hookTimeout)
+	defer cancel()
+	if err := in.cfg.Blobs.Admit(ctx); err != nil {
+		if errors.Is(err, seam.ErrReleased) {
+			in.released = err
+			in.log.Error("the vTPM's state went to another instance: refusing every command", "err", err)
+		} else {
+			in.log.Error("the manager did not admit the vTPM's next command", "err", err)
+		}
+		return err
+	}
+	in.needAdmit = false
+	return nil
+}
+
+// admitOrImportLocked is INIT's question to the hook: with blobs received, the hook opens
+// them (an import, which also admits the instance); otherwise the instance is admitted as
+// for any command (mu held). The blobs received are gone either way.
+func (in *Instance) admitOrImportLocked() (map[uint32]incomingBlob, error) {
+	if in.cfg.Blobs == nil || len(in.incoming) == 0 {
+		return nil, in.admitLocked()
+	}
+	got := in.incoming
+	in.incoming = nil
+	if in.released != nil {
+		// a new state may arrive for an instance whose old one went away (a migration back)
+		in.released = nil
+	}
+	sealed := make(map[uint32][]byte, len(got))
+	for typ, ib := range got {
+		sealed[typ] = ib.b
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), hookTimeout)
+	defer cancel()
+	opened, err := in.cfg.Blobs.Import(ctx, sealed)
+	if err != nil {
+		in.clearCachedLocked()
+		in.log.Error("refusing the migrated state", "err", err)
+		return nil, fmt.Errorf("import migrated state: %w", err)
+	}
+	out := make(map[uint32]incomingBlob, len(opened))
+	for typ, b := range opened {
+		if _, ok := got[typ]; !ok {
+			in.clearCachedLocked()
+			return nil, fmt.Errorf("import migrated state: the hook returned a blob of type %d that did not arrive", typ)
+		}
+		out[typ] = incomingBlob{encrypted: got[typ].encrypted, b: b}
+	}
+	in.needAdmit = false
+	return out, nil
+}
+
+// setImportedLocked hands opened blobs to libtpms, permanent before volatile (mu held); on
+// failure none stays cached.
+func (in *Instance) setImportedLocked(blobs map[uint32]incomingBlob) error {
+	for _, typ := range []uint32{socket.BlobPermanent, socket.BlobVolatile, socket.BlobSavestate} {
+		ib, ok := blobs[typ]
+		if !ok {
+			continue
+		}
+		t, _ := stateType(typ)
+		plain, err := blob.UnwrapMigration(ib.b, ib.encrypted, in.cfg.StateKey, in.cfg.MigrationKey)
+		clear(ib.b)
+		if err == nil {
+			err = in.eng.SetState(t, plain)
+			clear(plain)
+		}
+		if err != nil {
+			in.clearCachedLocked()
+			in.log.Error("refusing migrated state blob", "type", t.Name(), "err", err)
+			return fmt.Errorf("migrated %s blob: %w", t.Name(), err)
+		}
+	}
+	return nil
+}
+
+// clearCachedLocked drops state blobs cached in libtpms for the next INIT.
+func (in *Instance) clearCachedLocked() {
+	for _, t := range []emulator.StateType{emulator.StatePermanent, emulator.StateVolatile, emulator.StateSave} {
+		if err := in.eng.SetState(t, nil); err != nil {
+			in.log.Debug("clear cached state", "type", t.Name(), "err", err)
+		}
+	}
 }

@@ -66,6 +66,9 @@ type RunConfig struct {
 	Keys seam.KeySource
 	// Guard sees the data channel's commands (nil: none).
 	Guard seam.Guard
+	// Blobs seals and opens state blobs for secure migration (nil: the Guard's, if it is
+	// also a seam.BlobHook, else none).
+	Blobs seam.BlobHook
 	// IncomingMigration and DisableAutoShutdown are as in Config.
 	IncomingMigration, DisableAutoShutdown bool
 	// PowerOn starts the TPM before serving (--flags not-need-init), running Startup.
@@ -169,7 +172,7 @@ func runVTPM(ctx context.Context, cfg RunConfig, serving chan<- struct{}) error 
 	inst, err := New(Config{
 		Version: cfg.Version, Store: st, StateKey: keys.State, MigrationKey: keys.Migration,
 		IncomingMigration: cfg.IncomingMigration, DisableAutoShutdown: cfg.DisableAutoShutdown,
-		Guard: cfg.Guard, Log: log,
+		Guard: cfg.Guard, Blobs: blobHook(cfg), Log: log,
 	})
 	if err != nil {
 		return err
@@ -192,6 +195,15 @@ func runVTPM(ctx context.Context, cfg RunConfig, serving chan<- struct{}) error 
 	}
 	close(serving)
 	return serve(ctx, inst, ctrl, data, cfg, log)
+}
+
+// blobHook is the configured blob hook, or the guard's when the guard is also one (the
+// manager's instance guard carries its migration hook).
+func blobHook(cfg RunConfig) seam.BlobHook {
+	if cfg.Blobs != nil {
+		return cfg.Blobs
+	}
+	return seam.BlobHookOf(cfg.Guard)
 }
 
 // storeOptions adds what the key source asks for: the state key and, when someone records

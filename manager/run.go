@@ -32,7 +32,9 @@ type RunConfig struct {
 	// CounterIndex is the hardware NV index of the ledger's monotonic counter.
 	CounterIndex uint32
 	RegistryDir  string
-	Log          *slog.Logger
+	// Migration is secure migration's configuration (its listener is served with the API).
+	Migration MigrationConfig
+	Log       *slog.Logger
 }
 
 // DefaultCounterIndex is an owner NV index for the ledger's counter.
@@ -59,6 +61,12 @@ func Run(ctx context.Context, cfg RunConfig) error {
 	srv, err := New(ctx, Config{Dir: cfg.Dir, AutoEnroll: cfg.AutoEnroll, RecoveryKey: rk,
 		Registry: registry.New(cfg.RegistryDir), Log: log}, hw)
 	if err != nil {
+		return err
+	}
+	if err := srv.ConfigureMigration(cfg.Migration); err != nil {
+		return err
+	}
+	if err := srv.startMigration(ctx); err != nil {
 		return err
 	}
 	ln, err := listenAPI(cfg.Listen, cfg.Group)

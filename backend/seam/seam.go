@@ -2,6 +2,7 @@ package seam
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/vtpmd/vtpmd/backend/blob"
@@ -124,4 +125,53 @@ func (l guardList) Done(cmd, rsp []byte, exec Exec) {
 	for _, g := range l {
 		g.Done(cmd, rsp, exec)
 	}
+}
+
+// BlobHook is the seam for secure migration under a manager. It sees every state blob that
+// leaves the instance (GET_STATEBLOB: QEMU's migration stream, virsh save) and every one that
+// arrives (SET_STATEBLOB, handed over at the next INIT), and it decides whether the instance
+// may go on after it exported its state. Blob types are swtpm's (1 permanent, 2 volatile, 3
+// savestate); blobs are swtpm's migration blobs on the instance's side of the hook.
+type BlobHook interface {
+	// Export returns what leaves in place of b (typ's migration blob), opaque to QEMU. An
+	// error fails GET_STATEBLOB (QEMU's migration fails; the instance goes on).
+	Export(ctx context.Context, typ uint32, b []byte) ([]byte, error)
+	// Import turns the blobs SET_STATEBLOB received since the last INIT (by type) back into
+	// migration blobs, at that INIT, before anything is loaded. An error refuses them all and
+	// fails the INIT; nothing was written.
+	Import(ctx context.Context, blobs map[uint32][]byte) (map[uint32][]byte, error)
+	// Admit is asked before the instance's first command (INIT or TPM command) after it
+	// started and after every export: nil lets it run (an export that was not released is
+	// cancelled, never releasable afterwards); an error refuses the command, for good when it
+	// wraps ErrReleased.
+	Admit(ctx context.Context) error
+}
+
+// ErrReleased says that this instance's state was handed to another instance (the key of its
+// exported state was released): it must not execute another command.
+var ErrReleased = errors.New("the vTPM's state was released to another instance (migrated away)")
+
+// SealedMagic begins a blob sealed by a BlobHook (vtpmd's migration envelope): not swtpm's
+// header (version 'V', min_version 'T' > 2), so swtpm and a vTPM without a manager refuse it.
+const SealedMagic = "VTPMDMIG"
+
+// IsSealed reports whether b is a sealed migration blob (a BlobHook's Export).
+func IsSealed(b []byte) bool {
+	return len(b) >= len(SealedMagic) && string(b[:len(SealedMagic)]) == SealedMagic
+}
+
+// BlobHookOf is the BlobHook among a guard's parts (a guard that is also a hook, alone or
+// combined by Guards), or nil.
+func BlobHookOf(g Guard) BlobHook {
+	switch g := g.(type) {
+	case BlobHook:
+		return g
+	case guardList:
+		for _, p := range g {
+			if h := BlobHookOf(p); h != nil {
+				return h
+			}
+		}
+	}
+	return nil
 }
