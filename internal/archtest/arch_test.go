@@ -36,10 +36,10 @@ var allowed = map[string][]string{
 
 	"manager/registry":   {},
 	"manager/hwtpm":      {},
-	"manager/attest":     {"manager/eventlog"},
+	"manager/attest":     {"manager/eventlog", "manager/hwtpm", "backend/localca"},
 	"manager/eventlog":   {},
 	"manager/projection": {"manager/eventlog"},
-	"manager": {"backend/seam", "backend/blob", "backend/store", "emulator", "manager/attest", "manager/hwtpm", "manager/registry",
+	"manager": {"backend/seam", "backend/blob", "backend/store", "backend/localca", "emulator", "manager/attest", "manager/hwtpm", "manager/registry",
 		"manager/eventlog", "manager/projection"},
 
 	"libvirt": {"manager", "manager/registry"},
