@@ -52,6 +52,7 @@ func newVtpmdApp() *cli.App {
 			statusCommand(),
 			managerCommand(),
 			runCommand(),
+			attestCommand(),
 		},
 	}
 }

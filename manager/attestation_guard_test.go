@@ -1,0 +1,167 @@
+package manager
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/binary"
+	"log/slog"
+	"testing"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/google/go-tpm/tpm2/transport/linuxudstpm"
+
+	"github.com/vtpmd/vtpmd/internal/swtpmtest"
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
+	"github.com/vtpmd/vtpmd/manager/attest"
+)
+
+// recorder keeps the last command sent through it.
+type recorder struct {
+	tp   transport.TPM
+	last []byte
+}
+
+func (r *recorder) Send(cmd []byte) ([]byte, error) {
+	r.last = bytes.Clone(cmd)
+	return r.tp.Send(cmd)
+}
+
+// TestAttestIndices: the guard's indices as a guest sees them, on Debian's swtpm as the vTPM
+// right after TPM2_Startup(CLEAR): the guest writes a nonce (plain and in a session with
+// encrypted parameters) and the guard reads it back; the guard writes the report and the
+// guest reads it with owner authorization but can neither write it nor, once the firmware
+// set platform auth, delete it; a second startup defines both afresh.
+func TestAttestIndices(t *testing.T) {
+	sw := swtpmtest.Start(t)
+	conn, err := linuxudstpm.Open(sw.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	exec := conn.Send
+	auth := bytes.Repeat([]byte{0x5a}, 32)
+	if err := defineIndices(conn, auth); err != nil {
+		t.Fatal(err)
+	}
+	// the firmware sets platform auth (as OVMF does)
+	platAuth := make([]byte, 32)
+	rand.Read(platAuth)
+	if _, err := (tpm2.HierarchyChangeAuth{AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHPlatform, Auth: tpm2.PasswordAuth(nil)},
+		NewAuth: tpm2.TPM2BAuth{Buffer: platAuth}}).Execute(conn); err != nil {
+		t.Fatal(err)
+	}
+	guest := &recorder{tp: conn}
+	nonce := []byte("a fresh nonce of 29 bytes....")
+	pub, err := (tpm2.NVReadPublic{NVIndex: nonceNV}).Execute(guest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// the guest's write, as tpm2_nvwrite sends it (index auth), with encrypted parameters
+	sess := tpm2.HMAC(tpm2.TPMAlgSHA256, 16, tpm2.AESEncryption(128, tpm2.EncryptIn))
+	if _, err := (tpm2.NVWrite{
+		AuthHandle: tpm2.AuthHandle{Handle: nonceNV, Name: pub.NVName, Auth: sess},
+		NVIndex:    tpm2.NamedHandle{Handle: nonceNV, Name: pub.NVName},
+		Data:       tpm2.TPM2BMaxNVBuffer{Buffer: nonce},
+	}).Execute(guest); err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(guest.last, nonce) {
+		t.Fatal("the nonce went in the clear: parameter encryption not in use")
+	}
+	end, ok := nonceWrite(guest.last)
+	if !ok || end != len(nonce) {
+		t.Fatalf("nonceWrite = %d, %v; want %d, true", end, ok, len(nonce))
+	}
+	got, err := readNonce(conn, end)
+	if err != nil || !bytes.Equal(got, nonce) {
+		t.Fatalf("nonce read back %q, %v", got, err)
+	}
+	if end, ok := nonceWrite(nvWriteTo(NonceIndex)); !ok || end != 4 {
+		t.Fatalf("a password-session write of 4 bytes: %d, %v", end, ok)
+	}
+	if _, ok := nonceWrite(nvWriteTo(ReportIndex)); ok {
+		t.Fatal("a write to another index taken for a nonce")
+	}
+
+	// the guard writes the report; the guest reads it with owner auth
+	report := bytes.Repeat([]byte("report "), 200)
+	if err := writeReport(conn, auth, report); err != nil {
+		t.Fatal(err)
+	}
+	read := guestReadReport(t, conn)
+	if !bytes.Equal(read[:len(report)], report) || !bytes.Equal(read[len(report):], make([]byte, attest.MaxReportSize-len(report))) {
+		t.Fatal("report read back differs")
+	}
+	// the guest cannot write it (no auth, owner auth) nor delete it
+	rpub, _ := tpm2.NVReadPublic{NVIndex: reportNV}.Execute(conn)
+	for _, h := range []tpm2.TPMHandle{reportNV, tpm2.TPMRHOwner} {
+		if _, err := (tpm2.NVWrite{AuthHandle: tpm2.AuthHandle{Handle: h, Name: nameOf(h, rpub.NVName), Auth: tpm2.PasswordAuth(nil)},
+			NVIndex: tpm2.NamedHandle{Handle: reportNV, Name: rpub.NVName}, Data: tpm2.TPM2BMaxNVBuffer{Buffer: []byte("forged")}}).Execute(conn); err == nil {
+			t.Fatalf("the guest wrote the report index with handle 0x%x", h)
+		}
+	}
+	for _, h := range []tpm2.TPMHandle{tpm2.TPMRHOwner, tpm2.TPMRHPlatform} {
+		if _, err := (tpm2.NVUndefineSpace{AuthHandle: tpm2.AuthHandle{Handle: h, Auth: tpm2.PasswordAuth(nil)},
+			NVIndex: tpm2.NamedHandle{Handle: reportNV, Name: rpub.NVName}}).Execute(conn); err == nil {
+			t.Fatalf("the guest deleted the report index with 0x%x", h)
+		}
+	}
+	// the EK: the template's, as no persistent one exists here
+	ek, err := ekName(conn)
+	if err != nil || len(ek) != 34 {
+		t.Fatalf("ek name %x, %v", ek, err)
+	}
+	d, err := pcrDigest(conn, vtpmPCRs)
+	if err != nil || len(d) != 32 {
+		t.Fatalf("pcr digest %x, %v", d, err)
+	}
+
+	// a reboot: Startup(CLEAR) resets platform auth; the guard defines both indices afresh
+	sw.Restart()
+	g := &attestGuard{log: slog.New(slog.DiscardHandler)}
+	if err := g.Started(exec); err != nil || g.auth == nil {
+		t.Fatalf("Started: %v (auth set: %v)", err, g.auth != nil)
+	}
+	if _, err := (tpm2.NVReadPublic{NVIndex: reportNV}).Execute(conn); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := readNonce(conn, 4); err == nil { // never written since
+		t.Fatal("the nonce index kept its old contents across a startup")
+	}
+}
+
+func nameOf(h tpm2.TPMHandle, nvName tpm2.TPM2BName) tpm2.TPM2BName {
+	if h == reportNV {
+		return nvName
+	}
+	return tpm2.HandleName(h)
+}
+
+func guestReadReport(t *testing.T, tp transport.TPM) []byte {
+	t.Helper()
+	pub, err := tpm2.NVReadPublic{NVIndex: reportNV}.Execute(tp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []byte
+	for off := 0; off < attest.MaxReportSize; off += 1024 {
+		r, err := tpm2.NVRead{AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+			NVIndex: tpm2.NamedHandle{Handle: reportNV, Name: pub.NVName}, Size: 1024, Offset: uint16(off)}.Execute(tp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, r.Data.Buffer...)
+	}
+	return out
+}
+
+// nvWriteTo is an NV_Write command of "abcd" at offset 0 to index, in a password session.
+func nvWriteTo(index uint32) []byte {
+	body := binary.BigEndian.AppendUint32(nil, index)
+	body = binary.BigEndian.AppendUint32(body, index)
+	body = binary.BigEndian.AppendUint32(body, 9)
+	body = append(body, 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0)
+	body = append(body, 0, 4, 'a', 'b', 'c', 'd', 0, 0)
+	return tpmwire.Command(uint16(tpm2.TPMSTSessions), uint32(tpm2.TPMCCNVWrite), body)
+}
