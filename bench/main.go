@@ -28,6 +28,7 @@ func main() {
 	echo := flag.String("echo", "", "internal: serve one unix-socket echo connection at this path (the Go floor)")
 	mgrClient := flag.String("manager-client", "", "internal: time a vTPM's requests to the manager on this socket")
 	tpmstate := flag.String("tpmstate", "", "internal: with -manager-client, the vTPM's state (dir=PATH), as vtpmd's --tpmstate")
+	only := flag.String("only", "", "run only this section (migration) and print it; the report files are left as they are")
 	flag.Parse()
 	if *echo != "" {
 		if err := serveEcho(*echo); err != nil {
@@ -41,14 +42,14 @@ func main() {
 		}
 		return
 	}
-	if err := bench(*vtpmd, *swtpm, *out, *readme, *iters, parseCounts(*instances)); err != nil {
+	if err := bench(*vtpmd, *swtpm, *out, *readme, *only, *iters, parseCounts(*instances)); err != nil {
 		log.Fatal(err)
 	}
 }
 
 // bench runs every measurement in a temporary directory, removed afterwards whatever happened
 // (log.Fatal would skip the deferred removal).
-func bench(vtpmd, swtpm, out, readme string, iters int, counts []int) error {
+func bench(vtpmd, swtpm, out, readme, only string, iters int, counts []int) error {
 	work, err := os.MkdirTemp("", "vtpmd-bench-")
 	if err != nil {
 		return err
@@ -71,6 +72,22 @@ func bench(vtpmd, swtpm, out, readme string, iters int, counts []int) error {
 		{name: "vtpmd", bin: vtpmd, args: []string{"socket", "--manager", "none"}},
 		{name: "swtpm", bin: swPath, args: []string{"socket"}},
 	}}
+	sections := map[string]func() (string, error){"migration": r.migrationSection}
+	if only != "" {
+		f, ok := sections[only]
+		if !ok {
+			return fmt.Errorf("-only %q: no such section (migration)", only)
+		}
+		report, err := f()
+		if err != nil {
+			return err
+		}
+		fmt.Print(report)
+		for _, s := range r.summary {
+			fmt.Printf("summary: %s | %s | %s | %s\n", s[0], s[1], s[2], s[3])
+		}
+		return nil
+	}
 	report, err := r.all(counts)
 	if err != nil {
 		return err

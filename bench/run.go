@@ -435,6 +435,11 @@ func (r *run) all(counts []int) (string, error) {
 		return "", err
 	}
 	b.WriteString(mgr)
+	mig, err := r.migrationSection()
+	if err != nil {
+		return "", err
+	}
+	b.WriteString(mig)
 	setup, err := r.setup()
 	if err != nil {
 		return "", err
