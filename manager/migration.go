@@ -12,9 +12,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -289,6 +292,7 @@ func (m *migration) export(ctx context.Context, path, cur string, typ uint32, b 
 		return "", nil, err
 	}
 	m.log.Info("state blob sealed for migration", "vm", t.Name, "state", path, "ticket", t.ID, "type", typ)
+	m.pause(ctx, StepExportSealed)
 	return t.ID, sealed, nil
 }
 
@@ -330,6 +334,7 @@ func (m *migration) importBlobs(ctx context.Context, path string, blobs map[uint
 	if sealed != len(blobs) {
 		return nil, fmt.Errorf("%w: sealed and plain blobs mixed", ErrEnvelope)
 	}
+	m.pause(ctx, StepImportReceived)
 	id := m.cfg.Identity
 	if id == nil {
 		return nil, fmt.Errorf("%w: a sealed state blob arrived; this manager cannot open it", ErrNoIdentity)
@@ -364,6 +369,7 @@ func (m *migration) importBlobs(ctx context.Context, path string, blobs map[uint
 		return nil, err
 	}
 	defer clear(key)
+	m.pause(ctx, StepKeyReceived)
 	out := make(map[uint32][]byte, len(envs))
 	for _, e := range envs {
 		plain, err := e.env.open(key)
@@ -410,6 +416,7 @@ func (m *migration) importBlobs(ctx context.Context, path string, blobs map[uint
 		}
 		return nil, err
 	}
+	m.pause(ctx, StepImportRecorded)
 	m.log.Info("migrated state opened", "kind", kind, "vm", hdr.Name, "state", path, "ticket", hdr.Ticket, "source", first.signer, "moves", moves)
 	m.events.publish(eventOf(h))
 	return out, nil
@@ -512,9 +519,9 @@ func (m *migration) releaseLocal(id string, blobs map[string]string, path string
 
 // release is the source's side of a remote release: once, to the authenticated destination.
 // The release is durable before the key is answered.
-func (m *migration) release(_ context.Context, req *releaseRequest, dest, destSubject string) (*releaseResponse, error) {
+func (m *migration) release(ctx context.Context, req *releaseRequest, dest, destSubject string) (*releaseResponse, error) {
+	m.pause(ctx, StepReleaseReceived)
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	now := time.Now().UTC()
 	var wrapped []byte
 	if t := m.rec.Tickets[req.Ticket]; t != nil {
@@ -537,6 +544,7 @@ func (m *migration) release(_ context.Context, req *releaseRequest, dest, destSu
 		m.rec.History = append(m.rec.History, h)
 		return nil
 	})
+	m.mu.Unlock()
 	if err != nil {
 		m.log.Warn("migration key release refused", "ticket", req.Ticket, "destination", destSubject, "err", err)
 		return nil, err
@@ -545,6 +553,7 @@ func (m *migration) release(_ context.Context, req *releaseRequest, dest, destSu
 	if err != nil {
 		return nil, err
 	}
+	m.pause(ctx, StepReleaseRecorded)
 	m.log.Info("migration key released", "vm", h.Name, "ticket", h.Ticket, "destination", destSubject)
 	m.events.publish(eventOf(h))
 	return &releaseResponse{Key: key, NVAuth: nvAuth}, nil
@@ -612,4 +621,45 @@ func (m *migration) nvInfo(path string) (*NVInfoResponse, error) {
 		ticketID, _ = hex.DecodeString(v.LastTicket)
 	}
 	return &NVInfoResponse{Auth: auth, Contents: nvContents(v.Moves, v.LastMove, idHash, ticketID, host)}, nil
+}
+
+// pauseEnv names the handshake steps at which a manager stops (fault-injection tests):
+// VTPMD_MIGRATION_PAUSE=step[,step]. At a step it logs "migration pause STEP", creates
+// DIR/pause-STEP and waits until that file is removed (or ctx ends).
+const pauseEnv = "VTPMD_MIGRATION_PAUSE"
+
+// Pause steps, in protocol order.
+const (
+	StepExportSealed    = "export-sealed"    // source: a blob sealed and recorded, not yet answered
+	StepReleaseReceived = "release-received" // source: an authenticated release request, not yet decided
+	StepReleaseRecorded = "release-recorded" // source: release durable, key not yet sent
+	StepReleaseSent     = "release-sent"     // source: key sent
+	StepImportReceived  = "import-received"  // destination: blobs arrived, key not yet asked for
+	StepKeyReceived     = "key-received"     // destination: key received, import not yet recorded
+	StepImportRecorded  = "import-recorded"  // destination: import recorded, vTPM not yet answered
+)
+
+func (m *migration) pause(ctx context.Context, step string) {
+	v := os.Getenv(pauseEnv)
+	if v == "" || !slices.Contains(strings.Split(v, ","), step) {
+		return
+	}
+	f := filepath.Join(m.s.cfg.Dir, "pause-"+step)
+	if err := os.WriteFile(f, nil, 0o600); err != nil {
+		m.log.Error("migration pause", "step", step, "err", err)
+		return
+	}
+	m.log.Warn("migration pause " + step)
+	fmt.Fprintf(os.Stderr, "migration pause %s\n", step)
+	for {
+		if _, err := os.Stat(f); err != nil {
+			m.log.Warn("migration pause over " + step)
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }

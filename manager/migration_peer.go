@@ -178,6 +178,10 @@ func (m *migration) handleRelease(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(resp)
 	clear(resp.Key)
+	if f, ok := w.(http.Flusher); ok {
+		f.Flush()
+	}
+	m.pause(ctx, StepReleaseSent)
 }
 
 func writePeerError(w http.ResponseWriter, err error) {

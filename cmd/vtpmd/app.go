@@ -51,6 +51,7 @@ func newVtpmdApp() *cli.App {
 			uninstallCommand(),
 			statusCommand(),
 			managerCommand(),
+			historyCommand(),
 			runCommand(),
 			attestCommand(),
 		},

@@ -20,7 +20,7 @@ func managerCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "manager",
 		Usage: "the host manager: owns the hardware TPM, seals every vTPM's state key to it",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "tpm", Value: "device:/dev/tpmrm0", Usage: "hardware TPM: device:PATH, swtpm:path=SOCK or mssim:host=H,port=P"},
 			&cli.StringFlag{Name: "dir", Value: manager.DefaultDir, Usage: "the manager's records"},
 			socketFlag,
@@ -31,12 +31,16 @@ func managerCommand() *cli.Command {
 			&cli.StringFlag{Name: "nv-index", Value: fmt.Sprintf("0x%08x", manager.DefaultCounterIndex), Usage: "hardware NV index of the ledger counter"},
 			&cli.StringFlag{Name: "registry", Usage: "registry directory (default /var/lib/vtpmd/registry)"},
 			&cli.GenericFlag{Name: "log", Value: &optFlag{allowed: daemon.LogOptions}, Usage: "file=<path>|fd=<n>[,level=<n>]"},
-		},
+		}, migrationFlags()...),
 		Subcommands: managerSubcommands(),
 		Action: func(c *cli.Context) error {
 			idx, err := strconv.ParseUint(c.String("nv-index"), 0, 32)
 			if err != nil {
 				return cli.Exit("--nv-index: "+err.Error(), 1)
+			}
+			mc, err := migrationConfig(c)
+			if err != nil {
+				return cli.Exit(err.Error(), 1)
 			}
 			lg, err := daemon.OpenLog(c.Generic("log").(*optFlag).set)
 			if err != nil {
@@ -47,7 +51,7 @@ func managerCommand() *cli.Command {
 			return exitOnError(manager.Run(c.Context, manager.RunConfig{
 				TPM: c.String("tpm"), Dir: c.String("dir"), Listen: c.String("listen"), Group: c.String("group"),
 				AutoEnroll: c.Bool("auto-enroll"), Policy: c.String("policy"), RecoveryKey: c.String("recovery-key"),
-				CounterIndex: uint32(idx), RegistryDir: c.String("registry"), Log: log,
+				CounterIndex: uint32(idx), RegistryDir: c.String("registry"), Migration: mc, Log: log,
 			}))
 		},
 	}
