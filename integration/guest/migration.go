@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"os"
+	"os/exec"
+	"strings"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
@@ -59,10 +62,32 @@ func migLoop(tp transport.TPM) {
 		fmt.Printf("GUEST: iter=%d PCR16=%X nv=%d\n", n, v, acked)
 		if info := migInfo(tp); info != lastInfo {
 			say("migration_nv", info)
+			say("migration_nv_tools", migInfoTools())
 			lastInfo = info
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+}
+
+// migInfoTools reads the migration index as a relying party in the guest would, with stock
+// tpm2-tools (owner auth): its contents in hex, or "error: ..." .
+func migInfoTools() string {
+	f, err := os.CreateTemp("", "mignv")
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	f.Close()
+	defer os.Remove(f.Name())
+	cmd := exec.Command("tpm2_nvread", "-C", "o", "-s", "136", "0x01400020", "-o", f.Name())
+	cmd.Env = append(os.Environ(), "TPM2TOOLS_TCTI=device:/dev/tpmrm0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "error: " + strings.Join(strings.Fields(string(out)), " ")
+	}
+	b, err := os.ReadFile(f.Name())
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	return fmt.Sprintf("%x", b)
 }
 
 // migInfo is the migration index's contents in hex, or "none" when it cannot be read (with
