@@ -34,12 +34,14 @@ import (
 // the snapshot with --flags not-need-init: it resumes the volatile state, so its PCRs are the
 // boot's, and it serves its data channel on a unix socket (manager --tpm swtpm:path=...).
 //
-// The variants are different machines (raw measurements differ in PCR 1: OVMF measures the
-// SMBIOS tables, and each variant adds its own OEM string, SMBIOS type 11):
+// The variants are different machines (observed with Debian's OVMF: SMBIOS is not measured,
+// so the firmware itself makes the difference):
 //
-//	hostA, hostB: two hosts an operator approves (property mode maps both to the same
-//	              properties)
-//	hostC:        a host with an unapproved platform configuration
+//	hostA: OVMF_CODE_4M.fd, empty variable store
+//	hostB: OVMF_CODE.fd (the 2 MB build): another firmware build, PCR 0's two
+//	       EV_EFI_PLATFORM_FIRMWARE_BLOB digests differ from hostA's, nothing else in PCRs 0-7
+//	hostC: hostA's firmware with the snakeoil variable store (keys enrolled): PCR 7's
+//	       variable measurements differ (an unapproved configuration)
 const (
 	hostA = "a"
 	hostB = "b"
