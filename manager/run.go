@@ -34,7 +34,9 @@ type RunConfig struct {
 	RegistryDir  string
 	// Migration is secure migration's configuration (its listener is served with the API).
 	Migration MigrationConfig
-	Log       *slog.Logger
+	// Projection says where the host's event log and the property policy are.
+	Projection ProjectionConfig
+	Log        *slog.Logger
 }
 
 // DefaultCounterIndex is an owner NV index for the ledger's counter.
@@ -64,6 +66,9 @@ func Run(ctx context.Context, cfg RunConfig) error {
 		return err
 	}
 	if err := srv.ConfigureMigration(cfg.Migration); err != nil {
+		return err
+	}
+	if err := srv.ConfigureProjection(cfg.Projection); err != nil {
 		return err
 	}
 	if err := srv.startMigration(ctx); err != nil {

@@ -30,6 +30,8 @@ func managerCommand() *cli.Command {
 			&cli.StringFlag{Name: "recovery-key", Usage: "PEM file of the operator's RSA recovery public key"},
 			&cli.StringFlag{Name: "nv-index", Value: fmt.Sprintf("0x%08x", manager.DefaultCounterIndex), Usage: "hardware NV index of the ledger counter"},
 			&cli.StringFlag{Name: "registry", Usage: "registry directory (default /var/lib/vtpmd/registry)"},
+			&cli.StringFlag{Name: "eventlog", Value: manager.DefaultEventLog, Usage: "the host's TCG event log (host PCR projection: mirror, property)"},
+			&cli.StringFlag{Name: "property-policy", Usage: "the operator's property policy file (JSON; host PCR projection mode property)"},
 			&cli.GenericFlag{Name: "log", Value: &optFlag{allowed: daemon.LogOptions}, Usage: "file=<path>|fd=<n>[,level=<n>]"},
 		}, migrationFlags()...),
 		Subcommands: managerSubcommands(),
@@ -52,6 +54,7 @@ func managerCommand() *cli.Command {
 				TPM: c.String("tpm"), Dir: c.String("dir"), Listen: c.String("listen"), Group: c.String("group"),
 				AutoEnroll: c.Bool("auto-enroll"), Policy: c.String("policy"), RecoveryKey: c.String("recovery-key"),
 				CounterIndex: uint32(idx), RegistryDir: c.String("registry"), Migration: mc, Log: log,
+				Projection: manager.ProjectionConfig{EventLog: c.String("eventlog"), PropertyPolicy: c.String("property-policy")},
 			}))
 		},
 	}
