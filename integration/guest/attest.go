@@ -30,6 +30,7 @@ func deepAttest(args []string) {
 		return
 	}
 	os.Setenv("TPM2TOOLS_TCTI", "device:/dev/tpmrm0")
+	os.Setenv("PATH", "/usr/bin:/bin")
 	f := func(name string) string { return filepath.Join(dir, name) }
 	steps := [][]string{
 		{"tpm2_createek", "-c", f("ek.ctx"), "-G", "rsa", "-u", f("ek.pub")},

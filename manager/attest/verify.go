@@ -137,8 +137,10 @@ func Verify(ev Evidence) (*Result, error) {
 			return nil, fmt.Errorf("%w: PCR %d replays to %x, the host TPM quoted %x", ErrEventLog, pcr, replayed[i], rep.HostPCRValues[i])
 		}
 	}
-	res.Proven = append(res.Proven, fmt.Sprintf("the host's PCRs %s, quoted at hardware clock %d ms (boot %d, resume %d), are those of its event log (%d events)",
-		rep.HostPCRs, hq.Clock, hq.ResetCount, hq.RestartCount, events))
+	// (the reset and restart counts of a quote by a key outside the endorsement and platform
+	// hierarchies are obfuscated by the TPM: not shown)
+	res.Proven = append(res.Proven, fmt.Sprintf("the host's PCRs %s, quoted at hardware clock %d ms, are those of its event log (%d events)",
+		rep.HostPCRs, hq.Clock, events))
 
 	// 4. the guest's quote: by the AK the report names, over the nonce and the vTPM PCRs of the report
 	ak, err := ParsePublic(ev.AKPublic)

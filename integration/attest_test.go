@@ -1,0 +1,239 @@
+//go:build integration
+
+package integration
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vtpmd/vtpmd/manager"
+	"github.com/vtpmd/vtpmd/manager/eventlog"
+	"github.com/vtpmd/vtpmd/manager/registry"
+)
+
+// attestVM is the UUID the registry gives the attesting guest's vTPM.
+const attestVM = "6a1e0b52-6f8e-4b7a-9a57-3c2d1e0f4a11"
+
+// TestDeepAttestation (issue 13, acceptance 4): a QEMU guest whose vTPM is vtpmd socket under
+// a manager on the measured host (a stand-in hardware TPM holding a real OVMF boot), with
+// stock tpm2-tools only, makes an EK and an AK, writes a nonce to NV 0x01400002, reads the
+// report from NV 0x01400001 and quotes its PCRs with the nonce, twice (two nonces). On the
+// host, `vtpmd attest verify` accepts the second quote with its report, and rejects a
+// tampered quote, a tampered report, another nonce, a tampered event log, another host AK, a
+// report made for another vTPM (a second vtpmd under the same manager, driven by tpm2-tools
+// on the host) and the first, older report replayed.
+func TestDeepAttestation(t *testing.T) {
+	need(t, "qemu-system-x86_64", "tpm2_createak", "tpm2_nvread")
+	host := measuredHost(t, hostA)
+	work := t.TempDir()
+	stateDir := filepath.Join(work, "vm-state")
+	os.Mkdir(stateDir, 0o700)
+	regDir := filepath.Join(work, "registry")
+	if _, err := registry.New(regDir).Update(context.Background(), attestVM, func(r *registry.Record) error {
+		r.Name, r.StateDir = "attest-vm", stateDir
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	m := startManagerOn(t, host, regDir)
+	id, err := manager.NewClient(m.sock).HostIdentity(ctxTimeout(t, 30*time.Second))
+	if err != nil {
+		t.Fatalf("host identity: %v", err)
+	}
+	file := func(name string, b []byte) string {
+		p := filepath.Join(work, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	hostAK := file("host-ak.pub", id.AKPublic)
+
+	// the guest
+	nonces := []string{randomHex(t, 32), randomHex(t, 32)}
+	e := startEmulator(t, env.bin, stateDir, "--tpm2", "--manager", m.sock)
+	q := startQEMU(t, vm{firmware: "seabios", machine: "q35", model: "tpm-crb", ctrl: e.ctrl, noReboot: true,
+		cmdline: "attest attest_nonce=" + strings.Join(nonces, ",")})
+	q.wait(t, 300*time.Second)
+	out := q.serialText()
+	g := guestValues(out)
+	if g["attest"] != "done" {
+		t.Fatalf("the guest's attestation did not complete: %q\nvtpmd log:\n%s", g["attest_error"], tail(readFile(t, e.log), 3000))
+	}
+	blobs := map[string]string{}
+	for _, name := range []string{"ak.pub", "ek.pub", "report-0", "report-1", "quote-0", "quote-1", "sig-0", "sig-1"} {
+		b, ok := guestBlob(out, name)
+		if !ok {
+			t.Fatalf("the guest printed no %s", name)
+		}
+		blobs[name] = file(name, b)
+	}
+
+	// a report for another vTPM: a second vtpmd under the same manager, with tpm2-tools on the host
+	otherWork := t.TempDir()
+	otherState := filepath.Join(otherWork, "state")
+	os.Mkdir(otherState, 0o700)
+	other := startToolsTPM(t, env.bin, otherState, otherWork, []string{"--manager", m.sock})
+	other.run("tpm2_startup", "-c")
+	other.run("tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub")
+	other.run("tpm2_createak", "-C", "ek.ctx", "-c", "ak.ctx", "-G", "rsa", "-g", "sha256", "-s", "rsassa", "-u", "ak.pub")
+	other.run("tpm2_evictcontrol", "-C", "o", "-c", "ak.ctx", "0x81000003")
+	n1, _ := hex.DecodeString(nonces[1])
+	os.WriteFile(filepath.Join(otherWork, "nonce"), n1, 0o600)
+	other.run("tpm2_nvwrite", "0x01400002", "-i", "nonce")
+	other.run("tpm2_nvread", "-C", "o", "0x01400001", "-o", "report")
+	blobs["report-other"] = filepath.Join(otherWork, "report")
+
+	verify := func(over map[string]string) (string, error) {
+		args := map[string]string{
+			"--quote": blobs["quote-1"], "--signature": blobs["sig-1"], "--ak": blobs["ak.pub"], "--report": blobs["report-1"],
+			"--nonce": nonces[1], "--host-ak": hostAK, "--eventlog": host.EventLog, "--ek": blobs["ek.pub"], "--vm": attestVM,
+		}
+		for k, v := range over {
+			args[k] = v
+		}
+		argv := []string{"attest", "verify"}
+		for k, v := range args {
+			argv = append(argv, k, v)
+		}
+		b, err := exec.Command(env.bin, argv...).CombinedOutput()
+		return string(b), err
+	}
+	res, err := verify(nil)
+	if err != nil {
+		t.Fatalf("vtpmd attest verify refused the guest's evidence: %v\n%s", err, res)
+	}
+	for _, want := range []string{"verified: deep attestation", attestVM, hex.EncodeToString(id.AKName), nonces[1]} {
+		if !strings.Contains(res, want) {
+			t.Fatalf("verify output lacks %q:\n%s", want, res)
+		}
+	}
+	t.Logf("vtpmd attest verify:\n%s", res)
+
+	flipped := func(name, path string, at func(n int) int) string {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b = bytes.Clone(b)
+		b[at(len(b))] ^= 0x01
+		return file(name, b)
+	}
+	otherAK := measuredHostAK(t)
+	cases := []struct {
+		name string
+		over map[string]string
+		want string
+	}{
+		{"tampered quote", map[string]string{"--quote": flipped("quote-x", blobs["quote-1"], func(n int) int { return n - 40 })}, "invalid quote"},
+		{"tampered quote signature", map[string]string{"--signature": flipped("sig-x", blobs["sig-1"], func(n int) int { return n / 2 })}, "invalid quote"},
+		{"tampered report", map[string]string{"--report": flipped("report-x", blobs["report-1"], func(int) int { return 12 })}, "does not bind the report"},
+		{"tampered report signature", map[string]string{"--report": flipped("report-y", blobs["report-1"], func(int) int { return reportSigByte(t, blobs["report-1"]) })}, "host attestation key not trusted"},
+		{"another nonce", map[string]string{"--nonce": nonces[0]}, "not over the expected nonce"},
+		{"tampered event log", map[string]string{"--eventlog": flipped("eventlog-x", host.EventLog, func(int) int { return eventDigestByte(t, host.EventLog) })}, "event log"},
+		{"another host AK", map[string]string{"--host-ak": file("other-ak.pub", otherAK)}, "host attestation key not trusted"},
+		{"a report for another vTPM", map[string]string{"--report": blobs["report-other"]}, "for another vTPM"},
+		{"the older report replayed", map[string]string{"--report": blobs["report-0"]}, "another nonce (replayed or stale)"},
+		{"another vTPM expected", map[string]string{"--ek": file("other-ek.pub", mustRead(t, filepath.Join(otherWork, "ek.pub")))}, "for another vTPM"},
+		{"another VM expected", map[string]string{"--vm": "00000000-0000-0000-0000-000000000001"}, "for another vTPM"},
+	}
+	for _, c := range cases {
+		res, err := verify(c.over)
+		if err == nil {
+			t.Errorf("%s: accepted:\n%s", c.name, res)
+			continue
+		}
+		if !strings.Contains(res, "NOT VERIFIED") || !strings.Contains(res, c.want) {
+			t.Errorf("%s: refused, but not saying %q:\n%s", c.name, c.want, res)
+			continue
+		}
+		t.Logf("%s: %s", c.name, strings.TrimSpace(res))
+	}
+}
+
+// startManagerOn starts `vtpmd manager` on a measured host's TPM, naming VMs from regDir.
+func startManagerOn(t *testing.T, host *hostTPM, regDir string) *hostManager {
+	t.Helper()
+	sockDir, err := os.MkdirTemp("", "vtpmd-mgr-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	m := &hostManager{t: t, bin: env.bin, dir: t.TempDir(), sock: filepath.Join(sockDir, "manager.sock")}
+	m.log = filepath.Join(t.TempDir(), "manager.log")
+	m.args = []string{"manager", "--tpm", host.Spec, "--dir", m.dir, "--listen", m.sock, "--group", "",
+		"--registry", regDir, "--auto-enroll"}
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(m.log)
+			t.Logf("manager output:\n%s", tail(string(b), 4000))
+		}
+	})
+	m.start()
+	return m
+}
+
+// measuredHostAK is the AK public area of another host (a second manager's identity).
+func measuredHostAK(t *testing.T) []byte {
+	t.Helper()
+	m := startHostManager(t)
+	id, err := manager.NewClient(m.sock).HostIdentity(ctxTimeout(t, 30*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id.AKPublic
+}
+
+func randomHex(t *testing.T, n int) string {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+func mustRead(t *testing.T, p string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// reportSigByte is the offset of a byte inside the hardware quote's signature in a report
+// (its last field).
+func reportSigByte(t *testing.T, p string) int {
+	t.Helper()
+	b := mustRead(t, p)
+	n := int(b[5])<<8 | int(b[6]) // body length
+	return 7 + n - 10
+}
+
+// eventDigestByte is the offset of a byte of the last extended event's SHA-256 digest in a
+// log: a byte that changes what the log replays to, not its structure.
+func eventDigestByte(t *testing.T, p string) int {
+	t.Helper()
+	raw := mustRead(t, p)
+	l, err := eventlog.Parse(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := len(l.Events) - 1; i >= 0; i-- {
+		if d := l.Events[i].Digest(eventlog.AlgSHA256); d != nil && eventlog.Extended(&l.Events[i]) {
+			if at := bytes.LastIndex(raw, d); at >= 0 {
+				return at + len(d) - 1
+			}
+		}
+	}
+	t.Fatalf("no SHA-256 event digest in %s", p)
+	return 0
+}
