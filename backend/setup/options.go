@@ -53,6 +53,10 @@ type Options struct {
 	// Keys is the host manager's key source: without a key option, the state is encrypted
 	// with the key it releases, if it releases one (nil: no manager).
 	Keys seam.KeySource
+	// CertIssuer, when set, issues the EK and platform certificates in place of the local
+	// CA (the host manager's CA, whose key is in the hardware TPM); one that answers
+	// ErrNotIssued leaves them to the local CA.
+	CertIssuer CertIssuer
 
 	// CreateEK (--createek) makes the EKs; CreateEKCert (--create-ek-cert) and
 	// CreatePlatformCert (--create-platform-cert) also imply it.

@@ -40,7 +40,7 @@ func (s *session) manufactureConfig(ctx context.Context, state string) (Manufact
 		Provision:   po,
 		Provision12: provision12Options(o, po.CreateEK),
 		NewCertifier: func(ctx context.Context, info localca.TPMInfo) (provision.Certifier, error) {
-			return newLocalCertifier(ctx, conf, o.VMID, info, s.log)
+			return newCertifier(ctx, conf, o, info, s.log)
 		},
 		Started: func() {
 			s.log.Info(fmt.Sprintf("Starting vTPM %s as %s @ %s", what, currentUserGroup(), logTime()))
