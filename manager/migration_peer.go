@@ -223,6 +223,11 @@ func (m *migration) requestRelease(ctx context.Context, first sealedBlob, blobs 
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
+		// a TLS alert from the source: its handshake refused this host's certificate
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "remote error" {
+			return nil, fmt.Errorf("%w: the source manager %s (%s) refused this host's identity: %w", ErrUntrusted, hdr.Source, first.signer, err)
+		}
 		return nil, fmt.Errorf("reach the source manager %s (%s): %w", hdr.Source, first.signer, err)
 	}
 	defer resp.Body.Close()

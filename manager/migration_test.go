@@ -1,0 +1,431 @@
+package manager
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vtpmd/vtpmd/backend/seam"
+	"github.com/vtpmd/vtpmd/internal/swtpmtest"
+)
+
+// TestTicketStateMachine: a ticket leaves exporting once, to released or cancelled, and is
+// released only for exactly the blobs it exported.
+func TestTicketStateMachine(t *testing.T) {
+	now := time.Now()
+	r := newMigrationRecords()
+	mk := func(id, path string, state string) *ticket {
+		tk := &ticket{ID: id, StatePath: path, State: state, Created: now, Key: []byte("wrapped"),
+			Blobs: map[string]string{"1": "p-" + id, "2": "v-" + id}}
+		r.Tickets[id] = tk
+		return tk
+	}
+	blobs := func(id string) map[string]string { return map[string]string{"1": "p-" + id, "2": "v-" + id} }
+
+	mk("t1", "/a", ticketExporting)
+	// a partial, mixed or altered set releases nothing and changes nothing
+	for _, bad := range []map[string]string{{"1": "p-t1"}, {"1": "p-t1", "2": "v-other"}, {"1": "p-t1", "2": "v-t1", "3": "s"}} {
+		if _, _, err := r.release("t1", bad, "B", "host B", "/b", false, now); !errors.Is(err, ErrBlobSet) {
+			t.Fatalf("blob set %v: %v", bad, err)
+		}
+	}
+	if r.Tickets["t1"].State != ticketExporting {
+		t.Fatal("a refused release changed the ticket")
+	}
+	if _, _, err := r.release("nope", blobs("nope"), "B", "host B", "/b", false, now); !errors.Is(err, ErrTicketUnknown) {
+		t.Fatalf("unknown ticket: %v", err)
+	}
+	tk, _, err := r.release("t1", blobs("t1"), "B", "host B", "/b", false, now)
+	if err != nil || tk.State != ticketReleased || tk.ReleasedTo != "B" || tk.Key != nil {
+		t.Fatalf("release: %v %+v", err, tk)
+	}
+	// once: the same destination again (replay) or a second destination
+	for _, dest := range []string{"B", "C"} {
+		if _, _, err := r.release("t1", blobs("t1"), dest, "host", "/x", false, now); !errors.Is(err, ErrTicketReleased) {
+			t.Fatalf("second release to %s: %v", dest, err)
+		}
+	}
+	// the source vTPM may not run any more
+	if _, err := r.admit("/a", now); !errors.Is(err, ErrMovedAway) {
+		t.Fatalf("source after release: %v", err)
+	}
+
+	// an export the source ran on after is cancelled and never releasable
+	mk("t2", "/c", ticketExporting)
+	if changed, err := r.admit("/c", now); err != nil || !changed || r.Tickets["t2"].State != ticketCancelled {
+		t.Fatalf("admit: %v %v %s", changed, err, r.Tickets["t2"].State)
+	}
+	if _, _, err := r.release("t2", blobs("t2"), "B", "host B", "/b", false, now); !errors.Is(err, ErrTicketCancelled) {
+		t.Fatalf("cancelled ticket released: %v", err)
+	}
+	if changed, err := r.admit("/c", now); err != nil || changed {
+		t.Fatalf("second admit: %v %v", changed, err)
+	}
+
+	// an older export is cancelled by a newer release of the same vTPM
+	mk("t3", "/d", ticketExporting)
+	mk("t4", "/d", ticketExporting)
+	if _, _, err := r.release("t4", blobs("t4"), "B", "host B", "/b", false, now); err != nil {
+		t.Fatal(err)
+	}
+	if r.Tickets["t3"].State != ticketCancelled {
+		t.Fatal("an older open export of a released vTPM stayed releasable")
+	}
+
+	// a restore on the same host: released to itself once, the vTPM stays; again only with accept
+	mk("t5", "/e", ticketExporting)
+	if _, _, err := r.release("t5", blobs("t5"), "A", "host A", "/e", true, now); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.admit("/e", now); err != nil {
+		t.Fatalf("a restored vTPM may run: %v", err)
+	}
+	if _, _, err := r.release("t5", blobs("t5"), "A", "host A", "/e", true, now); !errors.Is(err, ErrTicketReleased) {
+		t.Fatalf("second restore: %v", err)
+	}
+	r.vtpm("/e").AcceptOnce = true
+	if _, acc, err := r.release("t5", blobs("t5"), "A", "host A", "/e", true, now); err != nil || !acc {
+		t.Fatalf("accepted restore: %v %v", acc, err)
+	}
+	if _, _, err := r.release("t5", blobs("t5"), "A", "host A", "/e", true, now); !errors.Is(err, ErrTicketReleased) {
+		t.Fatalf("accept is for one restore: %v", err)
+	}
+	// accept never opens a ticket to another host
+	r.vtpm("/a").AcceptOnce = true
+	if _, _, err := r.release("t1", blobs("t1"), "C", "host C", "/a", false, now); !errors.Is(err, ErrTicketReleased) {
+		t.Fatalf("accept let a released ticket go to another host: %v", err)
+	}
+}
+
+// testCA is an operator CA for file identities.
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+func newTestCA(t *testing.T, name string) *testCA {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true,
+		BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	return &testCA{cert: c, key: key}
+}
+
+func (ca *testCA) identity(t *testing.T, host string, trust ...*testCA) *Identity {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: host},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	for _, tc := range trust {
+		pool.AddCert(tc.cert)
+	}
+	return &Identity{Chain: []*x509.Certificate{c}, Key: key, Roots: pool}
+}
+
+// TestEnvelope: a sealed blob opens with its key; any altered or missing byte, another key,
+// or an untrusted signer is refused.
+func TestEnvelope(t *testing.T) {
+	ca := newTestCA(t, "ops")
+	id := ca.identity(t, "hostA", ca)
+	key := make([]byte, oneTimeKeySize)
+	rand.Read(key)
+	plain := bytes.Repeat([]byte("state"), 300)
+	hdr := envelopeHeader{Ticket: strings.Repeat("ab", 16), Type: 1, VM: "uuid", SourceID: id.ID(), Chain: id.chainDER(),
+		Source: "127.0.0.1:1", Created: time.Now().UTC()}
+	sealed, err := sealEnvelope(hdr, key, plain, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !seam.IsSealed(sealed) || bytes.Contains(sealed, plain[:64]) {
+		t.Fatal("the envelope is not sealed")
+	}
+	open := func(b []byte, k []byte, roots *x509.CertPool) ([]byte, error) {
+		e, err := parseEnvelope(b)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := e.verify(roots); err != nil {
+			return nil, err
+		}
+		return e.open(k)
+	}
+	got, err := open(sealed, key, id.Roots)
+	if err != nil || !bytes.Equal(got, plain) {
+		t.Fatalf("open: %v", err)
+	}
+	// every byte matters, and is caught before the key is needed (verify), except none
+	for i := range sealed {
+		b := bytes.Clone(sealed)
+		b[i] ^= 0x01
+		e, err := parseEnvelope(b)
+		if err == nil {
+			_, err = e.verify(id.Roots)
+		}
+		if err == nil {
+			t.Fatalf("byte %d altered: accepted before the key release", i)
+		}
+	}
+	for _, n := range []int{0, 5, len(seam.SealedMagic) + 2, 100, len(sealed) - 1} {
+		if _, err := open(sealed[:n], key, id.Roots); err == nil {
+			t.Fatalf("truncated to %d: accepted", n)
+		}
+	}
+	other := make([]byte, oneTimeKeySize)
+	if _, err := open(sealed, other, id.Roots); !errors.Is(err, ErrEnvelope) {
+		t.Fatalf("another key: %v", err)
+	}
+	stranger := newTestCA(t, "other ops")
+	if _, err := open(sealed, key, stranger.identity(t, "x", stranger).Roots); !errors.Is(err, ErrUntrusted) {
+		t.Fatalf("untrusted signer: %v", err)
+	}
+	// a blob signed by an untrusted host that claims a trusted host's identity
+	evil := stranger.identity(t, "hostA", stranger)
+	hdr2 := hdr
+	hdr2.Chain = id.chainDER()
+	forged, _ := sealEnvelope(hdr2, key, plain, evil)
+	if _, err := open(forged, key, id.Roots); !errors.Is(err, ErrEnvelope) {
+		t.Fatalf("forged signature: %v", err)
+	}
+}
+
+// migHost is an in-process manager with a hardware TPM stand-in and its migration listener.
+type migHost struct {
+	tm   *testManager
+	mig  *migration
+	addr string
+}
+
+func startMigHost(t *testing.T, policy string) *migHost {
+	t.Helper()
+	tm := startManager(t, swtpmtest.Start(t), t.TempDir(), nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tm.srv.ConfigureMigration(MigrationConfig{Listen: ln.Addr().String(), Policy: policy}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := tm.srv.migration()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.cfg.Identity == nil {
+		t.Fatal("the manager made no hardware identity")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { tm.srv.ServeMigration(ctx, ln); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return &migHost{tm: tm, mig: m, addr: ln.Addr().String()}
+}
+
+// trust adds the other hosts' CA roots to h's trusted-cas.pem.
+func (h *migHost) trust(t *testing.T, others ...*migHost) {
+	t.Helper()
+	var pemData []byte
+	for _, o := range others {
+		hi, err := o.tm.srv.HostIdentity()
+		if err != nil {
+			t.Fatal(err)
+		}
+		pemData = append(pemData, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: hi.CARoot})...)
+	}
+	if err := os.WriteFile(filepath.Join(h.tm.dir, TrustedCAsName), pemData, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (h *migHost) export(t *testing.T, path string, blobs map[uint32][]byte) map[uint32][]byte {
+	t.Helper()
+	out := map[uint32][]byte{}
+	cur := ""
+	for _, typ := range []uint32{1, 2} {
+		id, s, err := h.mig.export(context.Background(), path, cur, typ, blobs[typ])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cur != "" && id != cur {
+			t.Fatal("one export got two tickets")
+		}
+		cur, out[typ] = id, s
+	}
+	return out
+}
+
+// TestMigrationChannel: two managers with hardware identities (TPM-resident TLS keys) trust
+// each other; a third is trusted by nobody, and a fourth is trusted but late. The key goes
+// once, to the first trusted destination; every other attempt is refused, and the source
+// vTPM may not run after the release.
+func TestMigrationChannel(t *testing.T) {
+	a, b, c, d, e := startMigHost(t, ""), startMigHost(t, ""), startMigHost(t, ""), startMigHost(t, ""), startMigHost(t, "")
+	a.trust(t, b, d)
+	b.trust(t, a)
+	c.trust(t, a)
+	d.trust(t, a)
+	ctx := context.Background()
+	src, dst := "/srv/a/vm1", "/srv/b/vm1"
+	blobs := map[uint32][]byte{1: bytes.Repeat([]byte{1}, 6000), 2: bytes.Repeat([]byte{2}, 9000)}
+
+	// an export the source ran on after: cancelled, refused to B, B unchanged
+	old := a.export(t, src, blobs)
+	if err := a.mig.admit(ctx, src); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.mig.importBlobs(ctx, dst, old); !errors.Is(err, ErrTicketCancelled) {
+		t.Fatalf("older blob: %v", err)
+	}
+	if len(b.mig.rec.History) != 0 {
+		t.Fatal("a refused import was recorded")
+	}
+
+	sealed := a.export(t, src, blobs)
+	// A does not trust C: C cannot get the key
+	if _, err := c.mig.importBlobs(ctx, "/srv/c/vm1", sealed); !errors.Is(err, ErrUntrusted) || !strings.Contains(err.Error(), "refused this host's identity") {
+		t.Fatalf("untrusted destination: %v", err)
+	}
+	// E does not trust A: E refuses the blob itself
+	if _, err := e.mig.importBlobs(ctx, "/srv/e/vm1", sealed); !errors.Is(err, ErrUntrusted) || strings.Contains(err.Error(), "refused this host's identity") {
+		t.Fatalf("untrusted source: %v", err)
+	}
+	// an altered blob is refused before the key is asked for
+	alt := map[uint32][]byte{1: bytes.Clone(sealed[1]), 2: sealed[2]}
+	alt[1][len(alt[1])/2] ^= 0x80
+	if _, err := b.mig.importBlobs(ctx, dst, alt); !errors.Is(err, ErrEnvelope) {
+		t.Fatalf("altered blob: %v", err)
+	}
+	// an omitted blob: refused by the source (not the set it exported)
+	if _, err := b.mig.importBlobs(ctx, dst, map[uint32][]byte{1: sealed[1]}); !errors.Is(err, ErrBlobSet) {
+		t.Fatalf("omitted blob: %v", err)
+	}
+	// a blob of the older, cancelled export mixed in
+	if _, err := b.mig.importBlobs(ctx, dst, map[uint32][]byte{1: sealed[1], 2: old[2]}); !errors.Is(err, ErrEnvelope) {
+		t.Fatalf("mixed blobs: %v", err)
+	}
+	// the source still may run: nothing was released
+	if a.mig.rec.Tickets[ticketOf(sealed)].State != ticketExporting {
+		t.Fatal("a refused attempt changed the source's ticket")
+	}
+
+	got, err := b.mig.importBlobs(ctx, dst, sealed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for typ, want := range blobs {
+		if !bytes.Equal(got[typ], want) {
+			t.Fatalf("blob %d differs after the move", typ)
+		}
+	}
+	// once: B again (replay), D (trusted, second destination)
+	if _, err := b.mig.importBlobs(ctx, dst, sealed); !errors.Is(err, ErrTicketReleased) {
+		t.Fatalf("replay to B: %v", err)
+	}
+	if _, err := d.mig.importBlobs(ctx, "/srv/d/vm1", sealed); !errors.Is(err, ErrTicketReleased) {
+		t.Fatalf("second destination: %v", err)
+	}
+	if err := a.mig.admit(ctx, src); !errors.Is(err, ErrMovedAway) {
+		t.Fatalf("the source ran after the release: %v", err)
+	}
+	// history on both sides names both hardware identities and the same state
+	ha, hb := a.mig.rec.historyOf(src), b.mig.rec.historyOf(dst)
+	if len(ha) != 1 || len(hb) != 1 || ha[0].Kind != "out" || hb[0].Kind != "in" ||
+		ha[0].Destination != hb[0].Destination || ha[0].Source != hb[0].Source || ha[0].StateDigest != hb[0].StateDigest ||
+		ha[0].Source != a.mig.cfg.Identity.ID() || hb[0].Destination != b.mig.cfg.Identity.ID() || hb[0].Moves != 1 {
+		t.Fatalf("history:\nA %+v\nB %+v", ha, hb)
+	}
+	// and survives a restart of B's manager
+	b.tm.close()
+	recs, err := b.mig.store.load()
+	if err != nil || len(recs.historyOf(dst)) != 1 || recs.VTPMs[dst].Moves != 1 {
+		t.Fatalf("records after restart: %v", err)
+	}
+}
+
+// ticketOf is the ticket named in a set of sealed blobs.
+func ticketOf(sealed map[uint32][]byte) string {
+	e, err := parseEnvelope(sealed[1])
+	if err != nil {
+		return ""
+	}
+	return e.hdr.Ticket
+}
+
+// TestMigrationRestore: a saved state opens once on the host that sealed it (no listener
+// needed); again only after the operator accepts; a vTPM that ran on cancels the save.
+func TestMigrationRestore(t *testing.T) {
+	a := startMigHost(t, "")
+	ctx := context.Background()
+	path := "/srv/a/vm2"
+	blobs := map[uint32][]byte{1: []byte("permanent"), 2: []byte("volatile")}
+	saved := a.export(t, path, blobs)
+	got, err := a.mig.importBlobs(ctx, path, saved)
+	if err != nil || !bytes.Equal(got[1], blobs[1]) {
+		t.Fatalf("restore: %v", err)
+	}
+	if err := a.mig.admit(ctx, path); err != nil {
+		t.Fatalf("a restored vTPM runs: %v", err)
+	}
+	if _, err := a.mig.importBlobs(ctx, path, saved); !errors.Is(err, ErrTicketReleased) || !strings.Contains(err.Error(), "accept") {
+		t.Fatalf("second restore: %v", err)
+	}
+	if err := a.mig.accept(path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.mig.importBlobs(ctx, path, saved); err != nil {
+		t.Fatalf("accepted restore: %v", err)
+	}
+	// saved, then started afresh: the save is cancelled
+	saved2 := a.export(t, path, blobs)
+	if err := a.mig.admit(ctx, path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.mig.importBlobs(ctx, path, saved2); !errors.Is(err, ErrTicketCancelled) {
+		t.Fatalf("restore after the vTPM ran on: %v", err)
+	}
+	h := a.mig.rec.historyOf(path)
+	if len(h) != 2 || h[0].Kind != "restore" || h[1].Kind != "restore" || !h[1].Accepted {
+		t.Fatalf("history: %+v", h)
+	}
+	// plain blobs under the default policy are refused; allowed with allow-plain
+	if _, err := a.mig.importBlobs(ctx, path, blobs); !errors.Is(err, ErrPlainRefused) {
+		t.Fatalf("plain blobs: %v", err)
+	}
+}
+
+// TestMigrationNVContents: the guest's index encodes and decodes.
+func TestMigrationNVContents(t *testing.T) {
+	ts := time.Unix(1764662400, 0).UTC()
+	b := nvContents(3, ts, bytes.Repeat([]byte{7}, 32), bytes.Repeat([]byte{9}, 16), "hostB")
+	n, err := ParseMigrationNV(b)
+	if err != nil || n.Moves != 3 || !n.LastMove.Equal(ts) || n.Host != "hostB" || n.HostID[0] != 7 || n.Ticket[15] != 9 {
+		t.Fatalf("%v %+v", err, n)
+	}
+	if _, err := ParseMigrationNV(b[:100]); err == nil {
+		t.Fatal("short index accepted")
+	}
+}
