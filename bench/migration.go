@@ -1,9 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -43,11 +47,43 @@ type migManager struct {
 }
 
 // migrationManagerArgs are the flags the secure-migration protocol needs on the manager of
-// side ("A" source, "B" destination), with both managers' directories; none until the
-// protocol's flags exist.
-func migrationManagerArgs(side string, dirs map[string]string) []string { return nil }
+// side ("A" source, "B" destination): its TLS listener for the other manager.
+func migrationManagerArgs(side string, ports map[string]int) []string {
+	return []string{"--migration-listen", fmt.Sprintf("127.0.0.1:%d", ports[side])}
+}
 
-func (r *run) startMigManager(vtpmd, side string, dirs map[string]string) (*migManager, error) {
+// trustEachOther puts each manager's host CA root (identity.json's ca_root, made at its first
+// start) into the other's trusted-cas.pem, which the managers read at each use.
+func trustEachOther(dirs map[string]string) error {
+	roots := map[string][]byte{}
+	for side, dir := range dirs {
+		raw, err := os.ReadFile(filepath.Join(dir, "records", "identity.json"))
+		if err != nil {
+			return fmt.Errorf("manager %s's identity: %w", side, err)
+		}
+		var id struct {
+			CARoot []byte `json:"ca_root"`
+		}
+		if err := json.Unmarshal(raw, &id); err != nil || len(id.CARoot) == 0 {
+			return fmt.Errorf("manager %s's identity.json: no ca_root (%v)", side, err)
+		}
+		roots[side] = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: id.CARoot})
+	}
+	for side, dir := range dirs {
+		var other []byte
+		for o, root := range roots {
+			if o != side {
+				other = append(other, root...)
+			}
+		}
+		if err := os.WriteFile(filepath.Join(dir, "records", manager.TrustedCAsName), other, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (r *run) startMigManager(vtpmd, side string, dirs map[string]string, ports map[string]int) (*migManager, error) {
 	hw, err := r.standIn()
 	if err != nil {
 		return nil, err
@@ -56,7 +92,7 @@ func (r *run) startMigManager(vtpmd, side string, dirs map[string]string) (*migM
 	m := &migManager{hw: hw, sock: filepath.Join(dir, "api.sock"), exited: make(chan error, 1)}
 	args := append([]string{"manager", "--tpm", "swtpm:path=" + hw.data, "--dir", filepath.Join(dir, "records"),
 		"--listen", m.sock, "--group", "", "--registry", filepath.Join(dir, "registry"), "--auto-enroll"},
-		migrationManagerArgs(side, dirs)...)
+		migrationManagerArgs(side, ports)...)
 	m.cmd = exec.Command(vtpmd, args...)
 	m.cmd.Stderr = os.Stderr
 	if err := m.cmd.Start(); err != nil {
@@ -91,11 +127,23 @@ func (m *migManager) stop() {
 	m.hw.stop()
 }
 
+// freePort is a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
 // migPair is one source/destination pair.
 type migPair struct {
 	src, dst impl
 	// prepare readies a fresh source state directory (the managed pair enrols it).
 	prepare func(stateDir string) error
+	// sealed: the source's blobs must leave sealed (checked in every window)
+	sealed bool
 }
 
 // migParts are one window's parts: the source's GET_STATEBLOBs, the destination's STOP,
@@ -171,6 +219,9 @@ func (r *run) migrationWindow(p migPair, golden string) (time.Duration, migParts
 		}
 	}
 	t1 := time.Now()
+	if p.sealed && !bytes.HasPrefix(blobs[0], []byte("VTPMDMIG")) {
+		return 0, parts, errors.New("the managed source's permanent blob left unsealed")
+	}
 	if err := dc.Stop(); err != nil {
 		return 0, parts, fmt.Errorf("destination STOP: %w", err)
 	}
@@ -229,19 +280,29 @@ func (r *run) migrationSection() (string, error) {
 				return "", err
 			}
 		}
-		ma, err := r.startMigManager(vtpmd, "A", dirs)
+		ports := map[string]int{}
+		for _, side := range []string{"A", "B"} {
+			if ports[side], err = freePort(); err != nil {
+				return "", err
+			}
+		}
+		ma, err := r.startMigManager(vtpmd, "A", dirs, ports)
 		if err != nil {
 			return "", err
 		}
 		defer ma.stop()
-		mb, err := r.startMigManager(vtpmd, "B", dirs)
+		mb, err := r.startMigManager(vtpmd, "B", dirs, ports)
 		if err != nil {
 			return "", err
 		}
 		defer mb.stop()
+		if err := trustEachOther(dirs); err != nil {
+			return "", err
+		}
 		pairs[migManagers] = migPair{
-			src: impl{name: "vtpmd-mig-A", bin: vtpmd, args: []string{"socket", "--manager", ma.sock}},
-			dst: impl{name: "vtpmd-mig-B", bin: vtpmd, args: []string{"socket", "--manager", mb.sock}},
+			src:    impl{name: "vtpmd-mig-A", bin: vtpmd, args: []string{"socket", "--manager", ma.sock}},
+			dst:    impl{name: "vtpmd-mig-B", bin: vtpmd, args: []string{"socket", "--manager", mb.sock}},
+			sealed: true,
 			prepare: func(state string) error {
 				path, err := filepath.EvalSymlinks(state) // as the manager names it
 				if err != nil {
@@ -279,7 +340,9 @@ func (r *run) migrationSection() (string, error) {
 		"The pairs take turns window by window; medians of %d windows each.", n)
 	if managed {
 		b.WriteString(" `vtpmd + managers`: the source's copy enrolled with manager A (`vtpmd socket --manager A`), the destination under manager B, " +
-			"each manager `vtpmd manager --tpm swtpm:path=SOCK` on its own stand-in hardware TPM (Debian's swtpm).")
+			"each manager `vtpmd manager --tpm swtpm:path=SOCK --migration-listen 127.0.0.1:PORT` on its own stand-in hardware TPM (Debian's swtpm), " +
+			"each trusting the other's host CA: the source's blobs leave sealed under a one-time key, which the destination's manager fetches " +
+			"from the source's over mutually authenticated TLS at INIT (issue 14's protocol, docs/migration.md).")
 	} else {
 		b.WriteString(" The managed pair was not measured: enrolling a vTPM is an operator request, which the manager answers only to root. Run the bench as root.")
 	}
