@@ -159,6 +159,11 @@ func (g *projectionGuard) Started(exec seam.Exec) error {
 	if err != nil {
 		return fmt.Errorf("host PCR projection: %w", err)
 	}
+	switch resp.Mode {
+	case projection.ModeOff, projection.ModeMirror, projection.ModeSummary, projection.ModeProperty:
+	default:
+		return fmt.Errorf("host PCR projection: %w: mode %q", errNoProjection, resp.Mode)
+	}
 	g.setPlan(resp)
 	if err := g.removeLog(tp); err != nil {
 		return err
