@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"time"
 
 	"github.com/vtpmd/vtpmd/manager/eventlog"
 )
@@ -40,59 +41,40 @@ func hostKey(ev Evidence, rep *Report) (*trustedKey, error) {
 	return nil, fmt.Errorf("%w: the host AK's certificate (with trust anchors) or public key is needed", ErrInput)
 }
 
-// hostKeyFromCert verifies the host AK certificate up to the trust anchors.
+// hostKeyFromCert verifies the host AK certificate up to the trust anchors. With the AK's
+// public area too, the certificate must be over that AK (VerifyAKCertificate), whose TPM name
+// the report must then carry.
 func hostKeyFromCert(ev Evidence) (*trustedKey, error) {
-	certs, err := parseCerts(ev.HostAKCert)
+	certs, err := CertPEMs(ev.HostAKCert)
 	if err != nil || len(certs) == 0 {
 		return nil, fmt.Errorf("%w: host AK certificate: %v", ErrHostKey, err)
 	}
-	anchors, err := parseCerts(ev.TrustAnchors)
+	anchors, err := CertPEMs(ev.TrustAnchors)
 	if err != nil || len(anchors) == 0 {
-		return nil, fmt.Errorf("%w: trust anchors are needed with a certificate: %v", ErrInput, err)
+		return nil, fmt.Errorf("%w: trust anchors (--ca) are needed with a certificate: %v", ErrInput, err)
 	}
-	roots, inter := x509.NewCertPool(), x509.NewCertPool()
-	for _, c := range anchors {
-		roots.AddCert(c)
+	now := ev.Now
+	if now.IsZero() {
+		now = time.Now()
 	}
-	for _, c := range certs[1:] {
-		inter.AddCert(c)
+	if len(ev.HostAKPublic) > 0 {
+		p, err := ParsePublic(ev.HostAKPublic)
+		if err != nil {
+			return nil, fmt.Errorf("%w: host AK: %w", ErrHostKey, err)
+		}
+		res, err := VerifyAKCertificate(certs[0], certs[1:], anchors, p.Area, now)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrHostKey, err)
+		}
+		return &trustedKey{key: p.Key, name: p.Name, how: res.Proves[0]}, nil
 	}
-	opts := x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}, CurrentTime: ev.Now}
-	chains, err := certs[0].Verify(opts)
+	chains, err := certs[0].Verify(x509.VerifyOptions{Roots: pool(anchors), Intermediates: pool(certs[1:]), CurrentTime: now,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
 	if err != nil {
 		return nil, fmt.Errorf("%w: host AK certificate: %w", ErrHostKey, err)
 	}
 	return &trustedKey{key: certs[0].PublicKey,
 		how: fmt.Sprintf("certificate %q, chained to trust anchor %q", certs[0].Subject, chains[0][len(chains[0])-1].Subject)}, nil
-}
-
-// parseCerts reads PEM certificates, or one DER certificate.
-func parseCerts(b []byte) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
-	rest := b
-	for {
-		var blk *pem.Block
-		blk, rest = pem.Decode(rest)
-		if blk == nil {
-			break
-		}
-		if blk.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, c)
-	}
-	if len(out) == 0 && len(b) > 0 {
-		c, err := x509.ParseCertificate(b)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, c)
-	}
-	return out, nil
 }
 
 // replayLog replays the host's event log and returns the values of the selected PCRs (in

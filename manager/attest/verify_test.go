@@ -2,12 +2,20 @@ package attest
 
 import (
 	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/binary"
+	"encoding/pem"
 	"errors"
+	"math/big"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -242,6 +250,86 @@ func TestVerify(t *testing.T) {
 			t.Errorf("%s: got %v, want %v", c.name, err, c.want)
 		} else {
 			t.Logf("%s: %v", c.name, err)
+		}
+	}
+}
+
+// operatorCA is a CA (the operator's privacy CA) and a certificate it issues for key.
+type operatorCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+func newOperatorCA(t *testing.T, name string) *operatorCA {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name}, IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	return &operatorCA{c, k}
+}
+
+func (ca *operatorCA) issue(t *testing.T, pub crypto.PublicKey) []byte {
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "host AK"},
+		KeyUsage: x509.KeyUsageDigitalSignature, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+}
+
+func (ca *operatorCA) pem() []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.cert.Raw})
+}
+
+// TestVerifyHostAKCertificate: the host AK trusted through the operator's certificate of it.
+func TestVerifyHostAKCertificate(t *testing.T) {
+	s := newScene(t)
+	ca, rogue := newOperatorCA(t, "operator privacy CA"), newOperatorCA(t, "rogue CA")
+	hostKey, _ := ParsePublic(s.hostAKPub)
+	ev := s.ev
+	ev.HostAKCert, ev.TrustAnchors = ca.issue(t, hostKey.Key), ca.pem()
+	res, err := Verify(ev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(res.HostKey, "operator privacy CA") {
+		t.Fatalf("host key trusted as %q", res.HostKey)
+	}
+	ev.HostAKPublic = nil // the certificate alone
+	if _, err := Verify(ev); err != nil {
+		t.Fatal(err)
+	}
+	otherKey, _ := ParsePublic(newScene(t).hostAKPub)
+	for _, c := range []struct {
+		name string
+		mod  func(ev *Evidence)
+		want error
+	}{
+		{"certificate of another CA", func(ev *Evidence) { ev.HostAKCert = rogue.issue(t, hostKey.Key) }, ErrHostKey},
+		{"certificate over another key", func(ev *Evidence) { ev.HostAKCert = ca.issue(t, otherKey.Key) }, ErrHostKey},
+		{"certificate over another key, with the AK", func(ev *Evidence) {
+			ev.HostAKCert, ev.HostAKPublic = ca.issue(t, otherKey.Key), s.hostAKPub
+		}, ErrHostKey},
+		{"no trust anchor", func(ev *Evidence) { ev.TrustAnchors = nil }, ErrInput},
+		{"tampered certificate", func(ev *Evidence) {
+			b, _ := pem.Decode(ev.HostAKCert)
+			der := bytes.Clone(b.Bytes)
+			der[len(der)-10] ^= 1
+			ev.HostAKCert = der
+		}, ErrHostKey},
+	} {
+		e := ev
+		c.mod(&e)
+		if _, err := Verify(e); !errors.Is(err, c.want) {
+			t.Errorf("%s: got %v, want %v", c.name, err, c.want)
 		}
 	}
 }
