@@ -82,6 +82,7 @@ func main() {
 	if cert, err := readNV(tp, 0x01c00016); err == nil {
 		blob("ekcert-ecc", cert)
 	}
+	projectionChecks(tp, modes)
 	if has("attest") {
 		deepAttest(modes)
 	}

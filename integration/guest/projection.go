@@ -1,0 +1,84 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/vtpmd/vtpmd/internal/tpmclient"
+)
+
+// projectionChecks runs the host PCR projection modes:
+//
+//	projpcr=N  print PCR N (SHA-256) as proj_pcr, then try to extend it: proj_extend is
+//	           "locality" when the vTPM answers TPM_RC_LOCALITY, "ok" or the error otherwise
+//	projlog    read the guest-visible projection log from NV 0x01400010, 0x01400011, ...
+//	           with stock tpm2_nvread -C o, and print it as the blob "projlog"
+func projectionChecks(tp transport.TPM, modes []string) {
+	for _, m := range modes {
+		if v, ok := strings.CutPrefix(m, "projpcr="); ok {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 || n > 23 {
+				say("proj_error", "bad projpcr")
+				continue
+			}
+			val, err := tpmclient.PCRRead(tp, uint(n))
+			if err != nil {
+				say("proj_error", err)
+				continue
+			}
+			say("proj_pcr", fmt.Sprintf("%X", val))
+			err = tpmclient.PCRExtend(tp, uint32(n), bytes.Repeat([]byte("P"), 32))
+			switch {
+			case err == nil:
+				say("proj_extend", "ok")
+			case errors.Is(err, tpm2.TPMRCLocality):
+				say("proj_extend", "locality")
+			default:
+				say("proj_extend", err)
+			}
+		}
+		if m == "projlog" {
+			projectionLog()
+		}
+	}
+}
+
+// projectionLog concatenates the log's indices as stock tools read them.
+func projectionLog() {
+	os.Setenv("TPM2TOOLS_TCTI", "device:/dev/tpmrm0")
+	os.Setenv("PATH", "/usr/bin:/bin")
+	dir, err := os.MkdirTemp("", "projlog")
+	if err != nil {
+		say("proj_error", err)
+		return
+	}
+	var log []byte
+	for i := range 16 {
+		idx := fmt.Sprintf("0x%08x", 0x01400010+i)
+		out := filepath.Join(dir, idx)
+		if o, err := exec.Command("tpm2_nvread", "-C", "o", "-o", out, idx).CombinedOutput(); err != nil {
+			if i == 0 {
+				say("proj_error", fmt.Sprintf("tpm2_nvread -C o %s: %v: %s", idx, err, strings.TrimSpace(string(o))))
+				return
+			}
+			break
+		}
+		b, err := os.ReadFile(out)
+		if err != nil {
+			say("proj_error", err)
+			return
+		}
+		log = append(log, b...)
+	}
+	say("proj_log_bytes", len(log))
+	blob("projlog", log)
+}
