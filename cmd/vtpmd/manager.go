@@ -61,7 +61,7 @@ func managerCommand() *cli.Command {
 }
 
 func managerSubcommands() []*cli.Command {
-	return []*cli.Command{
+	return append([]*cli.Command{
 		vmRequestCommand("enroll", "seal a new key for an existing vTPM and re-encrypt its state in place (VM stopped)", (*manager.Client).Enroll),
 		vmRequestCommand("unenroll", "decrypt a vTPM's state back to plain files (or --key) and forget its key (VM stopped)", (*manager.Client).Unenroll),
 		vmRequestCommand("accept", "let an older (rolled back) state start once, as the new record", (*manager.Client).Accept),
@@ -94,7 +94,7 @@ func managerSubcommands() []*cli.Command {
 				return printJSON(st)
 			},
 		},
-	}
+	}, identityCommands()...)
 }
 
 // managerClient is the client of the manager named by --socket.
@@ -141,12 +141,13 @@ const managerEnv = "VTPMD_MANAGER"
 // state is sealed. swtpm_setup has no option for it; libvirt runs it with a sanitized
 // environment, so the default socket is the one place to look.
 func setupManagerKeys(statePath string, tpm2 bool) seam.KeySource {
-	if statePath == "" || os.Getenv(managerEnv) == "none" || !manager.Available(manager.DefaultSocket) {
+	sock := setupManagerSocket()
+	if statePath == "" || sock == "" || !manager.Available(sock) {
 		return nil
 	}
 	uri := statePath
 	if !strings.Contains(uri, "://") {
 		uri = "dir://" + uri
 	}
-	return &manager.KeySource{Client: manager.NewClient(manager.DefaultSocket), StateURI: uri, TPM2: tpm2, Synchronous: true}
+	return &manager.KeySource{Client: manager.NewClient(sock), StateURI: uri, TPM2: tpm2, Synchronous: true}
 }

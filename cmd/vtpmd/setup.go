@@ -131,6 +131,7 @@ func setupOptions(c *cli.Context, name string) setup.Options {
 		WriteEKCertFiles: c.String("write-ek-cert-files"), Display: c.Bool("display"),
 	}
 	o.Keys = setupManagerKeys(o.StatePath, o.TPM2)
+	o.CertIssuer = setupManagerCerts(o.StatePath)
 	for _, d := range []string{"swtpm_ioctl", "tcsd-system-ps-file"} {
 		if c.IsSet(d) {
 			o.IgnoredOptions = append(o.IgnoredOptions, d)
