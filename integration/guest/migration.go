@@ -41,14 +41,20 @@ func migLoop(tp transport.TPM) {
 	say("nvcount_start", acked)
 	lastInfo := "unread"
 	for n := 1; ; n++ {
+		ok := true
 		if err := tpmclient.PCRExtend(tp, 16, a); err != nil {
 			say("error", err)
+			ok = false
 		}
-		v, _ := tpmclient.PCRRead(tp, 16)
+		v, err := tpmclient.PCRRead(tp, 16)
+		if err != nil {
+			ok = false
+		}
 		got, err := tpmclient.NVRead(tp, migCounterIndex, 8, 0)
 		switch {
 		case err != nil:
 			say("nvread_error", err)
+			ok = false
 		case binary.BigEndian.Uint64(got) < acked:
 			fmt.Printf("GUEST: nvlost acked=%d read=%d\n", acked, binary.BigEndian.Uint64(got))
 		}
@@ -56,10 +62,12 @@ func migLoop(tp transport.TPM) {
 		binary.BigEndian.PutUint64(next, acked+1)
 		if err := tpmclient.NVWrite(tp, migCounterIndex, next, 0); err != nil {
 			say("nvwrite_error", err)
+			ok = false
 		} else {
 			acked++
 		}
-		fmt.Printf("GUEST: iter=%d PCR16=%X nv=%d\n", n, v, acked)
+		// ok: every command of this iteration answered (the TPM is live)
+		fmt.Printf("GUEST: iter=%d PCR16=%X nv=%d ok=%v\n", n, v, acked, ok)
 		if info := migInfo(tp); info != lastInfo {
 			say("migration_nv", info)
 			say("migration_nv_tools", migInfoTools())
