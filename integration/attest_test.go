@@ -5,8 +5,15 @@ package integration
 import (
 	"bytes"
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/pem"
+	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +22,7 @@ import (
 	"time"
 
 	"github.com/vtpmd/vtpmd/manager"
+	"github.com/vtpmd/vtpmd/manager/attest"
 	"github.com/vtpmd/vtpmd/manager/eventlog"
 	"github.com/vtpmd/vtpmd/manager/registry"
 )
@@ -128,6 +136,18 @@ func TestDeepAttestation(t *testing.T) {
 		return file(name, b)
 	}
 	otherAK := measuredHostAK(t)
+	// the host AK through the operator's certificate of it (a privacy CA made here)
+	akKey, err := attest.ParsePublic(id.AKPublic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, rogue := newTestCA(t, "operator privacy CA"), newTestCA(t, "rogue CA")
+	akCert, caPEM := file("host-ak.pem", ca.issue(t, akKey.Key)), file("operator-ca.pem", ca.pem())
+	res, err = verify(map[string]string{"--host-ak-cert": akCert, "--ca": caPEM})
+	if err != nil || !strings.Contains(res, "operator privacy CA") {
+		t.Fatalf("vtpmd attest verify with the host AK's certificate: %v\n%s", err, res)
+	}
+	otherKey, _ := attest.ParsePublic(otherAK)
 	cases := []struct {
 		name string
 		over map[string]string
@@ -140,6 +160,9 @@ func TestDeepAttestation(t *testing.T) {
 		{"another nonce", map[string]string{"--nonce": nonces[0]}, "not over the expected nonce"},
 		{"tampered event log", map[string]string{"--eventlog": flipped("eventlog-x", host.EventLog, func(int) int { return eventDigestByte(t, host.EventLog) })}, "event log"},
 		{"another host AK", map[string]string{"--host-ak": file("other-ak.pub", otherAK)}, "host attestation key not trusted"},
+		{"host AK certificate of another CA", map[string]string{"--host-ak-cert": file("rogue.pem", rogue.issue(t, akKey.Key)), "--ca": caPEM}, "certificate chain does not verify"},
+		{"host AK certificate over another key", map[string]string{"--host-ak-cert": file("other.pem", ca.issue(t, otherKey.Key)), "--ca": caPEM}, "over another key"},
+		{"tampered host AK certificate", map[string]string{"--host-ak-cert": flipped("ak-cert-x.der", file("ak-cert.der", pemBody(t, mustRead(t, akCert))), func(n int) int { return n - 20 }), "--ca": caPEM}, "host attestation key not trusted"},
 		{"a report for another vTPM", map[string]string{"--report": blobs["report-other"]}, "for another vTPM"},
 		{"the older report replayed", map[string]string{"--report": blobs["report-0"]}, "another nonce (replayed or stale)"},
 		{"another vTPM expected", map[string]string{"--ek": file("other-ek.pub", mustRead(t, filepath.Join(otherWork, "ek.pub")))}, "for another vTPM"},
@@ -236,4 +259,51 @@ func eventDigestByte(t *testing.T, p string) int {
 	}
 	t.Fatalf("no SHA-256 event digest in %s", p)
 	return 0
+}
+
+// testCA is a certificate authority made for a test (the operator's privacy CA).
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+func newTestCA(t *testing.T, name string) *testCA {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name}, IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	return &testCA{c, k}
+}
+
+// issue certifies pub (PEM).
+func (ca *testCA) issue(t *testing.T, pub crypto.PublicKey) []byte {
+	t.Helper()
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "host AK"},
+		KeyUsage: x509.KeyUsageDigitalSignature, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+}
+
+func (ca *testCA) pem() []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.cert.Raw})
+}
+
+func pemBody(t *testing.T, b []byte) []byte {
+	t.Helper()
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		t.Fatal("not PEM")
+	}
+	return blk.Bytes
 }
