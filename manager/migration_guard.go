@@ -166,8 +166,10 @@ func writeMigrationNV(tp transport.TPM, auth, contents []byte, define bool) erro
 	pub, err := tpm2.NVReadPublic{NVIndex: want.NVIndex}.Execute(tp)
 	ok := false
 	if err == nil {
-		if p, perr := pub.NVPublic.Contents(); perr == nil && p.Attributes == want.Attributes && p.DataSize == want.DataSize {
-			ok = true
+		if p, perr := pub.NVPublic.Contents(); perr == nil && p.DataSize == want.DataSize {
+			got := p.Attributes
+			got.Written, got.WriteLocked, got.ReadLocked = false, false, false // state, not kind
+			ok = got == want.Attributes
 		}
 		if !ok && define {
 			if _, err := (tpm2.NVUndefineSpace{
