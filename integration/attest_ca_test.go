@@ -20,6 +20,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 	"github.com/vtpmd/vtpmd/manager"
 	"github.com/vtpmd/vtpmd/manager/attest"
+	"github.com/vtpmd/vtpmd/manager/hwtpm"
 )
 
 // TestAttestCA (issue 13, acceptance 5): `vtpmd setup --create-ek-cert --create-platform-cert`
@@ -78,12 +79,18 @@ func TestAttestCA(t *testing.T) {
 	t.Logf("residency: %s", res.Proves[0])
 
 	// the platform certificate, read from the vTPM's NV, is from the same CA and names the VM
-	var platform []byte
+	var platform, vakPublic []byte
 	vtpmdOnce(t, m, state1, func(tp tpmclient.SendFunc) {
 		if err := tpmclient.Startup(tp); err != nil {
 			t.Fatal(err)
 		}
 		platform = caReadNV(t, tp, 0x01c08000)
+		// and an AK in the vTPM, for the host to vouch for
+		ak, err := tpmclient.CreatePrimary(tp, tpm2.TPMRHEndorsement, vtpmAKTemplate)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vakPublic = tpm2.Marshal(tpm2.New2B(ak.Public))
 	})
 	pc, err := x509.ParseCertificate(caFirstDER(t, platform))
 	if err != nil {
@@ -91,6 +98,24 @@ func TestAttestCA(t *testing.T) {
 	}
 	if _, err := attest.VerifyVTPMCertificate(pc, nil, []*x509.Certificate{root}, attest.VTPMCertExpect{VMUUID: vmUUID, HostAKName: id.AKName}); err != nil {
 		t.Fatalf("platform certificate: %v", err)
+	}
+
+	// the hardware AK vouches for the vTPM's AK: a host quote over SHA-256 of its public area
+	vakFile, quoteFile := filepath.Join(work, "vak.pub"), filepath.Join(work, "vak-quote.json")
+	os.WriteFile(vakFile, vakPublic, 0o600)
+	caRun(t, env.bin, "manager", "certify-vtpm-ak", "--socket", m.sock, "--ak-public", vakFile, "--pcrs", "0,7", "--out", quoteFile)
+	var q manager.Quote
+	if b, err := os.ReadFile(quoteFile); err != nil || json.Unmarshal(b, &q) != nil {
+		t.Fatalf("quote file: %v", err)
+	}
+	vr, err := attest.VerifyHostCertifiedAK(id.AKPublic, vakPublic, hwtpm.Attestation{Attest: q.Attest, Signature: q.Signature})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("vTPM AK: %s", vr.Proves[0])
+	q.Attest[len(q.Attest)-1] ^= 1
+	if _, err := attest.VerifyHostCertifiedAK(id.AKPublic, vakPublic, hwtpm.Attestation{Attest: q.Attest, Signature: q.Signature}); err == nil {
+		t.Fatal("a tampered host quote over the vTPM AK verified")
 	}
 
 	// operator mode: an operator CA (openssl) certifies the host's AK and CA key
@@ -302,4 +327,16 @@ func caNoPrivateKeys(t *testing.T, dir string) {
 		}
 		return nil
 	})
+}
+
+// vtpmAKTemplate is an attestation key (restricted ECDSA P-256 signing) for the vTPM.
+var vtpmAKTemplate = tpm2.TPMTPublic{
+	Type: tpm2.TPMAlgECC, NameAlg: tpm2.TPMAlgSHA256,
+	ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, UserWithAuth: true,
+		Restricted: true, SignEncrypt: true, NoDA: true},
+	Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+		Scheme: tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgECDSA,
+			Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgECDSA, &tpm2.TPMSSigSchemeECDSA{HashAlg: tpm2.TPMAlgSHA256})},
+		CurveID: tpm2.TPMECCNistP256,
+	}),
 }
