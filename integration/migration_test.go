@@ -410,3 +410,95 @@ func TestMigrationSaveRestore(t *testing.T) {
 		t.Fatalf("history: %+v", h)
 	}
 }
+
+// TestMigrationPolicy: a manager on one side only. By default the destination's manager
+// refuses plain blobs (a source without a manager, or swtpm); allow-plain takes them with a
+// warning; a source manager with policy plain seals nothing, so a destination without a
+// manager takes its blobs. A source manager restarted between export and release still
+// releases the key (tickets are durable).
+func TestMigrationPolicy(t *testing.T) {
+	needRefSwtpm(t)
+	strict := startMigHost(t, "strict")
+	lax := startMigHost(t, "lax", "--migration-policy", "allow-plain")
+	plainSrc := startMigHost(t, "plain", "--migration-policy", "plain")
+
+	// a source without a manager: Debian's swtpm
+	ref := startEmulator(t, refSwtpm(), "", "--tpm2")
+	rc := ctrlClient(t, ref.ctrl)
+	if err := rc.Init(0); err != nil {
+		t.Fatal(err)
+	}
+	conn := dataChannel(t, rc)
+	rtp := tpmclient.SendFunc(func(cmd []byte) ([]byte, error) { return tpmclient.RoundTrip(conn, cmd) })
+	tpmclient.Startup(rtp)
+	tpmclient.PCRExtend(rtp, 16, bytes.Repeat([]byte("A"), 32))
+	want, _ := tpmclient.PCRRead(rtp, 16)
+	plain := map[uint32][]byte{}
+	for _, typ := range []uint32{socket.BlobPermanent, socket.BlobVolatile} {
+		b, _, err := rc.GetStateBlob(typ, socket.StateFlagDecrypted)
+		if err != nil {
+			t.Fatal(err)
+		}
+		plain[typ] = b
+	}
+	v := startMigVTPM(t, strict, "")
+	if err := v.load(plain); err == nil || len(v.stateFiles()) != 0 {
+		t.Fatalf("the strict manager took plain blobs: %v %v", err, v.stateFiles())
+	}
+	if !strings.Contains(strict.managerLog(t), "plain state blob refused") {
+		t.Fatalf("no reason:\n%s", tail(strict.managerLog(t), 2000))
+	}
+	w := startMigVTPM(t, lax, "")
+	if err := w.load(plain); err != nil {
+		t.Fatalf("allow-plain: %v", err)
+	}
+	if got, _ := tpmclient.PCRRead(w.data(), 16); !bytes.Equal(got, want) {
+		t.Fatalf("allow-plain: PCR16 %x, want %x", got, want)
+	}
+	if !strings.Contains(lax.managerLog(t), "accepting a plain") {
+		t.Fatal("no warning for the plain import")
+	}
+
+	// a source manager with policy plain, to a vTPM without a manager
+	s := startMigVTPM(t, plainSrc, "")
+	if err := s.c.Init(0); err != nil {
+		t.Fatal(err)
+	}
+	stp := s.data()
+	tpmclient.Startup(stp)
+	tpmclient.PCRExtend(stp, 16, bytes.Repeat([]byte("B"), 32))
+	want2, _ := tpmclient.PCRRead(stp, 16)
+	out := s.export()
+	lone := startEmulator(t, env.bin, "", "--tpm2", "--manager", "none")
+	lv := &migVTPM{t: t, e: lone, c: ctrlClient(t, lone.ctrl), state: lone.dir}
+	if err := lv.load(out); err != nil {
+		t.Fatalf("plain policy to a vTPM without a manager: %v", err)
+	}
+	if got, _ := tpmclient.PCRRead(lv.data(), 16); !bytes.Equal(got, want2) {
+		t.Fatal("PCR16 lost")
+	}
+
+	// tickets survive the source manager's restart
+	a, b := startMigHost(t, "A"), startMigHost(t, "B")
+	a.trust(t, b)
+	b.trust(t, a)
+	src := startMigVTPM(t, a, "")
+	if err := src.c.Init(0); err != nil {
+		t.Fatal(err)
+	}
+	tpmclient.Startup(src.data())
+	sealed := src.export()
+	a.m.restart()
+	waitFor(t, 20*time.Second, func() bool {
+		c, err := net.Dial("tcp", a.addr)
+		if err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	})
+	dst := startMigVTPM(t, b, "")
+	if err := dst.load(sealed); err != nil {
+		t.Fatalf("after the source manager's restart: %v\n%s", err, tail(b.managerLog(t), 2000))
+	}
+}
