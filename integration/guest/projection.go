@@ -21,7 +21,9 @@ import (
 //	projpcr=N  print PCR N (SHA-256) as proj_pcr, then try to extend it: proj_extend is
 //	           "locality" when the vTPM answers TPM_RC_LOCALITY, "ok" or the error otherwise
 //	projlog    read the guest-visible projection log from NV 0x01400010, 0x01400011, ...
-//	           with stock tpm2_nvread -C o, and print it as the blob "projlog"
+//	           with stock tpm2_nvread -C o, and print it as the blob "projlog"; when the owner
+//	           hierarchy is disabled (SeaBIOS disables it when one of its extends is refused)
+//	           with the index's own (empty) auth instead: proj_log_auth says which
 func projectionChecks(tp transport.TPM, modes []string) {
 	for _, m := range modes {
 		if v, ok := strings.CutPrefix(m, "projpcr="); ok {
@@ -62,12 +64,18 @@ func projectionLog() {
 		return
 	}
 	var log []byte
+	auth := "o"
 	for i := range 16 {
 		idx := fmt.Sprintf("0x%08x", 0x01400010+i)
 		out := filepath.Join(dir, idx)
-		if o, err := exec.Command("tpm2_nvread", "-C", "o", "-o", out, idx).CombinedOutput(); err != nil {
+		o, err := exec.Command("tpm2_nvread", "-C", auth, "-o", out, idx).CombinedOutput()
+		if err != nil && i == 0 && strings.Contains(string(o), "hierarchy is not enabled") {
+			auth = idx
+			o, err = exec.Command("tpm2_nvread", "-C", auth, "-o", out, idx).CombinedOutput()
+		}
+		if err != nil {
 			if i == 0 {
-				say("proj_error", fmt.Sprintf("tpm2_nvread -C o %s: %v: %s", idx, err, strings.TrimSpace(string(o))))
+				say("proj_error", fmt.Sprintf("tpm2_nvread -C %s %s: %v: %s", auth, idx, err, strings.TrimSpace(string(o))))
 				return
 			}
 			break
@@ -79,6 +87,10 @@ func projectionLog() {
 		}
 		log = append(log, b...)
 	}
+	if auth != "o" {
+		auth = "index"
+	}
+	say("proj_log_auth", auth)
 	say("proj_log_bytes", len(log))
 	blob("projlog", log)
 }
