@@ -64,13 +64,17 @@ func projectionLog() {
 		return
 	}
 	var log []byte
-	auth := "o"
+	byIndex := false
 	for i := range 16 {
 		idx := fmt.Sprintf("0x%08x", 0x01400010+i)
 		out := filepath.Join(dir, idx)
+		auth := "o"
+		if byIndex {
+			auth = idx
+		}
 		o, err := exec.Command("tpm2_nvread", "-C", auth, "-o", out, idx).CombinedOutput()
 		if err != nil && i == 0 && strings.Contains(string(o), "hierarchy is not enabled") {
-			auth = idx
+			byIndex, auth = true, idx
 			o, err = exec.Command("tpm2_nvread", "-C", auth, "-o", out, idx).CombinedOutput()
 		}
 		if err != nil {
@@ -87,10 +91,7 @@ func projectionLog() {
 		}
 		log = append(log, b...)
 	}
-	if auth != "o" {
-		auth = "index"
-	}
-	say("proj_log_auth", auth)
+	say("proj_log_auth", map[bool]string{false: "owner", true: "index"}[byIndex])
 	say("proj_log_bytes", len(log))
 	blob("projlog", log)
 }
