@@ -65,6 +65,20 @@ func TestDeepAttestation(t *testing.T) {
 	}
 	hostAK := file("host-ak.pub", id.AKPublic)
 
+	// the guest's vTPM is made by vtpmd setup under the manager: its EK certificate comes
+	// from the host CA (key in the hardware TPM) and names the host AK and the VM; an
+	// operator CA certifies the host AK and CA key (credential activation); the host identity
+	// as files
+	need(t, "openssl")
+	conf, _ := caSetupConfig(t, work)
+	setupWithManager(t, m, conf, stateDir, "attest-vm:"+attestVM, filepath.Join(work, "setup-certs"))
+	opKey, opCert := filepath.Join(work, "op-key.pem"), filepath.Join(work, "op-root.pem")
+	caRun(t, "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+		"-keyout", opKey, "-out", opCert, "-days", "30", "-subj", "/O=Operator/CN=operator root CA")
+	caRun(t, env.bin, "manager", "certify-host", "--socket", m.sock, "--ca-cert", opCert, "--ca-key", opKey)
+	idDir := filepath.Join(work, "identity")
+	caRun(t, env.bin, "manager", "identity", "--socket", m.sock, "--out", idDir)
+
 	// the guest
 	nonces := []string{randomHex(t, 32), randomHex(t, 32)}
 	e := startEmulator(t, env.bin, stateDir, "--tpm2", "--manager", m.sock)
@@ -77,7 +91,7 @@ func TestDeepAttestation(t *testing.T) {
 		t.Fatalf("the guest's attestation did not complete: %q\nvtpmd log:\n%s", g["attest_error"], tail(readFile(t, e.log), 3000))
 	}
 	blobs := map[string]string{}
-	for _, name := range []string{"ak.pub", "ek.pub", "report-0", "report-1", "quote-0", "quote-1", "sig-0", "sig-1"} {
+	for _, name := range []string{"ekcert-rsa", "ak.pub", "ek.pub", "report-0", "report-1", "quote-0", "quote-1", "sig-0", "sig-1"} {
 		b, ok := guestBlob(out, name)
 		if !ok {
 			t.Fatalf("the guest printed no %s", name)
@@ -135,6 +149,46 @@ func TestDeepAttestation(t *testing.T) {
 		b[at(len(b))] ^= 0x01
 		return file(name, b)
 	}
+	// every chain: the host AK through the operator's certificate, the host CA's residency,
+	// the vTPM's EK certificate from that CA, the host's quote over the guest's AK
+	certifyAK := func(name, akPub string) string {
+		p := filepath.Join(work, name)
+		caRun(t, env.bin, "manager", "certify-vtpm-ak", "--socket", m.sock, "--ak-public", akPub, "--out", p)
+		return p
+	}
+	chains := map[string]string{"--host-identity": idDir, "--ca": opCert, "--ek-cert": blobs["ekcert-rsa"],
+		"--host-ak-certify": certifyAK("ak-certify.json", blobs["ak.pub"])}
+	res, err = verify(chains)
+	if err != nil {
+		t.Fatalf("vtpmd attest verify with every chain: %v\n%s", err, res)
+	}
+	for _, want := range []string{"credential activation", "cannot leave", "the TPM is virtual", attestVM, "vouched for vTPM key"} {
+		if !strings.Contains(res, want) {
+			t.Fatalf("verify output lacks %q:\n%s", want, res)
+		}
+	}
+	t.Logf("vtpmd attest verify, every chain:\n%s", res)
+	withChains := func(over map[string]string) map[string]string {
+		m := map[string]string{}
+		for k, v := range chains {
+			m[k] = v
+		}
+		for k, v := range over {
+			m[k] = v
+		}
+		return m
+	}
+	badCertify := filepath.Join(work, "ca-certify-bad")
+	os.MkdirAll(badCertify, 0o755)
+	for _, n := range []string{"ak.pub", "ak.pem", "ca.pub", "ca-certify.attest", "ca-certify.sig", "ca-root.pem", "ca.pem"} {
+		if b, err := os.ReadFile(filepath.Join(idDir, n)); err == nil {
+			if n == "ca-certify.sig" {
+				b[len(b)-5] ^= 1
+			}
+			os.WriteFile(filepath.Join(badCertify, n), b, 0o644)
+		}
+	}
+
 	otherAK := measuredHostAK(t)
 	// the host AK through the operator's certificate of it (a privacy CA made here)
 	akKey, err := attest.ParsePublic(id.AKPublic)
@@ -163,6 +217,10 @@ func TestDeepAttestation(t *testing.T) {
 		{"host AK certificate of another CA", map[string]string{"--host-ak-cert": file("rogue.pem", rogue.issue(t, akKey.Key)), "--ca": caPEM}, "certificate chain does not verify"},
 		{"host AK certificate over another key", map[string]string{"--host-ak-cert": file("other.pem", ca.issue(t, otherKey.Key)), "--ca": caPEM}, "over another key"},
 		{"tampered host AK certificate", map[string]string{"--host-ak-cert": flipped("ak-cert-x.der", file("ak-cert.der", pemBody(t, mustRead(t, akCert))), func(n int) int { return n - 20 }), "--ca": caPEM}, "host attestation key not trusted"},
+		{"tampered EK certificate", withChains(map[string]string{"--ek-cert": flipped("ekcert-x", blobs["ekcert-rsa"], func(n int) int { return n / 2 })}), "certificate"},
+		{"EK certificate not chained to the anchors", withChains(map[string]string{"--host-identity": "", "--host-ak": hostAK}), "certificate chain does not verify"},
+		{"tampered CA residency proof", withChains(map[string]string{"--host-identity": badCertify}), "residency proof does not verify"},
+		{"host quote over another AK", withChains(map[string]string{"--host-ak-certify": certifyAK("other-certify.json", filepath.Join(otherWork, "ak.pub"))}), "host quote over the vTPM AK does not verify"},
 		{"a report for another vTPM", map[string]string{"--report": blobs["report-other"]}, "for another vTPM"},
 		{"the older report replayed", map[string]string{"--report": blobs["report-0"]}, "another nonce (replayed or stale)"},
 		{"another vTPM expected", map[string]string{"--ek": file("other-ek.pub", mustRead(t, filepath.Join(otherWork, "ek.pub")))}, "for another vTPM"},

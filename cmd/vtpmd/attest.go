@@ -34,6 +34,9 @@ func attestVerifyCommand() *cli.Command {
 			&cli.StringFlag{Name: "host-ak", Usage: "the host AK's public key (TPM2B_PUBLIC or PEM), trusted as given"},
 			&cli.StringFlag{Name: "ca", Usage: "trust anchors for --host-ak-cert (PEM)"},
 			&cli.StringFlag{Name: "eventlog", Required: true, Usage: "the host's TCG event log (binary_bios_measurements)"},
+			&cli.StringFlag{Name: "host-identity", Usage: "the host identity directory (vtpmd manager identity --out): host AK, its certificate, the host CA and its residency proof"},
+			&cli.StringFlag{Name: "ek-cert", Usage: "the vTPM's EK certificate (PEM or DER), checked up to --ca or the host CA's root"},
+			&cli.StringFlag{Name: "host-ak-certify", Usage: "the host's quote over the guest AK (vtpmd manager certify-vtpm-ak --out)"},
 			&cli.StringFlag{Name: "ek", Usage: "the vTPM EK expected (TPM2B_PUBLIC, or its name in hex)"},
 			&cli.StringFlag{Name: "vm", Usage: "the VM UUID expected"},
 			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
@@ -43,7 +46,8 @@ func attestVerifyCommand() *cli.Command {
 				Quote: c.String("quote"), Signature: c.String("signature"), AKPublic: c.String("ak"),
 				Report: c.String("report"), Nonce: c.String("nonce"), NonceFile: c.String("nonce-file"),
 				HostAKCert: c.String("host-ak-cert"), HostAKPublic: c.String("host-ak"), TrustAnchors: c.String("ca"),
-				EventLog: c.String("eventlog"), ExpectEK: c.String("ek"), ExpectVM: c.String("vm"), JSON: c.Bool("json"),
+				EventLog: c.String("eventlog"), HostIdentity: c.String("host-identity"), EKCert: c.String("ek-cert"),
+				HostAKCertify: c.String("host-ak-certify"), ExpectEK: c.String("ek"), ExpectVM: c.String("vm"), JSON: c.Bool("json"),
 			}
 			if err := attest.VerifyFiles(f, os.Stdout); err != nil {
 				return cli.Exit("vtpmd attest verify: NOT VERIFIED: "+err.Error(), 1)

@@ -3,10 +3,15 @@ package attest
 import (
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"strings"
+
+	"github.com/vtpmd/vtpmd/manager/hwtpm"
 )
 
 // Files names the inputs of `vtpmd attest verify`, one file each ("" when not given).
@@ -18,9 +23,16 @@ type Files struct {
 	HostAKCert, HostAKPublic string
 	TrustAnchors             string
 	EventLog                 string
-	ExpectEK                 string
-	ExpectVM                 string
-	JSON                     bool
+	// HostIdentity is a directory as `vtpmd manager identity --out` writes it: the host AK
+	// (ak.pub, and ak.pem with ak-chain.pem when the operator certified it), the host CA
+	// (ca.pub, ca-certify.attest/.sig, ca-root.pem, ca.pem, ca-chain.pem).
+	HostIdentity string
+	// EKCert is the vTPM's EK certificate; HostAKCertify the JSON quote of `vtpmd manager
+	// certify-vtpm-ak` over the guest's AK.
+	EKCert, HostAKCertify string
+	ExpectEK              string
+	ExpectVM              string
+	JSON                  bool
 }
 
 // maxInput bounds every input file (an event log is the largest).
@@ -46,8 +58,25 @@ func VerifyFiles(f Files, out io.Writer) error {
 	read("--ca", f.TrustAnchors, &ev.TrustAnchors)
 	read("--eventlog", f.EventLog, &ev.EventLog)
 	read("--ek", f.ExpectEK, &ev.ExpectEK)
+	read("--ek-cert", f.EKCert, &ev.EKCert)
 	if err != nil {
 		return err
+	}
+	if f.HostIdentity != "" {
+		if err := readIdentityDir(f.HostIdentity, &ev); err != nil {
+			return err
+		}
+	}
+	if f.HostAKCertify != "" {
+		b, err := readInput("--host-ak-certify", f.HostAKCertify)
+		if err != nil {
+			return err
+		}
+		var q hwtpm.Attestation
+		if err := json.Unmarshal(b, &q); err != nil {
+			return fmt.Errorf("%w: --host-ak-certify: %w", ErrInput, err)
+		}
+		ev.HostAKCertify = &q
 	}
 	if f.Nonce != "" {
 		if ev.Nonce, err = hex.DecodeString(strings.TrimSpace(f.Nonce)); err != nil {
@@ -101,4 +130,40 @@ func readInput(what, path string) ([]byte, error) {
 		return nil, fmt.Errorf("%w: %s: larger than %d bytes", ErrInput, what, maxInput)
 	}
 	return b, nil
+}
+
+// readIdentityDir fills what the evidence lacks from a host identity directory; files that
+// are missing are skipped (a host not certified by an operator has no ak.pem).
+func readIdentityDir(dir string, ev *Evidence) error {
+	get := func(name string) ([]byte, error) {
+		b, err := readInput("--host-identity", filepath.Join(dir, name))
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, nil
+		}
+		return b, err
+	}
+	var err error
+	fill := func(dst *[]byte, names ...string) {
+		if err != nil || len(*dst) > 0 {
+			return
+		}
+		for _, n := range names {
+			var b []byte
+			if b, err = get(n); err != nil {
+				return
+			}
+			*dst = append(*dst, b...)
+		}
+	}
+	fill(&ev.HostAKPublic, "ak.pub")
+	if len(ev.TrustAnchors) > 0 {
+		fill(&ev.HostAKCert, "ak.pem", "ak-chain.pem")
+	}
+	fill(&ev.CAPublic, "ca.pub")
+	fill(&ev.CARoot, "ca-root.pem")
+	fill(&ev.CACert, "ca.pem")
+	fill(&ev.CAChain, "ca-chain.pem")
+	fill(&ev.CACertify.Attest, "ca-certify.attest")
+	fill(&ev.CACertify.Signature, "ca-certify.sig")
+	return err
 }

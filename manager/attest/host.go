@@ -15,6 +15,7 @@ import (
 type trustedKey struct {
 	key  crypto.PublicKey
 	name []byte
+	area []byte // its TPMT_PUBLIC, when known
 	how  string
 }
 
@@ -26,7 +27,7 @@ func hostKey(ev Evidence, rep *Report) (*trustedKey, error) {
 		return hostKeyFromCert(ev)
 	case len(ev.HostAKPublic) > 0:
 		if p, err := ParsePublic(ev.HostAKPublic); err == nil {
-			return &trustedKey{key: p.Key, name: p.Name, how: "its public key given to the verifier"}, nil
+			return &trustedKey{key: p.Key, name: p.Name, area: p.Area, how: "its public key given to the verifier"}, nil
 		}
 		der := ev.HostAKPublic
 		if blk, _ := pem.Decode(der); blk != nil {
@@ -66,7 +67,7 @@ func hostKeyFromCert(ev Evidence) (*trustedKey, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrHostKey, err)
 		}
-		return &trustedKey{key: p.Key, name: p.Name, how: res.Proves[0]}, nil
+		return &trustedKey{key: p.Key, name: p.Name, area: p.Area, how: res.Proves[0]}, nil
 	}
 	chains, err := certs[0].Verify(x509.VerifyOptions{Roots: pool(anchors), Intermediates: pool(certs[1:]), CurrentTime: now,
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
@@ -96,4 +97,73 @@ func replayLog(log []byte, sel PCRSelection) ([][]byte, int, error) {
 		out = append(out, all[p])
 	}
 	return out, len(l.Events), nil
+}
+
+// verifyChains walks the certificate chains given beside the report: the host CA key's
+// residency with the host AK, the vTPM's EK certificate, the host's direct vouching for the
+// guest's AK. Each adds what it proves to res.
+func verifyChains(ev Evidence, rep *Report, host *trustedKey, ak *Public, res *Result) error {
+	anchors, err := CertPEMs(ev.TrustAnchors)
+	if err != nil {
+		return fmt.Errorf("%w: --ca: %w", ErrInput, err)
+	}
+	var caRoot *x509.Certificate
+	if len(ev.CAPublic) > 0 {
+		if host.area == nil {
+			return fmt.Errorf("%w: the host CA's residency needs the host AK's public area (--host-ak or the identity's ak.pub)", ErrInput)
+		}
+		roots, err := CertPEMs(ev.CARoot)
+		if err != nil || len(roots) != 1 {
+			return fmt.Errorf("%w: the host CA's root certificate: %v", ErrInput, err)
+		}
+		caPub, err := ParsePublic(ev.CAPublic)
+		if err != nil {
+			return fmt.Errorf("host CA key: %w", err)
+		}
+		r, err := VerifyCAResidency(host.area, caPub.Area, ev.CACertify, roots[0])
+		if err != nil {
+			return err
+		}
+		caRoot = roots[0]
+		res.Proven = append(res.Proven, r.Proves...)
+	}
+	if len(ev.EKCert) > 0 {
+		certs, err := CertPEMs(ev.EKCert)
+		if err != nil || len(certs) == 0 {
+			return fmt.Errorf("%w: the vTPM's EK certificate: %v", ErrChain, err)
+		}
+		inter, err := CertPEMs(append(append([]byte{}, ev.CACert...), ev.CAChain...))
+		if err != nil {
+			return fmt.Errorf("%w: the host CA's certificates: %w", ErrInput, err)
+		}
+		roots := anchors
+		if caRoot != nil {
+			roots = append(roots, caRoot)
+		}
+		want := VTPMCertExpect{HostAKName: rep.HostAKName, VMUUID: res.VMUUID, Now: ev.Now}
+		if len(ev.ExpectEK) > 0 {
+			if p, err := ParsePublic(ev.ExpectEK); err == nil {
+				want.EKPublic = p.Area
+			}
+		}
+		r, err := VerifyVTPMCertificate(certs[0], append(certs[1:], inter...), roots, want)
+		if err != nil {
+			return err
+		}
+		res.Proven = append(res.Proven, r.Proves...)
+		if want.EKPublic == nil {
+			res.NotProven = append(res.NotProven, "that the EK certificate is over the report's EK: pass the EK's public area (--ek)")
+		}
+	}
+	if ev.HostAKCertify != nil {
+		if host.area == nil {
+			return fmt.Errorf("%w: the host's quote over the guest AK needs the host AK's public area", ErrInput)
+		}
+		r, err := VerifyHostCertifiedAK(host.area, ak.Area, *ev.HostAKCertify)
+		if err != nil {
+			return err
+		}
+		res.Proven = append(res.Proven, r.Proves...)
+	}
+	return nil
 }

@@ -5,8 +5,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
+
+	"github.com/vtpmd/vtpmd/manager/hwtpm"
 )
 
 // Sentinel errors of Verify; each says which input is wrong.
@@ -45,6 +48,20 @@ type Evidence struct {
 	// the host's identity file (manager/attest chain format) instead.
 	HostAKCert, HostAKPublic []byte
 	TrustAnchors             []byte
+	// The host CA (optional; `vtpmd manager identity --out` writes them): CAPublic is its
+	// key's TPMT_PUBLIC (or TPM2B_PUBLIC), CACertify the host AK's TPM2_Certify of it, CARoot
+	// its self-signed root, CACert the certificate it issues under (the operator's, or the
+	// root), CAChain the operator's issuers above CACert (PEM or DER).
+	CAPublic                []byte
+	CACertify               hwtpm.Attestation
+	CARoot, CACert, CAChain []byte
+	// EKCert (optional) is the vTPM's EK certificate (from the guest's NV 0x01c00002 or
+	// 0x01c00016), checked up to the trust anchors or the host CA's root, and against the
+	// report's host AK and VM.
+	EKCert []byte
+	// HostAKCertify (optional) is the hardware AK's quote over the guest AK (vtpmd manager
+	// certify-vtpm-ak): the host vouching for that AK directly.
+	HostAKCertify *hwtpm.Attestation
 	// EventLog is the host's TCG event log (binary_bios_measurements).
 	EventLog []byte
 	// ExpectEK (optional): the vTPM EK the verifier expects, as a TPM2B_PUBLIC or its name
@@ -180,7 +197,12 @@ func Verify(ev Evidence) (*Result, error) {
 		return nil, fmt.Errorf("%w: the vTPM's PCRs changed between the report and the guest's quote (or either was altered)", ErrPCRs)
 	}
 
-	// 5. the expected vTPM and VM
+	// 5. the certificate chains given
+	if err := verifyChains(ev, rep, host, ak, res); err != nil {
+		return nil, err
+	}
+
+	// 6. the expected vTPM and VM
 	if len(ev.ExpectEK) > 0 {
 		want, err := expectedName(ev.ExpectEK)
 		if err != nil {
@@ -206,8 +228,7 @@ func Verify(ev Evidence) (*Result, error) {
 		"that the vTPM's EK is the one you enrolled, unless you passed it (--ek)",
 		"anything about the host after the hardware quote, or the guest after its own quote")
 	if len(ev.ExpectEK) > 0 {
-		res.NotProven[1] = res.NotProven[2]
-		res.NotProven = res.NotProven[:2]
+		res.NotProven = slices.Delete(res.NotProven, 1, 2)
 	}
 	return res, nil
 }
