@@ -116,7 +116,7 @@ func (s *Server) migration() (*migration, error) {
 		return nil, err
 	}
 	if cfg.Address == "" {
-		cfg.Address = cfg.Listen
+		cfg.Address = advertisedAddress(cfg.Listen)
 	}
 	if cfg.Identity == nil {
 		cfg.Identity = s.hardwareMigrationIdentity()
@@ -138,6 +138,20 @@ func (s *Server) migration() (*migration, error) {
 	m.events = newEventHub(cfg.Webhook, s.log)
 	migrations[s] = m
 	return m, nil
+}
+
+// advertisedAddress is where other managers reach a listener on listen: the address itself,
+// or the host's name when it listens on every address.
+func advertisedAddress(listen string) string {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil || (host != "" && !net.ParseIP(host).IsUnspecified()) {
+		return listen
+	}
+	name, err := os.Hostname()
+	if err != nil {
+		return listen
+	}
+	return net.JoinHostPort(name, port)
 }
 
 // hardwareMigrationIdentity is the host identity's TLS key (resident in the hardware TPM)

@@ -429,3 +429,13 @@ func TestMigrationNVContents(t *testing.T) {
 		t.Fatal("short index accepted")
 	}
 }
+
+func TestAdvertisedAddress(t *testing.T) {
+	name, _ := os.Hostname()
+	for in, want := range map[string]string{"127.0.0.1:1": "127.0.0.1:1", "[::1]:2": "[::1]:2", "host:3": "host:3",
+		":4": net.JoinHostPort(name, "4"), "0.0.0.0:5": net.JoinHostPort(name, "5"), "[::]:6": net.JoinHostPort(name, "6"), "": ""} {
+		if got := advertisedAddress(in); got != want {
+			t.Errorf("%q: %q, want %q", in, got, want)
+		}
+	}
+}

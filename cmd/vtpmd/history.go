@@ -15,7 +15,7 @@ import (
 func migrationFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "migration-listen", Usage: "TLS listener (HOST:PORT) where other hosts' managers fetch migration keys"},
-		&cli.StringFlag{Name: "migration-address", Usage: "address other managers reach this one at, carried in sealed blobs (default: --migration-listen)"},
+		&cli.StringFlag{Name: "migration-address", Usage: "address other managers reach this one at, carried in sealed blobs (default: --migration-listen; its port on this host's name when it listens on every address)"},
 		&cli.StringFlag{Name: "migration-policy", Value: manager.PolicySealed, Usage: "sealed (seal outgoing state, refuse plain), allow-plain (also accept plain, with a warning) or plain (seal nothing)"},
 		&cli.StringFlag{Name: "migration-webhook", Usage: "URL that receives every migration event (JSON POST)"},
 		&cli.StringFlag{Name: "migration-cert", Usage: "PEM certificate chain of an operator-CA identity (default: the host's hardware identity)"},
