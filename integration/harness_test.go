@@ -118,7 +118,7 @@ func waitFor(t *testing.T, d time.Duration, ok func() bool) {
 
 // vm describes one QEMU run.
 type vm struct {
-	firmware string // seabios | ovmf
+	firmware string // seabios | ovmf | qboot (a firmware without TPM support: the kernel starts the TPM)
 	machine  string // q35 | pc
 	model    string // tpm-crb | tpm-tis
 	cmdline  string // extra kernel command line words (tpmloop, nvmark, hang)
@@ -147,6 +147,10 @@ func startQEMU(t *testing.T, v vm) *qemu {
 		"-serial", "file:" + q.serial, "-monitor", "unix:" + q.mon + ",server=on,wait=off"}
 	if v.noReboot {
 		args = append(args, "-no-reboot")
+	}
+	if v.firmware == "qboot" {
+		need(t, "/usr/share/qemu/qboot.rom")
+		args = append(args, "-bios", "/usr/share/qemu/qboot.rom")
 	}
 	if v.firmware == "ovmf" {
 		need(t, "/usr/share/OVMF/OVMF_CODE_4M.fd")
