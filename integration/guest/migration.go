@@ -89,7 +89,7 @@ func migInfoTools() string {
 	cmd := exec.Command("tpm2_nvread", "-C", "o", "-s", "136", "0x01400020", "-o", f.Name())
 	cmd.Env = append(os.Environ(), "TPM2TOOLS_TCTI=device:/dev/tpmrm0")
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return "error: " + strings.Join(strings.Fields(string(out)), " ")
+		return "error:" + strings.Join(strings.Fields(err.Error()+": "+string(out)), "_")
 	}
 	b, err := os.ReadFile(f.Name())
 	if err != nil {
