@@ -245,23 +245,32 @@ func (g *migrationGuard) Import(ctx context.Context, blobs map[uint32][]byte) (m
 
 // Admit implements seam.BlobHook. Before any export, a manager that cannot answer does not
 // stop the vTPM (as without a manager); after an export it must answer, since only it knows
-// whether the state went elsewhere.
+// whether the state went elsewhere: the command waits for it (a manager restarting) until ctx
+// ends, and fails then.
 func (g *migrationGuard) Admit(ctx context.Context) error {
 	g.mu.Lock()
 	exported := g.exported
 	g.mu.Unlock()
-	err := g.c.Admit(ctx, g.path)
-	switch {
-	case err == nil:
-		g.mu.Lock()
-		g.ticket, g.exported = "", false
-		g.mu.Unlock()
-		return nil
-	case errors.Is(err, ErrMovedAway):
-		return fmt.Errorf("%w: %w", seam.ErrReleased, err)
-	case !exported:
-		g.log.Warn("the manager did not answer whether this vTPM may run; running it as without a manager", "err", err)
-		return nil
+	for {
+		err := g.c.Admit(ctx, g.path)
+		switch {
+		case err == nil:
+			g.mu.Lock()
+			g.ticket, g.exported = "", false
+			g.mu.Unlock()
+			return nil
+		case errors.Is(err, ErrMovedAway):
+			return fmt.Errorf("%w: %w", seam.ErrReleased, err)
+		case !exported:
+			g.log.Warn("the manager did not answer whether this vTPM may run; running it as without a manager", "err", err)
+			return nil
+		case errors.Is(err, ErrUnavailable):
+			select {
+			case <-ctx.Done():
+			case <-time.After(200 * time.Millisecond):
+				continue
+			}
+		}
+		return fmt.Errorf("the state was exported and the manager cannot say whether it went elsewhere: %w", err)
 	}
-	return fmt.Errorf("the state was exported and the manager cannot say whether it went elsewhere: %w", err)
 }
