@@ -128,7 +128,10 @@ func CertifyHost(ctx context.Context, cfg CertifyHostConfig) (*CertifyHostResult
 	if err != nil {
 		return nil, fmt.Errorf("credential activation: %w", err)
 	}
-	if subtle.ConstantTimeCompare(got, secret) != 1 {
+	same := subtle.ConstantTimeCompare(got, secret) == 1
+	clear(got)
+	clear(secret)
+	if !same {
 		return nil, errors.New("credential activation returned another secret: the AK is not in the TPM with this EK")
 	}
 	res.Checked = append(res.Checked, "the AK is in the TPM that holds the EK (credential activated)")

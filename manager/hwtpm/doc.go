@@ -40,6 +40,15 @@
 //     answers); defining it again keeps it, and an index used otherwise is ErrIndexInUse.
 //     Increment and ReadCounter run in an HMAC session salted with the storage key, so the
 //     value read is authenticated by the TPM rather than taken from the bus.
+//   - The host's identity: EndorsementKey derives the EK from the TCG's standard template
+//     (RSA-2048 when the TPM holds an RSA EK certificate, else ECC P-256) with its certificate
+//     from NV 0x01c00002 / 0x01c0000a; CreateAK (restricted) and CreateSigningKey
+//     (unrestricted) make ECDSA P-256 keys under the storage key whose Key blob holds only the
+//     TPM-wrapped private part; Quote (with the PCR values it covers), Certify and
+//     ActivateCredential (EK with its PolicySecret(endorsement)) use them, and Signer is a
+//     crypto.Signer doing TPM2_Sign. A blob of another TPM fails with ErrBadKey wrapping
+//     ErrWrongTPM. ParseAttest, ParsePublic and VerifySignature read outside bytes without a
+//     TPM and never panic (fuzzed).
 //
 // It needs the owner hierarchy's authorization to be empty (as it is on a host whose TPM is
 // not provisioned by something else), and a device or swtpm that is already started;
