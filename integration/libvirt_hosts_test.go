@@ -15,6 +15,8 @@ package integration
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
+	"encoding/pem"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -51,7 +53,9 @@ type lvMgr struct {
 	sock   string   // the API socket as this test process reaches it
 	listen string   // the API socket as the manager (and its host's vTPMs) name it
 	nsPID  int      // enter this process's mount namespace (host B), 0: none
-	extra  []string // more flags (the migration protocol's, from the test)
+	tls    string   // the manager-to-manager TLS listener (--migration-listen)
+	extra  []string // more flags, from the test
+	env    []string // more environment (VTPMD_MIGRATION_PAUSE)
 	cmd    *exec.Cmd
 	exited chan struct{}
 	out    *syncbuf.Buffer
@@ -99,9 +103,9 @@ func lvSetupHosts(t *testing.T, withManagers bool, extra lvMgrExtra) *lvHosts {
 	}
 	cDir := filepath.Join(e.w, "C")
 	os.MkdirAll(cDir, 0o755)
-	h.mgr["A"] = &lvMgr{host: "A", sock: manager.DefaultSocket, listen: manager.DefaultSocket}
-	h.mgr["B"] = &lvMgr{host: "B", sock: filepath.Join(bRun, "manager.sock"), listen: manager.DefaultSocket, nsPID: pidB}
-	h.mgr["C"] = &lvMgr{host: "C", sock: filepath.Join(cDir, "manager.sock")}
+	h.mgr["A"] = &lvMgr{host: "A", sock: manager.DefaultSocket, listen: manager.DefaultSocket, tls: "127.0.0.1:29410"}
+	h.mgr["B"] = &lvMgr{host: "B", sock: filepath.Join(bRun, "manager.sock"), listen: manager.DefaultSocket, nsPID: pidB, tls: "127.0.0.1:29411"}
+	h.mgr["C"] = &lvMgr{host: "C", sock: filepath.Join(cDir, "manager.sock"), tls: "127.0.0.1:29412"}
 	h.mgr["C"].listen = h.mgr["C"].sock
 	for _, name := range []string{"A", "B", "C"} {
 		m := h.mgr[name]
@@ -124,11 +128,48 @@ func lvSetupHosts(t *testing.T, withManagers bool, extra lvMgrExtra) *lvHosts {
 	return h
 }
 
-// startManagers starts the three managers.
+// startManagers starts the three managers; A and B trust each other's host CA (each has the
+// other's root in its trusted-cas.pem), C trusts both and is trusted by neither.
 func (h *lvHosts) startManagers() {
 	for _, name := range []string{"A", "B", "C"} {
 		h.mgr[name].start()
 	}
+	h.trust("A", "B")
+	h.trust("B", "A")
+	h.trust("C", "A", "B")
+}
+
+// trust writes the host CA roots of the managers of hosts into the trusted-cas.pem of the
+// manager of host (which re-reads it at each use), replacing what it held.
+func (h *lvHosts) trust(host string, hosts ...string) {
+	t := h.t
+	t.Helper()
+	var pemData []byte
+	for _, o := range hosts {
+		pemData = append(pemData, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: h.mgr[o].caRoot()})...)
+	}
+	if err := os.WriteFile(filepath.Join(h.mgr[host].dir, manager.TrustedCAsName), pemData, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// caRoot is the manager's host CA root certificate (DER), from its identity.json.
+func (m *lvMgr) caRoot() []byte {
+	m.t.Helper()
+	raw, err := os.ReadFile(filepath.Join(m.dir, "identity.json"))
+	if err != nil {
+		m.t.Fatalf("manager %s has no identity: %v", m.host, err)
+	}
+	var id struct {
+		CARoot []byte `json:"ca_root"`
+	}
+	if err := json.Unmarshal(raw, &id); err != nil || len(id.CARoot) == 0 {
+		m.t.Fatalf("manager %s: identity.json: %v (no ca_root)", m.host, err)
+	}
+	if _, err := x509.ParseCertificate(id.CARoot); err != nil {
+		m.t.Fatalf("manager %s: ca_root: %v", m.host, err)
+	}
+	return id.CARoot
 }
 
 // args is the manager's command line after the executable.
@@ -139,7 +180,7 @@ func (m *lvMgr) args() []string {
 		group = "" // vTPMs on C are this test's, running as root
 	}
 	return append([]string{"manager", "--tpm", m.hw.Spec(), "--dir", m.dir, "--listen", m.listen, "--group", group,
-		"--registry", reg, "--auto-enroll", "--log", "fd=2"}, m.extra...)
+		"--registry", reg, "--auto-enroll", "--log", "fd=2", "--migration-listen", m.tls}, m.extra...)
 }
 
 // start runs the manager (in its host's mount namespace) and waits for its socket.
@@ -156,6 +197,7 @@ func (m *lvMgr) start() {
 	}
 	fmt.Fprintf(m.out, "=== %s start: %s\n", time.Now().UTC().Format(time.RFC3339Nano), strings.Join(argv, " "))
 	m.cmd = exec.Command(argv[0], argv[1:]...)
+	m.cmd.Env = append(os.Environ(), m.env...)
 	m.cmd.Stdout, m.cmd.Stderr = m.out, m.out
 	if err := m.cmd.Start(); err != nil {
 		t.Fatalf("manager %s: %v", m.host, err)
@@ -408,4 +450,18 @@ func (h *lvHosts) migrateRecorded(d *lvDomain, port int) (*qemuTPMSection, strin
 	t.Logf("recorded %d bytes of migration stream; tpm-emulator section at %d: permanent %d B (flags %#x), volatile %d B (flags %#x), savestate %d B",
 		len(stream), sec.Offset, len(sec.Blobs[0].Data), sec.Blobs[0].Flags, len(sec.Blobs[1].Data), sec.Blobs[1].Flags, len(sec.Blobs[2].Data))
 	return sec, out, err
+}
+
+// writeSmallXML writes the domain's XML with 192 MiB of memory instead of 512 (the tiny guest
+// needs little; a smaller RAM migrates faster) and returns its path.
+func (d *lvDomain) writeSmallXML() string {
+	x := strings.Replace(d.xml(), "<memory unit='MiB'>512</memory>", "<memory unit='MiB'>192</memory>", 1)
+	if !strings.Contains(x, "<memory unit='MiB'>192</memory>") {
+		d.e.t.Fatal("the domain XML's memory element changed; update writeSmallXML")
+	}
+	p := filepath.Join(d.e.w, d.Name+".xml")
+	if err := os.WriteFile(p, []byte(x), 0o644); err != nil {
+		d.e.t.Fatal(err)
+	}
+	return p
 }

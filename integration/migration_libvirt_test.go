@@ -4,17 +4,22 @@ package integration
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
+	"github.com/vtpmd/vtpmd/manager"
 	"github.com/vtpmd/vtpmd/socket"
 )
 
@@ -37,7 +42,9 @@ func TestMigrationLibvirt(t *testing.T) {
 	}
 	ok := t.Run("PlainControl", func(t *testing.T) {
 		hs := h.sub(t)
-		sec := hs.migrateLoop(hs.domain("lv-mig-plain", "21", "migloop", emulator), 29321)
+		d := hs.domain("lv-mig-plain", "21", "migloop", emulator)
+		sec := hs.migrateLoop(d, 29321)
+		hs.destroy("B", d)
 		if err := blobsLoad(t, refSwtpm(), sec); err != nil {
 			t.Fatalf("the control: Debian's swtpm cannot load the plain stream's blobs: %v", err)
 		}
@@ -47,7 +54,7 @@ func TestMigrationLibvirt(t *testing.T) {
 		t.Logf("the control: the plain stream's blobs load in Debian's swtpm and carry the guest's NV counter")
 	})
 	if !ok {
-		t.Fatal("the control failed; the secure runs would prove nothing")
+		t.Error("the control failed: the secure runs' checks of the captured blobs prove less")
 	}
 	h.startManagers()
 	t.Run("Emulator", func(t *testing.T) {
@@ -68,16 +75,174 @@ func (h *lvHosts) sub(t *testing.T) *lvHosts {
 }
 
 // secureMigration: with managers on both hosts, the guest continues on B, both managers know
-// the vTPM, and the recorded blobs are useless without the managers.
+// the vTPM and recorded the move (vtpmd history), subscribers on both got the event, the
+// guest reads the move (counter, host identity) from NV 0x01400020, and the recorded blobs are
+// useless without the managers.
 func (h *lvHosts) secureMigration(d *lvDomain, port int) {
 	t := h.t
+	evA, evB := h.subscribe("A"), h.subscribe("B")
 	sec := h.migrateLoop(d, port)
 	if rec := h.mgr["B"].record(d, 15*time.Second); rec == nil {
 		t.Errorf("B's manager has no record of %s after the migration", d.Name)
 	} else {
 		t.Logf("B's manager's record: %+v", *rec)
 	}
+	out, in := h.checkHistory(d)
+	h.checkEvents(evA, "A", out)
+	h.checkEvents(evB, "B", in)
+	h.checkGuestNV(d, out)
+	h.destroy("B", d)
 	h.checkUseless(sec)
+}
+
+// lvEvents collects a manager's events.
+type lvEvents struct {
+	mu  sync.Mutex
+	evs []manager.Event
+	err error
+}
+
+func (e *lvEvents) list() []manager.Event {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]manager.Event(nil), e.evs...)
+}
+
+// subscribe follows the event stream of host's manager until the test ends.
+func (h *lvHosts) subscribe(host string) *lvEvents {
+	ctx, cancel := context.WithCancel(context.Background())
+	ev := &lvEvents{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		err := manager.NewClient(h.mgr[host].sock).Events(ctx, func(e manager.Event) bool {
+			ev.mu.Lock()
+			ev.evs = append(ev.evs, e)
+			ev.mu.Unlock()
+			return true
+		})
+		ev.mu.Lock()
+		ev.err = err
+		ev.mu.Unlock()
+	}()
+	h.t.Cleanup(func() { cancel(); <-done })
+	time.Sleep(200 * time.Millisecond) // subscribed before anything happens
+	return ev
+}
+
+// history is `vtpmd history --json VM` of host's manager.
+func (h *lvHosts) history(host, vm string) []manager.HistoryEntry {
+	t := h.t
+	t.Helper()
+	out, err := h.mgr[host].ctl("history", "--socket", h.mgr[host].sock, "--json", vm)
+	if err != nil {
+		t.Fatalf("vtpmd history on %s: %v\n%s", host, err, out)
+	}
+	var es []manager.HistoryEntry
+	if err := json.Unmarshal([]byte(out), &es); err != nil {
+		t.Fatalf("vtpmd history on %s: %v\n%s", host, err, out)
+	}
+	return es
+}
+
+// checkHistory: A recorded the move out, B the move in, with the same ticket, hosts and state
+// digest; it returns both entries.
+func (h *lvHosts) checkHistory(d *lvDomain) (out, in manager.HistoryEntry) {
+	t := h.t
+	t.Helper()
+	find := func(host, kind string) manager.HistoryEntry {
+		var es []manager.HistoryEntry
+		lvWait(10*time.Second, func() bool {
+			es = h.history(host, d.UUID)
+			return len(es) > 0
+		})
+		for _, e := range es {
+			if e.Kind == kind {
+				return e
+			}
+		}
+		t.Fatalf("vtpmd history %s on %s: no %q entry: %+v", d.UUID, host, kind, es)
+		return manager.HistoryEntry{}
+	}
+	out, in = find("A", "out"), find("B", "in")
+	t.Logf("history on A: %+v", out)
+	t.Logf("history on B: %+v", in)
+	if out.Ticket == "" || out.Ticket != in.Ticket || out.Source != in.Source || out.Destination != in.Destination ||
+		out.StateDigest == "" || out.StateDigest != in.StateDigest || out.Source == "" || out.Destination == "" || out.Source == out.Destination {
+		t.Fatalf("the two hosts' history entries disagree or lack a field:\nA %+v\nB %+v", out, in)
+	}
+	if in.VM != d.UUID || in.Moves != 1 {
+		t.Errorf("B's entry: vm %q moves %d, want %s and 1", in.VM, in.Moves, d.UUID)
+	}
+	if tx, _ := h.mgr["A"].ctl("history", "--socket", h.mgr["A"].sock, d.UUID); !strings.Contains(tx, d.UUID[:8]) && !strings.Contains(tx, d.Name) {
+		t.Errorf("vtpmd history (text) on A does not name the VM:\n%s", tx)
+	} else {
+		t.Logf("vtpmd history on A:\n%s", tx)
+	}
+	return out, in
+}
+
+// checkEvents: the subscriber of host's manager got the event of entry.
+func (h *lvHosts) checkEvents(ev *lvEvents, host string, want manager.HistoryEntry) {
+	t := h.t
+	t.Helper()
+	ok := lvWait(10*time.Second, func() bool {
+		for _, e := range ev.list() {
+			if e.Type == "migration" && e.History.Ticket == want.Ticket && e.History.Kind == want.Kind {
+				return true
+			}
+		}
+		return false
+	})
+	if !ok {
+		ev.mu.Lock()
+		err := ev.err
+		ev.mu.Unlock()
+		t.Errorf("the subscriber on %s got no %q event for ticket %s: %+v (stream: %v)", host, want.Kind, want.Ticket, ev.list(), err)
+		return
+	}
+	t.Logf("the subscriber on %s got the %q event", host, want.Kind)
+}
+
+var migNVRE = regexp.MustCompile(`GUEST: migration_nv=([0-9a-f]+|none)\s+GUEST: migration_nv_tools=(\S+)`)
+
+// checkGuestNV: the guest read NV 0x01400020 (with go-tpm and with tpm2_nvread): on A no move
+// and A's identity, on B one move, B's identity and the move's ticket.
+func (h *lvHosts) checkGuestNV(d *lvDomain, move manager.HistoryEntry) {
+	t := h.t
+	t.Helper()
+	last := func(host string) *manager.MigrationNV {
+		var m [][]string
+		lvWait(20*time.Second, func() bool {
+			raw, _ := os.ReadFile(d.serial(host))
+			m = migNVRE.FindAllStringSubmatch(strings.ReplaceAll(string(raw), "\r", ""), -1)
+			return len(m) > 0 && m[len(m)-1][1] != "none"
+		})
+		if len(m) == 0 {
+			t.Fatalf("the guest on %s never read the migration index", host)
+		}
+		v := m[len(m)-1]
+		if v[1] != v[2] {
+			t.Errorf("on %s go-tpm read %s, tpm2_nvread %s", host, v[1], v[2])
+		}
+		b, err := hex.DecodeString(v[1])
+		if err != nil {
+			t.Fatalf("on %s the guest read %q: %v", host, v[1], err)
+		}
+		nv, err := manager.ParseMigrationNV(b)
+		if err != nil {
+			t.Fatalf("on %s: %v", host, err)
+		}
+		t.Logf("the guest on %s reads the migration index: moves %d, host %q id %x, last move %v, ticket %x", host, nv.Moves, nv.Host, nv.HostID, nv.LastMove, nv.Ticket)
+		return nv
+	}
+	a, b := last("A"), last("B")
+	if a.Moves != 0 || hex.EncodeToString(a.HostID[:]) != move.Source {
+		t.Errorf("on A the guest reads moves %d host id %x, want 0 and %s", a.Moves, a.HostID, move.Source)
+	}
+	if b.Moves != 1 || hex.EncodeToString(b.HostID[:]) != move.Destination || !strings.HasPrefix(move.Ticket, hex.EncodeToString(b.Ticket[:])) || b.LastMove.IsZero() {
+		t.Errorf("on B the guest reads moves %d host id %x ticket %x, want 1, %s and %s", b.Moves, b.HostID, b.Ticket, move.Destination, move.Ticket)
+	}
 }
 
 // checkUseless: the captured blobs carry no plaintext and load neither in Debian's swtpm nor
@@ -123,6 +288,7 @@ func (h *lvHosts) migrateLoop(d *lvDomain, port int) *qemuTPMSection {
 	}
 	sec, out, err := h.migrateRecorded(d, port)
 	if err != nil {
+		h.logsOf(d)
 		t.Fatalf("virsh migrate: %v\n%s", err, out)
 	}
 	raw, _ := os.ReadFile(d.serial("A"))
@@ -137,11 +303,31 @@ func (h *lvHosts) migrateLoop(d *lvDomain, port int) *qemuTPMSection {
 	if p := h.vtpmProcs(d.UUID); len(p) != 1 {
 		t.Errorf("vTPM processes after the migration: %v, want B's only", p)
 	}
-	h.virsh("B", "destroy", d.Name)
-	if !lvWait(15*time.Second, func() bool { return len(h.vtpmProcs(d.UUID)) == 0 }) {
-		t.Errorf("vtpmd left after destroy on B: %v", h.vtpmProcs(d.UUID))
-	}
 	return sec
+}
+
+// logsOf logs the tails of d's QEMU and vTPM logs on both hosts (the environment's teardown
+// removes host A's).
+func (h *lvHosts) logsOf(d *lvDomain) {
+	for _, p := range []string{
+		"/var/log/libvirt/qemu/" + d.Name + ".log",
+		"/var/log/swtpm/libvirt/qemu/" + d.Name + "-swtpm.log",
+		filepath.Join(h.hostB, "log", "qemu", d.Name+".log"),
+		filepath.Join(h.hostB, "logswtpm", "libvirt", "qemu", d.Name+"-swtpm.log"),
+	} {
+		b, _ := os.ReadFile(p)
+		h.t.Logf("%s:\n%s", p, tail(string(b), 2500))
+	}
+}
+
+// destroy destroys d on host and waits for its vTPM to end.
+func (h *lvHosts) destroy(host string, d *lvDomain) {
+	t := h.t
+	t.Helper()
+	h.virsh(host, "destroy", d.Name)
+	if !lvWait(15*time.Second, func() bool { return len(h.vtpmProcs(d.UUID)) == 0 }) {
+		t.Errorf("vtpmd left after destroy on %s: %v", host, h.vtpmProcs(d.UUID))
+	}
 }
 
 var migRowRE = regexp.MustCompile(`GUEST: iter=(\d+) PCR16=[0-9A-F]{64} nv=(\d+)`)

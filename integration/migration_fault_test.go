@@ -1,0 +1,365 @@
+//go:build integration
+
+package integration
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vtpmd/vtpmd/manager"
+)
+
+// TestMigrationFault is issue 14's acceptance 3: `virsh migrate --live` A -> B with a manager on
+// each host, and at each step of the handshake one of four parties killed (SIGKILL): the
+// source's manager, the destination's manager, the source's QEMU or the destination's QEMU.
+// The managers run with VTPMD_MIGRATION_PAUSE naming every step; the test releases each pause
+// at once except the one under test, where it kills its victim first. Afterwards:
+//
+//   - at most one host runs a live TPM for the VM: the guest's iterations whose TPM commands all
+//     answered (ok=true) do not go on on both hosts past the point where B's began, and vTPM
+//     processes are left only where the domain is active;
+//   - no acknowledged write is lost: wherever the guest goes on, its NV counter (read back
+//     before every write) never falls below the last write its TPM acknowledged, across A and B.
+//
+// VTPMD_FAULT_CASES=step/victim,... runs only those cases (victims: source-manager,
+// dest-manager, source-qemu, dest-qemu).
+func TestMigrationFault(t *testing.T) {
+	steps := []string{manager.StepExportSealed, manager.StepReleaseReceived, manager.StepReleaseRecorded, manager.StepReleaseSent,
+		manager.StepImportReceived, manager.StepKeyReceived, manager.StepImportRecorded}
+	victims := []string{"source-manager", "dest-manager", "source-qemu", "dest-qemu"}
+	var only map[string]bool
+	if v := os.Getenv("VTPMD_FAULT_CASES"); v != "" {
+		only = map[string]bool{}
+		for _, c := range strings.Split(v, ",") {
+			only[strings.TrimSpace(c)] = true
+		}
+	}
+	h := lvSetupHosts(t, false, nil)
+	h.mgr["A"].env = []string{"VTPMD_MIGRATION_PAUSE=" + strings.Join(steps, ",")}
+	h.mgr["B"].env = h.mgr["A"].env
+	h.startManagers()
+	p := h.startPauser()
+	i := 0
+	for _, step := range steps {
+		for _, victim := range victims {
+			name := step + "/" + victim
+			if only != nil && !only[name] {
+				continue
+			}
+			i++
+			port := 29430 + i
+			t.Run(name, func(t *testing.T) {
+				hs := h.sub(t)
+				hs.faultCase(p, step, victim, port, i)
+			})
+		}
+	}
+}
+
+// stepSide is the host whose manager pauses at step.
+func stepSide(step string) string {
+	switch step {
+	case manager.StepImportReceived, manager.StepKeyReceived, manager.StepImportRecorded:
+		return "B"
+	}
+	return "A"
+}
+
+// pauser watches the managers' pause files: it releases every pause at once, except the one
+// a case waits for, which it reports and leaves to the case.
+type pauser struct {
+	h      *lvHosts
+	mu     sync.Mutex
+	target string        // "HOST:step" held for the case, "" none
+	hit    chan struct{} // closed when target was reached
+	seen   []string      // every pause reached, in order
+	stop   chan struct{}
+	done   chan struct{}
+}
+
+func (h *lvHosts) startPauser() *pauser {
+	p := &pauser{h: h, stop: make(chan struct{}), done: make(chan struct{})}
+	go p.run()
+	h.t.Cleanup(func() { close(p.stop); <-p.done })
+	return p
+}
+
+func (p *pauser) run() {
+	defer close(p.done)
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+		for _, host := range []string{"A", "B"} {
+			files, _ := filepath.Glob(filepath.Join(p.h.mgr[host].dir, "pause-*"))
+			for _, f := range files {
+				step := strings.TrimPrefix(filepath.Base(f), "pause-")
+				key := host + ":" + step
+				p.mu.Lock()
+				if key == p.target {
+					if p.hit != nil {
+						p.seen = append(p.seen, key)
+						close(p.hit)
+						p.hit = nil
+					}
+					p.mu.Unlock()
+					continue
+				}
+				p.seen = append(p.seen, key)
+				p.mu.Unlock()
+				os.Remove(f)
+			}
+		}
+	}
+}
+
+// arm sets the pause to hold; the returned channel is closed when it is reached.
+func (p *pauser) arm(host, step string) <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.target, p.hit, p.seen = host+":"+step, make(chan struct{}), nil
+	return p.hit
+}
+
+// release lets the held pause go (removes its file, if the manager is still there to wait on
+// it) and holds nothing any more.
+func (p *pauser) release(host, step string) {
+	p.mu.Lock()
+	p.target = ""
+	p.mu.Unlock()
+	os.Remove(filepath.Join(p.h.mgr[host].dir, "pause-"+step))
+}
+
+func (p *pauser) trace() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return strings.Join(p.seen, " ")
+}
+
+// qemuPID is the pid of d's QEMU on host (0: none). B's pid file is in B's mount namespace,
+// reached through its libvirtd's /proc/PID/root.
+func (h *lvHosts) qemuPID(host string, d *lvDomain) int {
+	p := "/run/libvirt/qemu/" + d.Name + ".pid"
+	if host == "B" {
+		p = fmt.Sprintf("/proc/%d/root%s", lvPidFile(filepath.Join(h.hostB, "libvirtd.pid")), p)
+	}
+	pid := lvPidFile(p)
+	if pid == 0 || !lvProcAlive(pid) {
+		return 0
+	}
+	return pid
+}
+
+// vtpmHost says on which host a vTPM process runs: B when it shares libvirtd B's mount
+// namespace.
+func (h *lvHosts) vtpmHost(pid int) string {
+	ns, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", pid))
+	nsB, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", lvPidFile(filepath.Join(h.hostB, "libvirtd.pid"))))
+	if ns != "" && ns == nsB {
+		return "B"
+	}
+	return "A"
+}
+
+var faultRowRE = regexp.MustCompile(`GUEST: iter=(\d+) PCR16=([0-9A-F]*) nv=(\d+) ok=(true|false)`)
+
+type faultRow struct {
+	iter, nv int
+	ok       bool
+}
+
+func faultRows(path string) []faultRow {
+	raw, _ := os.ReadFile(path)
+	var rows []faultRow
+	for _, m := range faultRowRE.FindAllStringSubmatch(string(raw), -1) {
+		n, _ := strconv.Atoi(m[1])
+		v, _ := strconv.Atoi(m[3])
+		rows = append(rows, faultRow{n, v, m[4] == "true"})
+	}
+	return rows
+}
+
+// faultCase runs one case: a fresh domain on A, the migration held at step, victim killed
+// there, the pause released, then the invariants checked once things settle.
+func (h *lvHosts) faultCase(p *pauser, step, victim string, port, i int) {
+	t := h.t
+	d := h.domain(fmt.Sprintf("lv-fault-%02d", i), fmt.Sprintf("%02d", 40+i), "migloop", "<backend type='emulator' version='2.0'/>")
+	os.Remove(d.serial("A"))
+	os.Remove(d.serial("B"))
+	h.virsh("A", "create", d.writeSmallXML())
+	t.Cleanup(func() {
+		for _, host := range []string{"A", "B"} {
+			h.virshErr(host, "destroy", d.Name)
+		}
+		for _, m := range []*lvMgr{h.mgr["A"], h.mgr["B"]} {
+			if !m.running() {
+				m.start()
+			}
+		}
+		lvWait(15*time.Second, func() bool { return len(h.vtpmProcs(d.UUID)) == 0 })
+	})
+	h.waitRows(d.serial("A"), 0, 3, 3*time.Minute)
+	side := stepSide(step)
+	hit := p.arm(side, step)
+	type result struct {
+		out string
+		err error
+	}
+	migrated := make(chan result, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+		defer cancel()
+		out, err := lvRun(ctx, "virsh", "-q", "-c", lvURIA, "migrate", "--live", d.Name, lvURIB, "--migrateuri", fmt.Sprintf("tcp://127.0.0.1:%d", port))
+		migrated <- result{out, err}
+	}()
+	var res result
+	reached := false
+	select {
+	case <-hit:
+		reached = true
+	case res = <-migrated:
+	case <-time.After(3 * time.Minute):
+	}
+	if !reached {
+		p.release(side, step)
+		if res.out == "" && res.err == nil {
+			res = <-migrated
+		}
+		t.Fatalf("the migration never reached %s on %s (pauses seen: %s); virsh migrate: %v %s", step, side, p.trace(), res.err, strings.TrimSpace(res.out))
+	}
+	// the victim
+	switch victim {
+	case "source-manager":
+		h.mgr["A"].kill()
+	case "dest-manager":
+		h.mgr["B"].kill()
+	case "source-qemu", "dest-qemu":
+		host := map[string]string{"source-qemu": "A", "dest-qemu": "B"}[victim]
+		pid := h.qemuPID(host, d)
+		if pid == 0 {
+			t.Fatalf("no QEMU for %s on %s", d.Name, host)
+		}
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	t.Logf("held at %s on %s; killed the %s", step, side, victim)
+	p.release(side, step)
+	res = <-migrated
+	t.Logf("virsh migrate: %v %s (pauses: %s)", res.err, strings.TrimSpace(res.out), p.trace())
+	// a killed manager comes back (its host's vTPMs ask it whether they may run on)
+	for _, m := range []*lvMgr{h.mgr["A"], h.mgr["B"]} {
+		if !m.running() {
+			m.start()
+		}
+	}
+	h.faultSettled(d, res.err == nil)
+}
+
+// faultSettled waits for the dust to settle and checks the two invariants.
+func (h *lvHosts) faultSettled(d *lvDomain, migrated bool) {
+	t := h.t
+	t.Helper()
+	state := func(host string) string {
+		out, err := h.virshErr(host, "domstate", d.Name)
+		if err != nil {
+			return "absent"
+		}
+		return strings.TrimSpace(out)
+	}
+	// give the guest time to go on wherever it can (or to fail to)
+	time.Sleep(8 * time.Second)
+	stA, stB := state("A"), state("B")
+	t.Logf("after the fault (migration %s): domain on A %q, on B %q", map[bool]string{true: "succeeded", false: "failed"}[migrated], stA, stB)
+	if stA == "running" && stB == "running" {
+		t.Errorf("the domain runs on both hosts")
+	}
+	// where the domain is paused on A while B runs it (libvirt's post-migration state kept),
+	// resuming it must not give the guest a live TPM
+	if stB == "running" && strings.HasPrefix(stA, "paused") {
+		if _, err := h.virshErr("A", "resume", d.Name); err == nil {
+			t.Logf("resumed the paused source on A to see whether its TPM still answers")
+			time.Sleep(5 * time.Second)
+		}
+	}
+	rowsA, rowsB := faultRows(d.serial("A")), faultRows(d.serial("B"))
+	okA, okB := lastOK(rowsA), lastOK(rowsB)
+	t.Logf("guest on A: %d rows, last ok iteration %d; on B: %d rows, last ok iteration %d", len(rowsA), okA, len(rowsB), okB)
+	// two live TPMs: B's guest went on with a working TPM, and so did A's past B's first row
+	if len(rowsB) > 0 {
+		b0 := rowsB[0].iter
+		if okB >= b0 && okA >= b0 {
+			t.Errorf("two live TPMs: the guest's TPM answered on A up to iteration %d and on B from %d to %d", okA, b0, okB)
+		}
+	}
+	// no acknowledged write lost, along the path the guest took
+	for _, log := range []string{d.serial("A"), d.serial("B")} {
+		raw, _ := os.ReadFile(log)
+		if m := regexp.MustCompile(`GUEST: nvlost [^\n]*`).FindString(string(raw)); m != "" {
+			t.Errorf("%s: %s", filepath.Base(log), m)
+		}
+	}
+	acked, lastIter := -1, 0
+	path := rowsA
+	if len(rowsB) > 0 && okB >= rowsB[0].iter {
+		// the guest went on on B: A's rows before B's first, then B's
+		var pre []faultRow
+		for _, r := range rowsA {
+			if r.iter < rowsB[0].iter {
+				pre = append(pre, r)
+			}
+		}
+		path = append(pre, rowsB...)
+	}
+	for _, r := range path {
+		if r.iter <= lastIter {
+			continue
+		}
+		if acked >= 0 && r.nv < acked {
+			t.Errorf("iteration %d: NV counter %d below the acknowledged %d", r.iter, r.nv, acked)
+		}
+		if r.ok {
+			acked = r.nv
+		}
+		lastIter = r.iter
+	}
+	// vTPM processes only where the domain is active
+	lvWait(20*time.Second, func() bool {
+		for _, pid := range h.vtpmProcs(d.UUID) {
+			if st := state(h.vtpmHost(pid)); st == "absent" || st == "shut off" {
+				return false
+			}
+		}
+		return true
+	})
+	live := map[string]int{}
+	for _, pid := range h.vtpmProcs(d.UUID) {
+		live[h.vtpmHost(pid)]++
+	}
+	for host, n := range live {
+		if st := state(host); st == "absent" || st == "shut off" {
+			t.Errorf("%d vTPM process(es) left on %s, where the domain is %s", n, host, st)
+		}
+	}
+	t.Logf("settled: A %s, B %s, vTPM processes %v, last acknowledged NV %d", state("A"), state("B"), live, acked)
+}
+
+// lastOK is the last iteration whose TPM commands all answered (0: none).
+func lastOK(rows []faultRow) int {
+	n := 0
+	for _, r := range rows {
+		if r.ok {
+			n = r.iter
+		}
+	}
+	return n
+}
