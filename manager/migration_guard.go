@@ -83,6 +83,11 @@ func ParseMigrationNV(b []byte) (*MigrationNV, error) {
 
 func init() {
 	registerGuardPart(func(cfg GuardConfig) seam.Guard {
+		// no manager on this host (no socket): no hook, blobs as without a manager; a manager
+		// that exists but does not answer refuses exports instead (no silent downgrade)
+		if cfg.Client == nil || !Available(cfg.Client.Socket) {
+			return nil
+		}
 		return &migrationGuard{c: cfg.Client, path: statePathOfURI(cfg.StateURI), log: cfg.Log}
 	})
 }

@@ -439,3 +439,15 @@ func TestAdvertisedAddress(t *testing.T) {
 		}
 	}
 }
+
+// TestMigrationHookNeedsManager: without a manager on the host (no socket) a vTPM has no blob
+// hook (plain blobs, as without vtpmd's manager); with one it has.
+func TestMigrationHookNeedsManager(t *testing.T) {
+	if h := seam.BlobHookOf(InstanceGuard(GuardConfig{Client: NewClient(filepath.Join(t.TempDir(), "none.sock")), StateURI: "dir:///x", TPM2: true})); h != nil {
+		t.Fatal("a blob hook without a manager")
+	}
+	m := startManager(t, swtpmtest.Start(t), t.TempDir(), nil)
+	if h := seam.BlobHookOf(InstanceGuard(GuardConfig{Client: m.client(), StateURI: "dir:///x", TPM2: true})); h == nil {
+		t.Fatal("no blob hook with a manager")
+	}
+}
