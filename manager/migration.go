@@ -184,6 +184,7 @@ func (s *Server) startMigration(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	context.AfterFunc(ctx, m.events.close)
 	if m.cfg.Listen == "" {
 		return nil
 	}

@@ -28,11 +28,17 @@ type eventHub struct {
 
 	mu   sync.Mutex
 	subs map[chan Event]struct{}
+
+	done      chan struct{} // closed when the manager stops: streams end
+	closeOnce sync.Once
 }
 
 func newEventHub(webhook string, log *slog.Logger) *eventHub {
-	return &eventHub{webhook: webhook, log: log, subs: map[chan Event]struct{}{}}
+	return &eventHub{webhook: webhook, log: log, subs: map[chan Event]struct{}{}, done: make(chan struct{})}
 }
+
+// close ends every stream (the manager is stopping; a stream would hold its shutdown).
+func (h *eventHub) close() { h.closeOnce.Do(func() { close(h.done) }) }
 
 // subscribe returns a channel of events and its cancel function.
 func (h *eventHub) subscribe() (<-chan Event, func()) {
@@ -106,6 +112,8 @@ func (h *eventHub) serveEvents(ctx context.Context, w http.ResponseWriter) {
 	for {
 		select {
 		case <-ctx.Done():
+			return
+		case <-h.done:
 			return
 		case <-keep.C:
 			fmt.Fprint(w, ": keep-alive\n\n")
