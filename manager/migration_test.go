@@ -8,10 +8,13 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"math/big"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -222,13 +225,18 @@ type migHost struct {
 }
 
 func startMigHost(t *testing.T, policy string) *migHost {
+	return startMigHostWith(t, MigrationConfig{Policy: policy})
+}
+
+func startMigHostWith(t *testing.T, cfg MigrationConfig) *migHost {
 	t.Helper()
 	tm := startManager(t, swtpmtest.Start(t), t.TempDir(), nil)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := tm.srv.ConfigureMigration(MigrationConfig{Listen: ln.Addr().String(), Policy: policy}); err != nil {
+	cfg.Listen = ln.Addr().String()
+	if err := tm.srv.ConfigureMigration(cfg); err != nil {
 		t.Fatal(err)
 	}
 	m, err := tm.srv.migration()
@@ -449,5 +457,36 @@ func TestMigrationHookNeedsManager(t *testing.T) {
 	m := startManager(t, swtpmtest.Start(t), t.TempDir(), nil)
 	if h := seam.BlobHookOf(InstanceGuard(GuardConfig{Client: m.client(), StateURI: "dir:///x", TPM2: true})); h == nil {
 		t.Fatal("no blob hook with a manager")
+	}
+}
+
+// TestMigrationEvents: a move is announced to the API's event stream and to the webhook.
+func TestMigrationEvents(t *testing.T) {
+	hook := make(chan Event, 2)
+	ws := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var e Event
+		json.NewDecoder(r.Body).Decode(&e)
+		hook <- e
+	}))
+	defer ws.Close()
+	a := startMigHostWith(t, MigrationConfig{Webhook: ws.URL})
+	stream := make(chan Event, 2)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go a.tm.client().Events(ctx, func(e Event) bool { stream <- e; return true })
+	time.Sleep(200 * time.Millisecond) // the subscription is in place
+	path := "/srv/a/vm3"
+	if _, err := a.mig.importBlobs(ctx, path, a.export(t, path, map[uint32][]byte{1: []byte("p"), 2: []byte("v")})); err != nil {
+		t.Fatal(err)
+	}
+	for name, ch := range map[string]chan Event{"stream": stream, "webhook": hook} {
+		select {
+		case e := <-ch:
+			if e.Type != "migration" || e.History.Kind != "restore" || e.History.StatePath != path {
+				t.Fatalf("%s: %+v", name, e)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no event on the %s", name)
+		}
 	}
 }
