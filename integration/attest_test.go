@@ -30,10 +30,11 @@ import (
 // attestVM is the UUID the registry gives the attesting guest's vTPM.
 const attestVM = "6a1e0b52-6f8e-4b7a-9a57-3c2d1e0f4a11"
 
-// TestDeepAttestation (issue 13, acceptance 4): a QEMU guest whose vTPM is vtpmd socket under
+// TestDeepAttestation (issue 13, acceptance 4): a QEMU/OVMF guest whose vTPM is vtpmd socket under
 // a manager on the measured host (a stand-in hardware TPM holding a real OVMF boot), with
 // stock tpm2-tools only, makes an EK and an AK, writes a nonce to NV 0x01400002, reads the
-// report from NV 0x01400001 and quotes its PCRs with the nonce, twice (two nonces). On the
+// report from NV 0x01400001 and quotes its PCRs with the nonce, twice (two nonces), and can
+// neither write nor delete the report index (owner, index or platform authorization). On the
 // host, `vtpmd attest verify` accepts the second quote with its report, and rejects a
 // tampered quote, a tampered report, another nonce, a tampered event log, another host AK, a
 // report made for another vTPM (a second vtpmd under the same manager, driven by tpm2-tools
@@ -82,13 +83,18 @@ func TestDeepAttestation(t *testing.T) {
 	// the guest
 	nonces := []string{randomHex(t, 32), randomHex(t, 32)}
 	e := startEmulator(t, env.bin, stateDir, "--tpm2", "--manager", m.sock)
-	q := startQEMU(t, vm{firmware: "seabios", machine: "q35", model: "tpm-crb", ctrl: e.ctrl, noReboot: true,
+	q := startQEMU(t, vm{firmware: "ovmf", machine: "q35", model: "tpm-crb", ctrl: e.ctrl, noReboot: true,
 		cmdline: "attest attest_nonce=" + strings.Join(nonces, ",")})
 	q.wait(t, 300*time.Second)
 	out := q.serialText()
 	g := guestValues(out)
 	if g["attest"] != "done" {
 		t.Fatalf("the guest's attestation did not complete: %q\nvtpmd log:\n%s", g["attest_error"], tail(readFile(t, e.log), 3000))
+	}
+	for _, k := range []string{"attest_report_write_owner", "attest_report_write_index", "attest_report_undefine_platform", "attest_report_undefine_owner"} {
+		if g[k] != "refused" {
+			t.Errorf("the guest's %s: %q, want refused", k, g[k])
+		}
 	}
 	blobs := map[string]string{}
 	for _, name := range []string{"ekcert-rsa", "ak.pub", "ek.pub", "report-0", "report-1", "quote-0", "quote-1", "sig-0", "sig-1"} {

@@ -77,6 +77,22 @@ func deepAttest(args []string) {
 			blob(filepath.Base(p), b)
 		}
 	}
+	// the report index is the host's: the guest can neither write nor delete it
+	for _, try := range []struct {
+		key  string
+		args []string
+	}{
+		{"attest_report_write_owner", []string{"tpm2_nvwrite", "-C", "o", "0x01400001", "-i", f("nonce-0")}},
+		{"attest_report_write_index", []string{"tpm2_nvwrite", "0x01400001", "-i", f("nonce-0")}},
+		{"attest_report_undefine_platform", []string{"tpm2_nvundefine", "-C", "p", "0x01400001"}},
+		{"attest_report_undefine_owner", []string{"tpm2_nvundefine", "-C", "o", "0x01400001"}},
+	} {
+		if exec.Command(try.args[0], try.args[1:]...).Run() == nil {
+			say(try.key, "allowed")
+		} else {
+			say(try.key, "refused")
+		}
+	}
 	say("attest", "done")
 }
 
