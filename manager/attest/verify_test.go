@@ -10,9 +10,14 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"io"
 	"math/big"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -399,4 +404,55 @@ func sampleReport() *Report {
 		VTPMPCRs: PCRSelection{Hash: algSHA256, Mask: 0xffffff}, VTPMPCRDigest: make([]byte, 32),
 		HostPCRs: PCRSelection{Hash: algSHA256, Mask: 0xff}, HostPCRValues: values, HostAKName: name(3),
 		Attest: binary.BigEndian.AppendUint32(nil, generated), Signature: []byte{0, 0x14, 0, 0xb, 0, 0}}
+}
+
+// TestVerifyFiles: the command's inputs as files, the text and JSON outputs.
+func TestVerifyFiles(t *testing.T) {
+	s := newScene(t)
+	dir := t.TempDir()
+	w := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	f := Files{Quote: w("quote", s.ev.Quote), Signature: w("sig", s.ev.QuoteSignature), AKPublic: w("ak.pub", s.ev.AKPublic),
+		Report: w("report", s.ev.Report), Nonce: hex.EncodeToString(s.ev.Nonce), HostAKPublic: w("host-ak.pub", s.hostAKPub),
+		EventLog: w("log", s.log), ExpectEK: w("ek.pub", s.ekPub), ExpectVM: s.ev.ExpectVM}
+	var out bytes.Buffer
+	if err := VerifyFiles(f, &out); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(out.String(), "verified: deep attestation\n") || strings.Count(out.String(), "  proven: ") != 5 {
+		t.Fatalf("output:\n%s", out.String())
+	}
+	f.JSON = true
+	out.Reset()
+	if err := VerifyFiles(f, &out); err != nil {
+		t.Fatal(err)
+	}
+	var j struct {
+		Verified bool   `json:"verified"`
+		VMUUID   string `json:"vm_uuid"`
+		EKName   string `json:"ek_name"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &j); err != nil || !j.Verified || j.VMUUID != s.ev.ExpectVM || j.EKName != hex.EncodeToString(s.name(s.ekPub)) {
+		t.Fatalf("JSON %s: %v", out.String(), err)
+	}
+	// the nonce as a file, a missing input, a nonce not in hex
+	f.Nonce, f.NonceFile = "", w("nonce", s.ev.Nonce)
+	if err := VerifyFiles(f, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	g := f
+	g.EventLog = filepath.Join(dir, "missing")
+	if err := VerifyFiles(g, io.Discard); !errors.Is(err, ErrInput) {
+		t.Fatalf("missing event log: %v", err)
+	}
+	g = f
+	g.NonceFile, g.Nonce = "", "not hex"
+	if err := VerifyFiles(g, io.Discard); !errors.Is(err, ErrInput) {
+		t.Fatalf("bad nonce: %v", err)
+	}
 }
