@@ -21,6 +21,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vtpmd/vtpmd/backend/localca"
 	"github.com/vtpmd/vtpmd/backend/seam"
 )
 
@@ -152,6 +153,19 @@ func advertisedAddress(listen string) string {
 		return listen
 	}
 	return net.JoinHostPort(name, port)
+}
+
+// hostAKOf is the hardware AK name (hex) a host identity's certificate names in its vTPM
+// host attribute (the host CA issues it; docs/certificates.md), or "" (an operator-CA identity).
+func hostAKOf(c *x509.Certificate) string {
+	if c == nil {
+		return ""
+	}
+	a, err := localca.FindHostAttribute(c)
+	if err != nil || a == nil {
+		return ""
+	}
+	return hex.EncodeToString(a.AKName)
 }
 
 // hardwareMigrationIdentity is the host identity's TLS key (resident in the hardware TPM)
@@ -408,8 +422,8 @@ func (m *migration) importBlobs(ctx context.Context, path string, blobs map[uint
 		kind = "restore"
 	}
 	h := HistoryEntry{Time: now, Kind: kind, Ticket: hdr.Ticket, VM: hdr.VM, Name: hdr.Name, StatePath: path,
-		Source: hdr.SourceID, SourceSubject: first.signer, SourceAddress: hdr.Source, Destination: id.ID(),
-		DestinationSubject: id.Subject(), StateDigest: digest, StateVersion: hdr.StateVersion, Moves: moves, Accepted: accepted}
+		Source: hdr.SourceID, SourceSubject: first.signer, SourceAK: hostAKOf(first.leaf), SourceAddress: hdr.Source,
+		Destination: id.ID(), DestinationSubject: id.Subject(), DestinationAK: hostAKOf(id.Chain[0]), StateDigest: digest, StateVersion: hdr.StateVersion, Moves: moves, Accepted: accepted}
 	m.mu.Lock()
 	err = m.mutateLocked(func() error {
 		v := m.rec.imported(path, hdr.Ticket, moves, now)
@@ -443,6 +457,7 @@ type sealedBlob struct {
 	hdr    envelopeHeader
 	id     string // envelope ID
 	signer string // the source certificate's subject
+	leaf   *x509.Certificate
 }
 
 // parseSet parses and verifies the blobs of one migration: each is well formed, signed by a
@@ -476,7 +491,7 @@ func parseSet(blobs map[uint32][]byte, id *Identity) ([]sealedBlob, error) {
 				return nil, fmt.Errorf("%w: blobs of different migrations mixed", ErrEnvelope)
 			}
 		}
-		out = append(out, sealedBlob{env: e, hdr: e.hdr, id: envelopeID(blobs[typ]), signer: leaf.Subject.String()})
+		out = append(out, sealedBlob{env: e, hdr: e.hdr, id: envelopeID(blobs[typ]), signer: leaf.Subject.String(), leaf: leaf})
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("%w: no blob", ErrEnvelope)
@@ -534,7 +549,8 @@ func (m *migration) releaseLocal(id string, blobs map[string]string, path string
 
 // release is the source's side of a remote release: once, to the authenticated destination.
 // The release is durable before the key is answered.
-func (m *migration) release(ctx context.Context, req *releaseRequest, dest, destSubject string) (*releaseResponse, error) {
+func (m *migration) release(ctx context.Context, req *releaseRequest, destCert *x509.Certificate) (*releaseResponse, error) {
+	dest, destSubject := publicKeyID(destCert), destCert.Subject.String()
 	m.pause(ctx, StepReleaseReceived)
 	m.mu.Lock()
 	now := time.Now().UTC()
@@ -553,8 +569,8 @@ func (m *migration) release(ctx context.Context, req *releaseRequest, dest, dest
 			nvAuth, _ = m.store.unwrap(v.NVAuth, "nv "+t.StatePath)
 		}
 		h = HistoryEntry{Time: now, Kind: "out", Ticket: t.ID, VM: t.VM, Name: t.Name, StatePath: t.StatePath,
-			Source: m.cfg.Identity.ID(), SourceSubject: m.cfg.Identity.Subject(), SourceAddress: m.cfg.Address,
-			Destination: dest, DestinationSubject: destSubject, StateDigest: digestOfTicket(t), StateVersion: t.StateVersion,
+			Source: m.cfg.Identity.ID(), SourceSubject: m.cfg.Identity.Subject(), SourceAK: hostAKOf(m.cfg.Identity.Chain[0]),
+			SourceAddress: m.cfg.Address, Destination: dest, DestinationSubject: destSubject, DestinationAK: hostAKOf(destCert), StateDigest: digestOfTicket(t), StateVersion: t.StateVersion,
 			Moves: t.Moves + 1}
 		m.rec.History = append(m.rec.History, h)
 		return nil

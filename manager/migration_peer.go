@@ -170,7 +170,7 @@ func (m *migration) handleRelease(w http.ResponseWriter, r *http.Request) {
 	// the release, once decided, is not cut short by the destination going away
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), requestTimeout)
 	defer cancel()
-	resp, err := m.release(ctx, &req, publicKeyID(peer), peer.Subject.String())
+	resp, err := m.release(ctx, &req, peer)
 	if err != nil {
 		writePeerError(w, err)
 		return

@@ -113,6 +113,10 @@ type HistoryEntry struct {
 	SourceAddress      string `json:"source_address,omitempty"`
 	Destination        string `json:"destination"`
 	DestinationSubject string `json:"destination_subject,omitempty"`
+	// SourceAK and DestinationAK are the hosts' hardware AK names (hex), as their identity
+	// certificates name them (empty for an operator-CA identity without the host attribute).
+	SourceAK      string `json:"source_ak,omitempty"`
+	DestinationAK string `json:"destination_ak,omitempty"`
 	// StateDigest is the SHA-256 over the moved blobs' digests (type order).
 	StateDigest  string `json:"state_digest"`
 	StateVersion uint64 `json:"state_version"`

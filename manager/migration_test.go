@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -363,8 +364,12 @@ func TestMigrationChannel(t *testing.T) {
 	ha, hb := a.mig.rec.historyOf(src), b.mig.rec.historyOf(dst)
 	if len(ha) != 1 || len(hb) != 1 || ha[0].Kind != "out" || hb[0].Kind != "in" ||
 		ha[0].Destination != hb[0].Destination || ha[0].Source != hb[0].Source || ha[0].StateDigest != hb[0].StateDigest ||
-		ha[0].Source != a.mig.cfg.Identity.ID() || hb[0].Destination != b.mig.cfg.Identity.ID() || hb[0].Moves != 1 {
+		ha[0].Source != a.mig.cfg.Identity.ID() || hb[0].Destination != b.mig.cfg.Identity.ID() || hb[0].Moves != 1 ||
+		ha[0].SourceAK == "" || ha[0].SourceAK != hb[0].SourceAK || ha[0].DestinationAK != hb[0].DestinationAK || ha[0].SourceAK == ha[0].DestinationAK {
 		t.Fatalf("history:\nA %+v\nB %+v", ha, hb)
+	}
+	if hi, err := a.tm.srv.HostIdentity(); err != nil || ha[0].SourceAK != hex.EncodeToString(hi.AKName) {
+		t.Fatalf("the source's hardware AK in the history: %s, identity %x (%v)", ha[0].SourceAK, hi.AKName, err)
 	}
 	// and survives a restart of B's manager
 	b.tm.close()
