@@ -168,7 +168,7 @@ func counterOf(t *testing.T, tp tpmclient.SendFunc) uint64 {
 }
 
 // TestMigrationSecure: three hosts, each with a manager on its own hardware TPM stand-in;
-// A and B trust each other, C trusts A but A does not trust C (later it does). A vTPM moves
+// A and B trust each other, C trusts A but A does not trust C (later it does), D trusts nobody. A vTPM moves
 // from A to B through sealed blobs as QEMU carries them: PCRs, NV and the guest's migration
 // index continue on B, the source refuses every command after the release, and every misuse
 // is refused without writing anything: the blobs without a manager or on swtpm, an altered
@@ -176,7 +176,7 @@ func counterOf(t *testing.T, tp tpmclient.SendFunc) uint64 {
 // Both managers record the move and B announces it to a subscriber.
 func TestMigrationSecure(t *testing.T) {
 	needRefSwtpm(t)
-	a, b, c := startMigHost(t, "A"), startMigHost(t, "B"), startMigHost(t, "C")
+	a, b, c, d := startMigHost(t, "A"), startMigHost(t, "B"), startMigHost(t, "C"), startMigHost(t, "D")
 	a.trust(t, b)
 	b.trust(t, a)
 	c.trust(t, a)
@@ -264,6 +264,10 @@ func TestMigrationSecure(t *testing.T) {
 	refused(b, map[uint32][]byte{socket.BlobPermanent: blobs[socket.BlobPermanent]}, "not the ones exported")
 	refused(b, older, "cancelled")
 	refused(c, blobs, "refused this host's identity") // A does not trust C
+	refused(d, blobs, "identity not trusted")         // D trusts nobody: A's blobs are foreign there
+	if h := history(t, a, ""); len(h) != 0 {
+		t.Fatalf("refused attempts left a record on the source: %+v", h)
+	}
 	trunc := map[uint32][]byte{socket.BlobPermanent: blobs[socket.BlobPermanent][:100], socket.BlobVolatile: blobs[socket.BlobVolatile]}
 	refused(b, trunc, "malformed or altered")
 
