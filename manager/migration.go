@@ -374,6 +374,10 @@ func (m *migration) importBlobs(ctx context.Context, path string, blobs map[uint
 	}
 	first := envs[0]
 	hdr := first.hdr
+	// the state of one VM does not go into another's vTPM (when both are known)
+	if local := m.s.vmOfPath(path); local != nil && local.UUID != "" && hdr.VM != "" && local.UUID != hdr.VM {
+		return nil, fmt.Errorf("%w: the blobs are VM %s's, this vTPM is VM %s's", ErrEnvelope, hdr.VM, local.UUID)
+	}
 	ids := map[string]string{}
 	for _, e := range envs {
 		ids[strconv.Itoa(int(e.hdr.Type))] = e.id

@@ -24,6 +24,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/backend/seam"
 	"github.com/vtpmd/vtpmd/internal/swtpmtest"
+	"github.com/vtpmd/vtpmd/manager/registry"
 )
 
 // TestTicketStateMachine: a ticket leaves exporting once, to released or cancelled, and is
@@ -493,5 +494,32 @@ func TestMigrationEvents(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatalf("no event on the %s", name)
 		}
+	}
+}
+
+// TestMigrationVMMismatch: the registry names the VMs on both hosts; one VM's blobs do not go
+// into another VM's vTPM, and the history names the VM.
+func TestMigrationVMMismatch(t *testing.T) {
+	a, b := startMigHost(t, ""), startMigHost(t, "")
+	a.trust(t, b)
+	b.trust(t, a)
+	ctx := context.Background()
+	reg := func(h *migHost, uuid, name, dir string) {
+		if _, err := h.tm.reg.Update(ctx, uuid, func(r *registry.Record) error { r.Name, r.StateDir = name, dir; return nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reg(a, "11111111-1111-4111-8111-111111111111", "vm-one", "/srv/a/one")
+	reg(b, "22222222-2222-4222-8222-222222222222", "vm-two", "/srv/b/two")
+	reg(b, "11111111-1111-4111-8111-111111111111", "vm-one", "/srv/b/one")
+	sealed := a.export(t, "/srv/a/one", map[uint32][]byte{1: []byte("p"), 2: []byte("v")})
+	if _, err := b.mig.importBlobs(ctx, "/srv/b/two", sealed); !errors.Is(err, ErrEnvelope) || !strings.Contains(err.Error(), "VM") {
+		t.Fatalf("another VM's blobs: %v", err)
+	}
+	if _, err := b.mig.importBlobs(ctx, "/srv/b/one", sealed); err != nil {
+		t.Fatal(err)
+	}
+	if h := b.mig.rec.historyOf("vm-one"); len(h) != 1 || h[0].VM != "11111111-1111-4111-8111-111111111111" {
+		t.Fatalf("history by name: %+v", h)
 	}
 }
