@@ -16,9 +16,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
-	"encoding/pem"
 	"encoding/binary"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -289,23 +289,42 @@ func (m *lvMgr) record(d *lvDomain, d2 time.Duration) *lvManagerVM {
 }
 
 // streamRecorder is a TCP proxy on from that forwards to to and keeps what the client sent
-// (QEMU's migration stream, source to destination).
+// (QEMU's migration stream, source to destination). In mode recHold it holds the stream back
+// at the start of the vTPM's section until release (the source has exported its blobs, the
+// destination has not seen them); in mode recCut it forwards nothing from there on and closes
+// the destination's connection once the section is complete (a migration that fails after
+// the export).
 type streamRecorder struct {
 	ln   net.Listener
 	to   string
+	mode int
 	mu   sync.Mutex
-	sent bytes.Buffer
-	wg   sync.WaitGroup
-	errs []error
+	cond *sync.Cond
+	sent []byte
+	// holdAt is where the vTPM's section starts in sent (-1: not seen yet); sec is the
+	// section once complete, held closed then.
+	holdAt   int
+	sec      *qemuTPMSection
+	held     chan struct{}
+	released bool
+	wg       sync.WaitGroup
+	errs     []error
 }
 
-func startRecorder(t *testing.T, from, to string) *streamRecorder {
+const (
+	recPass = iota
+	recHold
+	recCut
+)
+
+func startRecorder(t *testing.T, from, to string, mode int) *streamRecorder {
 	t.Helper()
 	ln, err := net.Listen("tcp", from)
 	if err != nil {
 		t.Fatalf("recorder: %v", err)
 	}
-	r := &streamRecorder{ln: ln, to: to}
+	r := &streamRecorder{ln: ln, to: to, mode: mode, holdAt: -1, held: make(chan struct{})}
+	r.cond = sync.NewCond(&r.mu)
 	r.wg.Add(1)
 	go r.serve()
 	t.Cleanup(r.close)
@@ -322,43 +341,138 @@ func (r *streamRecorder) serve() {
 		r.wg.Add(1)
 		go func() {
 			defer r.wg.Done()
-			defer c.Close()
-			up, err := net.DialTimeout("tcp", r.to, 10*time.Second)
+			r.proxy(c)
+		}()
+	}
+}
+
+var tpmSectionID = append([]byte{byte(len("tpm-emulator"))}, "tpm-emulator"...)
+
+// proxy serves one connection: a reader records what the source sends, a forwarder passes on
+// what it may.
+func (r *streamRecorder) proxy(c net.Conn) {
+	defer c.Close()
+	up, err := net.DialTimeout("tcp", r.to, 10*time.Second)
+	if err != nil {
+		r.mu.Lock()
+		r.errs = append(r.errs, err)
+		r.mu.Unlock()
+		return
+	}
+	defer up.Close()
+	back := make(chan struct{})
+	go func() { io.Copy(c, up); c.(*net.TCPConn).CloseWrite(); close(back) }()
+	r.mu.Lock()
+	base := len(r.sent) // a second connection (none expected) is recorded after the first
+	r.mu.Unlock()
+	srcDone := false
+	go func() {
+		buf := make([]byte, 256<<10)
+		for {
+			n, err := c.Read(buf)
+			r.mu.Lock()
+			if n > 0 {
+				from := max(base, len(r.sent)-64)
+				r.sent = append(r.sent, buf[:n]...)
+				r.scan(from)
+			}
 			if err != nil {
-				r.mu.Lock()
-				r.errs = append(r.errs, err)
-				r.mu.Unlock()
+				srcDone = true
+			}
+			r.cond.Broadcast()
+			r.mu.Unlock()
+			if err != nil {
 				return
 			}
-			defer up.Close()
-			done := make(chan struct{})
-			go func() { io.Copy(c, up); c.(*net.TCPConn).CloseWrite(); close(done) }()
-			buf := make([]byte, 256<<10)
-			for {
-				n, err := c.Read(buf)
-				if n > 0 {
-					r.mu.Lock()
-					r.sent.Write(buf[:n])
-					r.mu.Unlock()
-					if _, werr := up.Write(buf[:n]); werr != nil {
-						break
-					}
-				}
-				if err != nil {
-					break
-				}
+		}
+	}()
+	fwd := base
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for {
+		limit := len(r.sent)
+		if r.holdAt >= 0 && !r.released {
+			limit = r.holdAt
+			if r.mode == recCut && r.sec != nil {
+				up.Close() // the destination gets a stream cut short
+				return
 			}
+		}
+		if fwd < limit {
+			chunk := r.sent[fwd:limit]
+			r.mu.Unlock()
+			_, err := up.Write(chunk)
+			r.mu.Lock()
+			if err != nil {
+				return
+			}
+			fwd = limit
+			continue
+		}
+		if srcDone {
 			up.(*net.TCPConn).CloseWrite()
-			select {
-			case <-done:
+			r.mu.Unlock()
+			select { // the destination's return path, until it closes
+			case <-back:
 			case <-time.After(30 * time.Second):
 			}
-		}()
+			r.mu.Lock()
+			return
+		}
+		r.cond.Wait()
+	}
+}
+
+// scan looks for the vTPM's section from offset from on (r.mu held).
+func (r *streamRecorder) scan(from int) {
+	if r.mode == recPass {
+		return
+	}
+	if r.holdAt < 0 {
+		for i := from; ; i++ {
+			j := bytes.Index(r.sent[i:], tpmSectionID)
+			if j < 0 {
+				return
+			}
+			i += j
+			if i >= 5 && r.sent[i-5] == 4 {
+				r.holdAt = i - 5
+				break
+			}
+		}
+	}
+	if r.sec == nil {
+		if sec, err := tpmSection(r.sent[r.holdAt:]); err == nil && sec.Offset == 0 {
+			sec.Offset = r.holdAt
+			r.sec = sec
+			close(r.held)
+		}
+	}
+}
+
+// release lets a held stream go on.
+func (r *streamRecorder) release() {
+	r.mu.Lock()
+	r.released = true
+	r.cond.Broadcast()
+	r.mu.Unlock()
+}
+
+// heldSection waits until the section is held (or cut) and returns it.
+func (r *streamRecorder) heldSection(d time.Duration) *qemuTPMSection {
+	select {
+	case <-r.held:
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return r.sec
+	case <-time.After(d):
+		return nil
 	}
 }
 
 func (r *streamRecorder) close() {
 	r.ln.Close()
+	r.release()
 	r.wg.Wait()
 }
 
@@ -366,7 +480,7 @@ func (r *streamRecorder) close() {
 func (r *streamRecorder) stream() []byte {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return append([]byte(nil), r.sent.Bytes()...)
+	return append([]byte(nil), r.sent...)
 }
 
 // qemuTPMBlob is one state blob as QEMU's "tpm-emulator" vmstate carries it.
@@ -433,7 +547,7 @@ func tpmSection(stream []byte) (*qemuTPMSection, error) {
 func (h *lvHosts) migrateRecorded(d *lvDomain, port int) (*qemuTPMSection, string, error) {
 	t := h.t
 	t.Helper()
-	rec := startRecorder(t, fmt.Sprintf("127.0.0.2:%d", port), fmt.Sprintf("127.0.0.1:%d", port))
+	rec := startRecorder(t, fmt.Sprintf("127.0.0.2:%d", port), fmt.Sprintf("127.0.0.1:%d", port), recPass)
 	start := time.Now()
 	out, err := h.virshErr("A", "migrate", "--live", d.Name, lvURIB, "--listen-address", "127.0.0.1",
 		"--migrateuri", fmt.Sprintf("tcp://127.0.0.2:%d", port))

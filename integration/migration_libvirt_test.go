@@ -61,6 +61,10 @@ func TestMigrationLibvirt(t *testing.T) {
 		hs := h.sub(t)
 		hs.secureMigration(hs.domain("lv-mig-sec-emu", "22", "migloop", emulator), 29322)
 	})
+	t.Run("Refusals", func(t *testing.T) {
+		hs := h.sub(t)
+		hs.refusals(hs.domain("lv-mig-refuse", "24", "migloop", emulator), 29324)
+	})
 	t.Run("External", func(t *testing.T) {
 		hs := h.sub(t)
 		hs.secureMigration(hs.domain("lv-mig-sec-ext", "23", "migloop", external("lv-mig-sec-ext")), 29323)
@@ -365,10 +369,20 @@ func checkNVCounter(t *testing.T, logs ...string) {
 // blobsLoad starts bin (a TPM 2, on an empty state) and gives it the blobs the way QEMU's
 // destination does (STOP, SET_STATEBLOB of each non-empty blob with its flags, INIT with
 // DELETE_VOLATILE), then reads the guest's NV counter: nil when all of it worked.
-func blobsLoad(t *testing.T, bin string, sec *qemuTPMSection, args ...string) error {
+func blobsLoad(t *testing.T, bin string, sec *qemuTPMSection, args ...string) (err error) {
 	t.Helper()
 	em := startEmulator(t, bin, "", append([]string{"--tpm2"}, args...)...)
 	defer func() { em.cmd.Process.Kill(); em.cmd.Wait() }()
+	defer func() {
+		if err != nil { // the emulator's reason, from its log
+			raw, _ := os.ReadFile(em.log)
+			for _, l := range strings.Split(string(raw), "\n") {
+				if strings.Contains(l, "level=ERROR") || strings.Contains(l, "level=WARN") {
+					err = fmt.Errorf("%w [log: %s]", err, strings.TrimSpace(l))
+				}
+			}
+		}
+	}()
 	c := ctrlClient(t, em.ctrl)
 	conn := dataChannel(t, c)
 	if err := c.Stop(); err != nil {
@@ -391,4 +405,141 @@ func blobsLoad(t *testing.T, bin string, sec *qemuTPMSection, args ...string) er
 	}
 	t.Logf("%s loaded the blobs; the guest's NV counter reads %d", filepath.Base(bin), binary.BigEndian.Uint64(v))
 	return nil
+}
+
+// migrateAsync starts virsh migrate --live of d from A to B through a recorder in mode; the
+// channel gets virsh's output and error.
+func (h *lvHosts) migrateAsync(d *lvDomain, port, mode int) (*streamRecorder, <-chan error) {
+	rec := startRecorder(h.t, fmt.Sprintf("127.0.0.2:%d", port), fmt.Sprintf("127.0.0.1:%d", port), mode)
+	done := make(chan error, 1)
+	go func() {
+		out, err := h.virshErr("A", "migrate", "--live", d.Name, lvURIB, "--listen-address", "127.0.0.1",
+			"--migrateuri", fmt.Sprintf("tcp://127.0.0.2:%d", port))
+		if err != nil {
+			err = fmt.Errorf("%w: %s", err, strings.TrimSpace(out))
+		}
+		done <- err
+	}()
+	return rec, done
+}
+
+// refused feeds sec to a new vTPM under host's manager and wants INIT refused; it returns the
+// reason.
+func (h *lvHosts) refused(what, host string, sec *qemuTPMSection) string {
+	t := h.t
+	t.Helper()
+	err := blobsLoad(t, h.vtpmd, sec, "--manager", h.mgr[host].sock)
+	if err == nil {
+		t.Errorf("%s: host %s's vTPM loaded it", what, host)
+		return ""
+	}
+	if !strings.Contains(err.Error(), "INIT") {
+		t.Errorf("%s: refused before INIT (QEMU's post_load would not get that far): %v", what, err)
+	}
+	t.Logf("%s on %s: refused: %v", what, host, err)
+	return err.Error()
+}
+
+// refusals is acceptance 2 under libvirt, with managers on A, B and C:
+//   - an older blob (exported by a migration cut short, after which the source ran on) is
+//     refused later;
+//   - while the real migration's stream is held after the source's export, altered copies of
+//     its blobs (a byte flipped at several places, truncated, the volatile blob omitted, mixed
+//     with the older blob) are refused by B's manager, and the migration then completes: the
+//     refused attempts left the source's ticket as it was;
+//   - after the migration, the captured blob is refused by B again (replay) and by host C, both
+//     when A does not trust C and when it does.
+func (h *lvHosts) refusals(d *lvDomain, port int) {
+	t := h.t
+	os.MkdirAll(filepath.Join(h.w, "B", "run"), 0o755)
+	h.virsh("A", "create", d.writeSmallXML())
+	t.Cleanup(func() {
+		for _, host := range []string{"A", "B"} {
+			h.virshErr(host, "destroy", d.Name)
+		}
+	})
+	h.waitRows(d.serial("A"), 0, 3, 3*time.Minute)
+
+	// a migration cut short after the export: the source runs on, its ticket cancelled
+	rec, done := h.migrateAsync(d, port, recCut)
+	older := rec.heldSection(3 * time.Minute)
+	err := <-done
+	rec.close()
+	if older == nil {
+		t.Fatalf("no vTPM section before the cut (virsh migrate: %v)", err)
+	}
+	if err == nil {
+		t.Fatal("the migration cut short succeeded")
+	}
+	t.Logf("migration cut after the export: %v", err)
+	raw, _ := os.ReadFile(d.serial("A"))
+	rows := lvRows(string(raw))
+	h.waitRows(d.serial("A"), rows[len(rows)-1].n, 2, time.Minute)
+	raw, _ = os.ReadFile(d.serial("A"))
+	checkNVCounter(t, string(raw))
+	if !bytes.HasPrefix(older.Blobs[0].Data, []byte("VTPMDMIG")) {
+		t.Fatalf("the exported blob is not sealed: % x", older.Blobs[0].Data[:16])
+	}
+
+	// the real migration, held after the export
+	rec, done = h.migrateAsync(d, port+100, recHold)
+	cur := rec.heldSection(3 * time.Minute)
+	if cur == nil {
+		rec.close()
+		t.Fatalf("the migration never reached the vTPM's section: %v", <-done)
+	}
+	alter := func(k, at int) *qemuTPMSection {
+		c := *cur
+		b := append([]byte(nil), cur.Blobs[k].Data...)
+		b[at] ^= 0x01
+		c.Blobs[k].Data = b
+		return &c
+	}
+	perm, vol := len(cur.Blobs[0].Data), len(cur.Blobs[1].Data)
+	for _, a := range []struct {
+		k, at int
+	}{{0, 0}, {0, 9}, {0, perm / 2}, {0, perm - 1}, {1, 20}, {1, vol / 2}, {1, vol - 1}} {
+		h.refused(fmt.Sprintf("blob %d with byte %d of %d flipped", a.k+1, a.at, len(cur.Blobs[a.k].Data)), "B", alter(a.k, a.at))
+	}
+	trunc := *cur
+	trunc.Blobs[0].Data = cur.Blobs[0].Data[:perm-1]
+	h.refused("the permanent blob truncated by one byte", "B", &trunc)
+	omit := *cur
+	omit.Blobs[1].Data = nil
+	h.refused("the volatile blob omitted", "B", &omit)
+	mixed := *cur
+	mixed.Blobs[0] = older.Blobs[0]
+	h.refused("the older permanent blob with the current volatile one", "B", &mixed)
+	rec.release()
+	if err := <-done; err != nil {
+		rec.close()
+		t.Fatalf("the held migration failed after the refused attempts: %v", err)
+	}
+	rec.close()
+	raw, _ = os.ReadFile(d.serial("A"))
+	before := lvRows(string(raw))
+	after := h.waitRows(d.serial("B"), before[len(before)-1].n, 2, 2*time.Minute)
+	lvCheckChain(t, before, after)
+	rawB, _ := os.ReadFile(d.serial("B"))
+	checkNVCounter(t, string(raw), string(rawB))
+
+	// after the move: replay to B, the blob on C (untrusted by A, then trusted), the older one
+	if r := h.refused("the captured blob replayed to B", "B", cur); !strings.Contains(r, "released") {
+		t.Errorf("the replay's reason does not say the key was released")
+	}
+	h.refused("the captured blob on host C, which A does not trust", "C", cur)
+	h.trust("A", "B", "C")
+	if r := h.refused("the captured blob on host C, trusted by A", "C", cur); !strings.Contains(r, "released") {
+		t.Errorf("C's refusal does not say the key was released")
+	}
+	h.trust("A", "B")
+	if r := h.refused("the older blob", "B", older); !strings.Contains(r, "cancel") && !strings.Contains(r, "ran on") {
+		t.Errorf("the older blob's refusal does not say its ticket was cancelled")
+	}
+	// the guest on B goes on with its TPM
+	rowsB := lvRows(string(rawB))
+	h.waitRows(d.serial("B"), rowsB[len(rowsB)-1].n, 2, time.Minute)
+	rawB, _ = os.ReadFile(d.serial("B"))
+	checkNVCounter(t, string(raw), string(rawB))
+	h.destroy("B", d)
 }
