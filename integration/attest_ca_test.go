@@ -340,3 +340,43 @@ var vtpmAKTemplate = tpm2.TPMTPublic{
 		CurveID: tpm2.TPMECCNistP256,
 	}),
 }
+
+// TestAttestCAFallback: a vTPM the manager does not protect (its state encrypted with the
+// operator's own --keyfile, so never enrolled) gets its EK certificate from the file-key
+// local CA, as without a manager, not from the host CA.
+func TestAttestCAFallback(t *testing.T) {
+	need(t, "openssl")
+	m := startHostManager(t)
+	work := t.TempDir()
+	conf, localCADir := caSetupConfig(t, work)
+	state, certDir := filepath.Join(work, "vm"), filepath.Join(work, "certs")
+	os.MkdirAll(state, 0o700)
+	os.MkdirAll(certDir, 0o700)
+	keyFile := filepath.Join(work, "key")
+	os.WriteFile(keyFile, []byte(strings.Repeat("07", 16)), 0o600)
+	cmd := exec.Command(env.bin, "setup", "--tpm2", "--tpm-state", state, "--create-ek-cert", "--keyfile", keyFile,
+		"--vmid", "vm:0b7e9c1a-5d2f-4c3b-9e8a-1f2d3c4b5a69", "--config", conf, "--write-ek-cert-files", certDir)
+	cmd.Env = append(os.Environ(), "VTPMD_MANAGER="+m.sock)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("vtpmd setup: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "The local CA issues the certificates") {
+		t.Errorf("setup did not say the local CA issues:\n%s", out)
+	}
+	certs, _ := filepath.Glob(filepath.Join(certDir, "ek-*.crt"))
+	if len(certs) == 0 {
+		t.Fatalf("no EK certificate:\n%s", out)
+	}
+	if _, err := os.Stat(filepath.Join(localCADir, "signkey.pem")); err != nil {
+		t.Fatalf("the local CA was not used: %v", err)
+	}
+	idDir := filepath.Join(work, "identity")
+	caRun(t, env.bin, "manager", "identity", "--socket", m.sock, "--out", idDir)
+	for _, c := range certs {
+		opensslVerify(t, false, "-CAfile", filepath.Join(idDir, "ca-root.pem"), c)
+		if strings.HasPrefix(caReadCert(t, c).Issuer.CommonName, "vtpmd host CA") {
+			t.Errorf("%s: issued by the host CA", c)
+		}
+	}
+}
