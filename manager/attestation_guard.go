@@ -57,8 +57,71 @@ type attestGuard struct {
 	auth []byte
 }
 
-// Check implements seam.Guard: the guest may send anything; the indices protect themselves.
-func (g *attestGuard) Check([]byte) []byte { return nil }
+// guestRefused are the NV commands a guest may not run on the attestation indices, and where
+// their index handle is (after the header: 0 for the first handle, 4 for the second): the
+// report index is the host's; the nonce index is the guest's to write, not to remove. The
+// indices' attributes refuse most of these already once the firmware has set platform
+// authorization; this also holds under firmware that leaves it empty.
+var guestRefused = map[uint32]map[uint32]int{
+	ReportIndex: {
+		uint32(tpm2.TPMCCNVUndefineSpace): 4, uint32(tpm2.TPMCCNVWrite): 4, uint32(tpm2.TPMCCNVIncrement): 4,
+		uint32(tpm2.TPMCCNVExtend): 4, uint32(tpm2.TPMCCNVSetBits): 4, uint32(tpm2.TPMCCNVWriteLock): 4,
+		uint32(tpm2.TPMCCNVUndefineSpaceSpecial): 0, uint32(tpm2.TPMCCNVChangeAuth): 0,
+	},
+	NonceIndex: {
+		uint32(tpm2.TPMCCNVUndefineSpace): 4, uint32(tpm2.TPMCCNVWriteLock): 4,
+		uint32(tpm2.TPMCCNVUndefineSpaceSpecial): 0, uint32(tpm2.TPMCCNVChangeAuth): 0,
+	},
+}
+
+// rcNVAuth is TPM_RC_NV_AUTHORIZATION, the answer to a refused command.
+const rcNVAuth = 0x149
+
+// Check implements seam.Guard: the guest's removal, change or re-definition of the
+// attestation indices gets TPM_RC_NV_AUTHORIZATION; reads and nonce writes run.
+func (g *attestGuard) Check(cmd []byte) []byte {
+	h, err := tpmwire.ParseHeader(cmd)
+	if err != nil {
+		return nil
+	}
+	for index, cmds := range guestRefused {
+		if off, ok := cmds[h.Code]; ok && len(cmd) >= tpmwire.HeaderSize+off+4 &&
+			binary.BigEndian.Uint32(cmd[tpmwire.HeaderSize+off:]) == index {
+			return tpmwire.ErrorResponse(true, rcNVAuth)
+		}
+	}
+	if h.Code == uint32(tpm2.TPMCCNVDefineSpace) {
+		if idx, ok := definedIndex(cmd); ok && guestRefused[idx] != nil {
+			return tpmwire.ErrorResponse(true, rcNVAuth)
+		}
+	}
+	return nil
+}
+
+// definedIndex is the index a TPM2_NV_DefineSpace command defines: after the auth handle and
+// the authorization area come TPM2B_AUTH (its size in the clear even when encrypted) and
+// TPM2B_NV_PUBLIC, whose first field is the index.
+func definedIndex(cmd []byte) (uint32, bool) {
+	p := tpmwire.HeaderSize + 4
+	if len(cmd) < p+4 {
+		return 0, false
+	}
+	if h, _ := tpmwire.ParseHeader(cmd); h.Tag == uint16(tpm2.TPMSTSessions) {
+		n := int(binary.BigEndian.Uint32(cmd[p:]))
+		if n < 0 || n > len(cmd) {
+			return 0, false
+		}
+		p += 4 + n
+	}
+	if len(cmd) < p+2 {
+		return 0, false
+	}
+	p += 2 + int(binary.BigEndian.Uint16(cmd[p:]))
+	if len(cmd) < p+2+4 {
+		return 0, false
+	}
+	return binary.BigEndian.Uint32(cmd[p+2:]), true
+}
 
 // Started implements seam.Guard: right after TPM2_Startup(CLEAR) platform auth is empty,
 // and the indices are (re)defined with it. A failure is logged, never fails the guest's boot.

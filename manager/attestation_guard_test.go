@@ -165,3 +165,87 @@ func nvWriteTo(index uint32) []byte {
 	body = append(body, 0, 4, 'a', 'b', 'c', 'd', 0, 0)
 	return tpmwire.Command(uint16(tpm2.TPMSTSessions), uint32(tpm2.TPMCCNVWrite), body)
 }
+
+// failing answers every command with TPM_RC_FAILURE and keeps the last one.
+type failing struct{ last []byte }
+
+func (f *failing) Send(cmd []byte) ([]byte, error) {
+	f.last = bytes.Clone(cmd)
+	return tpmwire.ErrorResponse(true, 0x101), nil
+}
+
+// commandOf is the bytes go-tpm sends for one command.
+func commandOf(run func(tp transport.TPM)) []byte {
+	f := &failing{}
+	run(f)
+	return f.last
+}
+
+// TestAttestCheck: the guest's removal, change or re-definition of the attestation indices is
+// refused with TPM_RC_NV_AUTHORIZATION (also under firmware that leaves platform auth empty);
+// reads, nonce writes and other indices pass.
+func TestAttestCheck(t *testing.T) {
+	g := &attestGuard{log: slog.New(slog.DiscardHandler)}
+	pw := tpm2.PasswordAuth(nil)
+	nv := func(h tpm2.TPMHandle) tpm2.NamedHandle { return tpm2.NamedHandle{Handle: h, Name: tpm2.HandleName(h)} }
+	hier := func(h tpm2.TPMHandle) tpm2.AuthHandle {
+		return tpm2.AuthHandle{Handle: h, Name: tpm2.HandleName(h), Auth: pw}
+	}
+	idx := hier // an index authorizing itself
+	define := func(h tpm2.TPMHandle, auth []byte) func(tp transport.TPM) {
+		return func(tp transport.TPM) {
+			tpm2.NVDefineSpace{AuthHandle: hier(tpm2.TPMRHOwner), Auth: tpm2.TPM2BAuth{Buffer: auth},
+				PublicInfo: tpm2.New2B(tpm2.TPMSNVPublic{NVIndex: h, NameAlg: tpm2.TPMAlgSHA256,
+					Attributes: tpm2.TPMANV{OwnerWrite: true, OwnerRead: true, NT: tpm2.TPMNTOrdinary}, DataSize: 8})}.Execute(tp)
+		}
+	}
+	for _, c := range []struct {
+		name    string
+		run     func(tp transport.TPM)
+		refused bool
+	}{
+		{"undefine the report (platform)", func(tp transport.TPM) {
+			tpm2.NVUndefineSpace{AuthHandle: hier(tpm2.TPMRHPlatform), NVIndex: nv(reportNV)}.Execute(tp)
+		}, true},
+		{"undefine the nonce index (owner)", func(tp transport.TPM) {
+			tpm2.NVUndefineSpace{AuthHandle: hier(tpm2.TPMRHOwner), NVIndex: nv(nonceNV)}.Execute(tp)
+		}, true},
+		{"write the report (owner)", func(tp transport.TPM) {
+			tpm2.NVWrite{AuthHandle: hier(tpm2.TPMRHOwner), NVIndex: nv(reportNV), Data: tpm2.TPM2BMaxNVBuffer{Buffer: []byte("x")}}.Execute(tp)
+		}, true},
+		{"write the report (index)", func(tp transport.TPM) {
+			tpm2.NVWrite{AuthHandle: idx(reportNV), NVIndex: nv(reportNV), Data: tpm2.TPM2BMaxNVBuffer{Buffer: []byte("x")}}.Execute(tp)
+		}, true},
+		{"change the report's auth", func(tp transport.TPM) {
+			body := binary.BigEndian.AppendUint32(nil, ReportIndex)
+			body = append(body, 0, 0, 0, 9, 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0, 0, 1, 'x')
+			tp.Send(tpmwire.Command(uint16(tpm2.TPMSTSessions), uint32(tpm2.TPMCCNVChangeAuth), body))
+		}, true},
+		{"define the report index", define(reportNV, []byte("guest")), true},
+		{"define the nonce index", define(nonceNV, nil), true},
+		{"write the nonce", func(tp transport.TPM) {
+			tpm2.NVWrite{AuthHandle: idx(nonceNV), NVIndex: nv(nonceNV), Data: tpm2.TPM2BMaxNVBuffer{Buffer: []byte("nonce")}}.Execute(tp)
+		}, false},
+		{"read the report", func(tp transport.TPM) {
+			tpm2.NVRead{AuthHandle: hier(tpm2.TPMRHOwner), NVIndex: nv(reportNV), Size: 16}.Execute(tp)
+		}, false},
+		{"define another index", define(0x01500000, []byte("guest")), false},
+		{"undefine another index", func(tp transport.TPM) {
+			tpm2.NVUndefineSpace{AuthHandle: hier(tpm2.TPMRHOwner), NVIndex: nv(0x01400003)}.Execute(tp)
+		}, false},
+	} {
+		cmd := commandOf(c.run)
+		if len(cmd) == 0 {
+			t.Fatalf("%s: no command", c.name)
+		}
+		rsp := g.Check(cmd)
+		if got := rsp != nil; got != c.refused {
+			t.Errorf("%s: refused %v, want %v", c.name, got, c.refused)
+		}
+		if rsp != nil {
+			if rc, _ := tpmwire.ResponseCode(rsp); rc != rcNVAuth {
+				t.Errorf("%s: rc %#x", c.name, rc)
+			}
+		}
+	}
+}
