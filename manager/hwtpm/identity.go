@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"encoding/asn1"
 	"errors"
 	"fmt"
 	"slices"
@@ -38,8 +39,8 @@ type EK struct {
 	Name   []byte
 	// Key is the public key (*rsa.PublicKey or *ecdsa.PublicKey).
 	Key crypto.PublicKey
-	// Cert is the DER certificate from NV (EKCertIndexRSA or EKCertIndexECC), nil when the
-	// TPM has none for this EK.
+	// Cert is the DER certificate from NV (EKCertIndexRSA or EKCertIndexECC), without the
+	// padding some TPMs leave after it; nil when the TPM has none for this EK.
 	Cert []byte
 }
 
@@ -309,9 +310,9 @@ func (t *TPM) createEK(tp transport.TPM) (tpm2.NamedHandle, *EK, error) {
 	order := []choice{ecc, rsa}
 	var cert []byte
 	if c, err := readNV(tp, EKCertIndexRSA, maxEKCert); err == nil {
-		order, cert = []choice{rsa}, c
+		order, cert = []choice{rsa}, trimDER(c)
 	} else if c, err := readNV(tp, EKCertIndexECC, maxEKCert); err == nil {
-		order, cert = []choice{ecc}, c
+		order, cert = []choice{ecc}, trimDER(c)
 	}
 	var errs []error
 	for _, c := range order {
@@ -400,4 +401,14 @@ func readNV(tp transport.TPM, index uint32, limit int) ([]byte, error) {
 		}
 	}
 	return nil, lastErr
+}
+
+// trimDER cuts the padding after a DER element (an EK certificate index is often larger than
+// the certificate); bytes that do not start with one are returned as they are.
+func trimDER(b []byte) []byte {
+	var v asn1.RawValue
+	if _, err := asn1.Unmarshal(b, &v); err != nil {
+		return b
+	}
+	return v.FullBytes
 }

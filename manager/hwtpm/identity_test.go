@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
@@ -187,8 +188,16 @@ func TestEKCertificateFromNV(t *testing.T) {
 	if _, err := tpm.EKCertificate(ctx, EKCertIndexECC); !errors.Is(err, ErrNoEKCert) {
 		t.Fatalf("no index: %v", err)
 	}
-	cert := bytes.Repeat([]byte{0x30, 0x82, 0x01, 0x02}, 200) // 800 bytes: two reads
-	err := tpm.do(ctx, func(tp transport.TPM) error {
+	// a real certificate, padded to 800 bytes (two reads) as TPMs often leave it
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "EK"},
+		NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert := append(bytes.Clone(der), make([]byte, 800-len(der))...)
+	err = tpm.do(ctx, func(tp transport.TPM) error {
 		def := tpm2.NVDefineSpace{
 			AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
 			PublicInfo: tpm2.New2B(tpm2.TPMSNVPublic{
@@ -220,7 +229,7 @@ func TestEKCertificateFromNV(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(ek.Cert, cert) {
+	if !bytes.Equal(ek.Cert, der) {
 		t.Fatalf("EK certificate read back: %d bytes", len(ek.Cert))
 	}
 	if _, ok := ek.Key.(*ecdsa.PublicKey); !ok {
