@@ -32,7 +32,7 @@ func attestVerifyCommand() *cli.Command {
 			&cli.StringFlag{Name: "nonce-file", Usage: "the nonce given to the guest, raw bytes in a file"},
 			&cli.StringFlag{Name: "host-ak-cert", Usage: "the host AK's certificate (PEM or DER; with --ca)"},
 			&cli.StringFlag{Name: "host-ak", Usage: "the host AK's public key (TPM2B_PUBLIC or PEM), trusted as given"},
-			&cli.StringFlag{Name: "ca", Usage: "trust anchors for --host-ak-cert (PEM)"},
+			&cli.StringFlag{Name: "ca", Usage: "trust anchors (PEM): the operator roots for --host-ak-cert, the identity's AK certificate and --ek-cert"},
 			&cli.StringFlag{Name: "eventlog", Required: true, Usage: "the host's TCG event log (binary_bios_measurements)"},
 			&cli.StringFlag{Name: "host-identity", Usage: "the host identity directory (vtpmd manager identity --out): host AK, its certificate, the host CA and its residency proof"},
 			&cli.StringFlag{Name: "ek-cert", Usage: "the vTPM's EK certificate (PEM or DER), checked up to --ca or the host CA's root"},
