@@ -17,6 +17,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/vtpmd/vtpmd/backend/localca"
+	"github.com/vtpmd/vtpmd/internal/swtpmtest"
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 	"github.com/vtpmd/vtpmd/manager"
 	"github.com/vtpmd/vtpmd/manager/attest"
@@ -379,4 +380,78 @@ func TestAttestCAFallback(t *testing.T) {
 			t.Errorf("%s: issued by the host CA", c)
 		}
 	}
+}
+
+// TestAttestHardwareEKCert: a stand-in hardware TPM manufactured by Debian's swtpm_setup with
+// an EK certificate from Debian's swtpm_localca (the "manufacturer"): the manager reads that
+// certificate from NV 0x01c00002 and derives the EK it certifies; certify-host with the
+// manufacturer's roots verifies it before certifying the AK, and refuses other roots.
+func TestAttestHardwareEKCert(t *testing.T) {
+	need(t, "openssl", "/usr/bin/swtpm_setup", "/usr/bin/swtpm_localca")
+	work := t.TempDir()
+	hw := swtpmtest.Start(t)
+	hw.Stop()
+	conf := filepath.Join(work, "swtpm_setup.conf")
+	mfr := filepath.Join(work, "manufacturer")
+	os.MkdirAll(mfr, 0o700)
+	for n, c := range map[string]string{
+		"swtpm_setup.conf": "create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = " + filepath.Join(work, "swtpm-localca.conf") +
+			"\ncreate_certs_tool_options = " + filepath.Join(work, "swtpm-localca.options") + "\n",
+		"swtpm-localca.conf": "statedir = " + mfr + "\nsigningkey = " + filepath.Join(mfr, "signkey.pem") + "\nissuercert = " +
+			filepath.Join(mfr, "issuercert.pem") + "\ncertserial = " + filepath.Join(mfr, "certserial") + "\n",
+		"swtpm-localca.options": "--platform-manufacturer t\n--platform-version 2.1\n--platform-model QEMU\n",
+	} {
+		os.WriteFile(filepath.Join(work, n), []byte(c), 0o600)
+	}
+	// Debian's own swtpm (a vtpmd installed as swtpm may come first in PATH)
+	setup := exec.Command("/usr/bin/swtpm_setup", "--tpm2", "--tpm", swtpmtest.Binary+" socket", "--tpmstate", hw.StateDir,
+		"--create-ek-cert", "--config", conf, "--overwrite")
+	setup.Env = append(os.Environ(), "VTPMD_MANAGER=none")
+	if out, err := setup.CombinedOutput(); err != nil {
+		t.Fatalf("swtpm_setup: %v\n%s", err, out)
+	}
+	hw.Restart()
+
+	sockDir, err := os.MkdirTemp("", "vtpmd-mgr-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	m := &hostManager{t: t, hw: hw, bin: env.bin, dir: t.TempDir(), sock: filepath.Join(sockDir, "manager.sock"),
+		log: filepath.Join(work, "manager.log")}
+	m.args = []string{"manager", "--tpm", hw.Spec(), "--dir", m.dir, "--listen", m.sock, "--group", "", "--auto-enroll"}
+	m.start()
+
+	idDir := filepath.Join(work, "identity")
+	caRun(t, env.bin, "manager", "identity", "--socket", m.sock, "--out", idDir)
+	ekPEM := filepath.Join(idDir, "ek.pem")
+	// the manufacturer's chain: swtpm_localca's root and its intermediate
+	roots := filepath.Join(work, "mfr-roots.pem")
+	var b []byte
+	for _, f := range []string{"swtpm-localca-rootca-cert.pem", "issuercert.pem"} {
+		c, err := os.ReadFile(filepath.Join(mfr, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b = append(b, c...)
+	}
+	os.WriteFile(roots, b, 0o600)
+	if _, err := os.Stat(ekPEM); err != nil {
+		t.Fatalf("the manager did not read the EK certificate from NV: %v", err)
+	}
+
+	opKey, opCert := filepath.Join(work, "op-key.pem"), filepath.Join(work, "op-root.pem")
+	caRun(t, "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+		"-keyout", opKey, "-out", opCert, "-days", "30", "-subj", "/CN=operator root CA")
+	// other roots: refused before anything is certified
+	out, err := exec.Command(env.bin, "manager", "certify-host", "--socket", m.sock, "--ca-cert", opCert, "--ca-key", opKey,
+		"--ek-roots", opCert).CombinedOutput()
+	if err == nil {
+		t.Fatalf("certify-host accepted an EK certificate against other roots:\n%s", out)
+	}
+	out2 := caRun(t, env.bin, "manager", "certify-host", "--socket", m.sock, "--ca-cert", opCert, "--ca-key", opKey, "--ek-roots", roots)
+	if !strings.Contains(out2, "verified against the manufacturers' roots") {
+		t.Fatalf("certify-host:\n%s", out2)
+	}
+	t.Logf("refused with other roots: %s", strings.TrimSpace(string(out)))
 }
