@@ -72,12 +72,7 @@ func (s *Server) buildReport(ctx context.Context, path string, req *AttestReques
 			return nil, err
 		}
 	}
-	// the hardware quote needs the report's fields to be valid first: check them with
-	// placeholder quote bytes
-	probe := *r
-	probe.HostPCRs, probe.HostPCRValues = attest.PCRSelection{Hash: 0x000b}, nil
-	probe.HostAKName, probe.Attest, probe.Signature = append([]byte{0, 0x0b}, make([]byte, 32)...), []byte{0}, []byte{0}
-	if _, err := probe.Encode(); err != nil {
+	if err := r.CheckBinding(); err != nil {
 		return nil, fmt.Errorf("%w: %w", errBadRequest, err)
 	}
 	q, err := s.hostQuote(ctx, attest.QualifyingData(r), hostPCRs)

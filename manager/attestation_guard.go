@@ -55,7 +55,13 @@ type attestGuard struct {
 	// auth is the report index's authValue: random per startup, known only to this process,
 	// so that only the guard writes the report once the firmware has changed platform auth.
 	auth []byte
+	// last is when the last report was asked for: a guest writing nonces in a loop is slowed
+	// to one hardware quote per minReportInterval, so it cannot monopolize the host's TPM.
+	last time.Time
 }
+
+// minReportInterval is the least time between two reports for one vTPM.
+const minReportInterval = 250 * time.Millisecond
 
 // guestRefused are the NV commands a guest may not run on the attestation indices, and where
 // their index handle is (after the header: 0 for the first handle, 4 for the second): the
@@ -196,6 +202,10 @@ func (g *attestGuard) Done(cmd, rsp []byte, exec seam.Exec) {
 		g.log.Warn("the guest wrote a nonce, but the report index was not defined by this process at the guest's startup: no report")
 		return
 	}
+	if wait := minReportInterval - time.Since(g.last); wait > 0 {
+		time.Sleep(wait)
+	}
+	g.last = time.Now()
 	tp := tpmclient.SendFunc(exec)
 	start := time.Now()
 	report, err := g.report(tp, end)

@@ -116,23 +116,11 @@ func (r *Report) Encode() ([]byte, error) {
 
 // check bounds every field, so that what Encode writes Decode reads.
 func (r *Report) check() error {
-	if len(r.Nonce) == 0 || len(r.Nonce) > MaxNonce {
-		return fmt.Errorf("%w: nonce of %d bytes (1 to %d)", ErrMalformed, len(r.Nonce), MaxNonce)
-	}
-	if err := checkName("vTPM EK name", r.EKName, false); err != nil {
-		return err
-	}
-	if err := checkName("vTPM AK name", r.AKName, true); err != nil {
+	if err := r.CheckBinding(); err != nil {
 		return err
 	}
 	if err := checkName("host AK name", r.HostAKName, false); err != nil {
 		return err
-	}
-	if len(r.VMUUID) != 0 && len(r.VMUUID) != 16 {
-		return fmt.Errorf("%w: VM UUID of %d bytes", ErrMalformed, len(r.VMUUID))
-	}
-	if len(r.VTPMPCRDigest) == 0 || len(r.VTPMPCRDigest) > maxDigest {
-		return fmt.Errorf("%w: vTPM PCR digest of %d bytes", ErrMalformed, len(r.VTPMPCRDigest))
 	}
 	size, err := digestSize(r.HostPCRs.Hash)
 	if err != nil {
@@ -146,11 +134,33 @@ func (r *Report) check() error {
 			return fmt.Errorf("%w: host PCR value %d has %d bytes, want %d", ErrMalformed, i, len(v), size)
 		}
 	}
-	if _, err := digestSize(r.VTPMPCRs.Hash); err != nil {
-		return err
-	}
 	if len(r.Attest) == 0 || len(r.Attest) > maxBlob || len(r.Signature) == 0 || len(r.Signature) > maxBlob {
 		return fmt.Errorf("%w: quote of %d bytes, signature of %d", ErrMalformed, len(r.Attest), len(r.Signature))
+	}
+	return nil
+}
+
+// CheckBinding bounds the fields the qualifying data binds (nonce, EK and AK names, VM UUID,
+// vTPM PCR selection and digest): the manager checks a vTPM's request with it before it asks
+// the hardware TPM for a quote.
+func (r *Report) CheckBinding() error {
+	if len(r.Nonce) == 0 || len(r.Nonce) > MaxNonce {
+		return fmt.Errorf("%w: nonce of %d bytes (1 to %d)", ErrMalformed, len(r.Nonce), MaxNonce)
+	}
+	if err := checkName("vTPM EK name", r.EKName, false); err != nil {
+		return err
+	}
+	if err := checkName("vTPM AK name", r.AKName, true); err != nil {
+		return err
+	}
+	if len(r.VMUUID) != 0 && len(r.VMUUID) != 16 {
+		return fmt.Errorf("%w: VM UUID of %d bytes", ErrMalformed, len(r.VMUUID))
+	}
+	if len(r.VTPMPCRDigest) == 0 || len(r.VTPMPCRDigest) > maxDigest {
+		return fmt.Errorf("%w: vTPM PCR digest of %d bytes", ErrMalformed, len(r.VTPMPCRDigest))
+	}
+	if _, err := digestSize(r.VTPMPCRs.Hash); err != nil {
+		return err
 	}
 	return nil
 }
