@@ -506,3 +506,107 @@ func TestMigrationPolicy(t *testing.T) {
 		t.Fatalf("after the source manager's restart: %v\n%s", err, tail(b.managerLog(t), 2000))
 	}
 }
+
+// TestMigrationFaults: a manager killed at each step of the key release. At most one host runs
+// the vTPM afterwards, and no acknowledged write is lost: before the release is durable the
+// source runs on (its export cancelled); after it, neither runs until the operator accepts the
+// source's copy (docs/migration.md, "Which failure leaves which host running").
+func TestMigrationFaults(t *testing.T) {
+	needRefSwtpm(t)
+	for _, tc := range []struct {
+		step       string
+		onSource   bool // the paused manager is the source's
+		sourceRuns bool // without the operator
+	}{
+		{manager.StepReleaseReceived, true, true},
+		{manager.StepReleaseRecorded, true, false},
+		{manager.StepKeyReceived, false, false},
+		{manager.StepImportRecorded, false, false},
+	} {
+		t.Run(tc.step, func(t *testing.T) {
+			start := func(name string, pause bool) *migHost {
+				if pause {
+					os.Setenv("VTPMD_MIGRATION_PAUSE", tc.step)
+					defer os.Unsetenv("VTPMD_MIGRATION_PAUSE")
+				}
+				return startMigHost(t, name)
+			}
+			a, b := start("A", tc.onSource), start("B", !tc.onSource)
+			a.trust(t, b)
+			b.trust(t, a)
+			src := startMigVTPM(t, a, "")
+			if err := src.c.Init(0); err != nil {
+				t.Fatal(err)
+			}
+			tp := src.data()
+			tpmclient.Startup(tp)
+			tpmclient.NVDefine(tp, guestCounter, 8)
+			if err := tpmclient.NVWrite(tp, guestCounter, binary.BigEndian.AppendUint64(nil, 5), 0); err != nil {
+				t.Fatal(err)
+			}
+			blobs := src.export()
+
+			dst := startMigVTPM(t, b, "")
+			loaded := make(chan error, 1)
+			go func() { loaded <- dst.load(blobs) }()
+			paused := a
+			if !tc.onSource {
+				paused = b
+			}
+			waitFor(t, 30*time.Second, func() bool {
+				_, err := os.Stat(filepath.Join(paused.m.dir, "pause-"+tc.step))
+				return err == nil
+			})
+			paused.m.cmd.Process.Kill()
+			paused.m.cmd.Wait()
+			select {
+			case err := <-loaded:
+				if err == nil {
+					t.Fatal("the destination's INIT succeeded without its managers")
+				}
+			case <-time.After(60 * time.Second):
+				t.Fatal("the destination's INIT hangs")
+			}
+			if n := dst.stateFiles(); len(n) != 0 {
+				t.Fatalf("the failed import wrote %v", n)
+			}
+			dst.c.Shutdown()
+			paused.m.start()
+			waitFor(t, 20*time.Second, func() bool {
+				return exec.Command(env.bin, "history", "--socket", paused.m.sock).Run() == nil
+			})
+
+			// QEMU resumes the source VM
+			_, err := tpmclient.NVRead(tp, guestCounter, 8, 0)
+			if (err == nil) != tc.sourceRuns {
+				t.Fatalf("source runs: %v, want %v\n%s", err == nil, tc.sourceRuns, tail(readFile(t, src.e.log), 1500))
+			}
+			if tc.sourceRuns {
+				if n := counterOf(t, tp); n != 5 {
+					t.Fatalf("the source's counter %d", n)
+				}
+				// and its blobs are no longer releasable
+				late := startMigVTPM(t, b, "")
+				if err := late.load(blobs); err == nil {
+					t.Fatal("the cancelled export was imported")
+				}
+				return
+			}
+			// neither runs: the operator takes the source's copy back
+			src.c.Shutdown()
+			src.e.cmd.Wait()
+			if out, err := exec.Command(env.bin, "history", "accept", "--socket", a.m.sock, src.state).CombinedOutput(); err != nil {
+				t.Fatalf("accept: %v %s", err, out)
+			}
+			back := startMigVTPM(t, a, src.state)
+			if err := back.c.Init(0); err != nil {
+				t.Fatalf("the accepted source: %v\n%s", err, tail(readFile(t, back.e.log), 1500))
+			}
+			btp := back.data()
+			tpmclient.Startup(btp)
+			if n := counterOf(t, btp); n != 5 {
+				t.Fatalf("the accepted source's counter %d, want 5 (the last acknowledged write)", n)
+			}
+		})
+	}
+}
