@@ -19,7 +19,7 @@ func migrationFlags() []cli.Flag {
 		&cli.StringFlag{Name: "migration-policy", Value: manager.PolicySealed, Usage: "sealed (seal outgoing state, refuse plain), allow-plain (also accept plain, with a warning) or plain (seal nothing)"},
 		&cli.StringFlag{Name: "migration-webhook", Usage: "URL that receives every migration event (JSON POST)"},
 		&cli.StringFlag{Name: "migration-cert", Usage: "PEM certificate chain of an operator-CA identity (default: the host's hardware identity)"},
-		&cli.StringFlag{Name: "migration-key", Usage: "PEM private key of that identity"},
+		&cli.StringFlag{Name: "migration-cert-key", Usage: "PEM private key of that identity"},
 		&cli.StringFlag{Name: "migration-trust", Usage: "PEM CA certificates that identity trusts"},
 	}
 }
@@ -31,11 +31,11 @@ func migrationConfig(c *cli.Context) (manager.MigrationConfig, error) {
 	if _, err := manager.ParseMigrationPolicy(mc.Policy); err != nil {
 		return mc, err
 	}
-	cert, key, trust := c.String("migration-cert"), c.String("migration-key"), c.String("migration-trust")
+	cert, key, trust := c.String("migration-cert"), c.String("migration-cert-key"), c.String("migration-trust")
 	switch {
 	case cert == "" && key == "" && trust == "":
 	case cert == "" || key == "" || trust == "":
-		return mc, fmt.Errorf("--migration-cert, --migration-key and --migration-trust go together")
+		return mc, fmt.Errorf("--migration-cert, --migration-cert-key and --migration-trust go together")
 	default:
 		id, err := manager.LoadIdentityFiles(cert, key, trust)
 		if err != nil {
