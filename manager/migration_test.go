@@ -523,3 +523,47 @@ func TestMigrationVMMismatch(t *testing.T) {
 		t.Fatalf("history by name: %+v", h)
 	}
 }
+
+// TestMigrationFileIdentity: an operator-CA identity from PEM files in place of the hardware one.
+func TestMigrationFileIdentity(t *testing.T) {
+	ca := newTestCA(t, "ops")
+	dir := t.TempDir()
+	write := func(name string, blocks ...*pem.Block) string {
+		var b []byte
+		for _, bl := range blocks {
+			b = append(b, pem.EncodeToMemory(bl)...)
+		}
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	trust := write("ca.pem", &pem.Block{Type: "CERTIFICATE", Bytes: ca.cert.Raw})
+	load := func(host string) *Identity {
+		id := ca.identity(t, host)
+		der, err := x509.MarshalPKCS8PrivateKey(id.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := LoadIdentityFiles(write(host+".crt", &pem.Block{Type: "CERTIFICATE", Bytes: id.Chain[0].Raw}),
+			write(host+".key", &pem.Block{Type: "PRIVATE KEY", Bytes: der}), trust)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	idA, idB := load("hostA"), load("hostB")
+	if _, err := LoadIdentityFiles(filepath.Join(dir, "hostA.crt"), filepath.Join(dir, "hostB.key"), trust); err == nil {
+		t.Fatal("a key that does not match the certificate was taken")
+	}
+	a, b := startMigHostWith(t, MigrationConfig{Identity: idA}), startMigHostWith(t, MigrationConfig{Identity: idB})
+	blobs := map[uint32][]byte{1: []byte("permanent"), 2: []byte("volatile")}
+	got, err := b.mig.importBlobs(context.Background(), "/srv/b/vm", a.export(t, "/srv/a/vm", blobs))
+	if err != nil || !bytes.Equal(got[2], blobs[2]) {
+		t.Fatalf("move with file identities: %v", err)
+	}
+	if h := b.mig.rec.historyOf(""); len(h) != 1 || h[0].SourceSubject != "CN=hostA" || h[0].SourceAK != "" {
+		t.Fatalf("history: %+v", h)
+	}
+}
