@@ -74,7 +74,8 @@ type HostCertificates struct {
 }
 
 // VTPMCertRequest asks the host CA for a vTPM's EK (Kind "ek") or platform ("platform")
-// certificate. The peer must be the process making the vTPM at StatePath (vtpmd setup).
+// certificate. The peer must be the process making the vTPM at StatePath (vtpmd setup, or
+// vtpmd as swtpm_setup), not the one serving it.
 type VTPMCertRequest struct {
 	StatePath string `json:"state_path"`
 	Kind      string `json:"kind"`
@@ -227,6 +228,11 @@ func (s *Server) vtpmCertificate(ctx context.Context, p Peer, req *VTPMCertReque
 	path, err := s.instancePath(p, req.StatePath)
 	if err != nil {
 		return nil, err
+	}
+	// only while the vTPM is being made: a running vTPM process does not get keys of its
+	// choice certified as its EK
+	if !manufactures(p) {
+		return nil, fmt.Errorf("%w: pid %d is not vtpmd setup (swtpm_setup)", ErrForbidden, p.PID)
 	}
 	id, err := s.hostID()
 	if err != nil {
