@@ -11,6 +11,12 @@
 // increments a monotonic counter in the hardware TPM's NV and carries its value, so a ledger
 // rolled back on disk no longer matches the counter and is refused at start.
 //
+// The host's identity lives in the hardware TPM too (identity.go, docs/certificates.md): an AK,
+// a CA key the AK certified and a TLS key, kept in DIR/identity.json as TPM-wrapped blobs
+// only. HostQuote, HostIdentity, TLSCertificate and TrustedCAs serve attestation and
+// migration; the CA issues vTPM EK and platform certificates to vtpmd setup for the vTPMs the
+// manager protects, marked virtual and naming the host's AK and the VM.
+//
 // Without a manager, vtpmd works as before. A vTPM that is not enrolled is served as today; an
 // enrolled one cannot start without its manager (it cannot decrypt its state).
 package manager
