@@ -372,8 +372,8 @@ func (s *Server) HostIdentity() (HostIdentity, error) {
 	}, nil
 }
 
-// TLSCertificate is the host's TLS identity for manager-to-manager channels: a key in the
-// hardware TPM (the PrivateKey is a crypto.Signer doing TPM2_Sign; ECDSA P-256 with SHA-256
+// TLSCertificate is the host's TLS identity for manager-to-manager channels (renewed when it
+// has less than 30 days left): a key in the hardware TPM (the PrivateKey is a crypto.Signer doing TPM2_Sign; ECDSA P-256 with SHA-256
 // only, so use TLS 1.3) and its certificate chain up to, not including, the root (the host
 // CA's self-signed root, or the operator's root).
 func (s *Server) TLSCertificate() (tls.Certificate, error) {
@@ -383,6 +383,18 @@ func (s *Server) TLSCertificate() (tls.Certificate, error) {
 	}
 	id.mu.Lock()
 	defer id.mu.Unlock()
+	if id.tlsNeedsCert() { // a manager that runs for long: renew before it expires
+		der, err := id.issueTLS()
+		if err != nil {
+			return tls.Certificate{}, fmt.Errorf("renew the host TLS certificate: %w", err)
+		}
+		old := id.rec.TLSCert
+		id.rec.TLSCert = der
+		if err := id.save(); err != nil {
+			id.rec.TLSCert = old
+			return tls.Certificate{}, err
+		}
+	}
 	leaf, err := x509.ParseCertificate(id.rec.TLSCert)
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("host TLS certificate: %w", err)

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"errors"
 	"net"
 	"os"
@@ -196,5 +197,36 @@ func tlsHandshake(t *testing.T, cert tls.Certificate, pool *x509.CertPool) {
 	}
 	if err := <-errc; err != nil {
 		t.Fatalf("server handshake: %v", err)
+	}
+}
+
+// TestTLSRenewal: a TLS certificate about to expire is replaced when asked for, by one from
+// the same CA over the same TPM key, and kept.
+func TestTLSRenewal(t *testing.T) {
+	hw, dir := swtpmtest.Start(t), t.TempDir()
+	s := newIdentityServer(t, hw, dir)
+	id := s.identity
+	// a certificate that expires in a day, as if the manager had run for a year
+	c, _ := x509.ParseCertificate(id.rec.TLSCert)
+	iss, _ := id.issuer()
+	c.NotAfter = time.Now().Add(24 * time.Hour)
+	der, err := x509.CreateCertificate(nil, c, iss, id.tls.Public(), id.caSigner)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id.rec.TLSCert = der
+	cert, err := s.TLSCertificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if time.Until(cert.Leaf.NotAfter) < 300*24*time.Hour || bytes.Equal(cert.Certificate[0], der) {
+		t.Fatalf("not renewed: until %v", cert.Leaf.NotAfter)
+	}
+	if err := cert.Leaf.CheckSignatureFrom(iss); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := os.ReadFile(filepath.Join(dir, identityName))
+	if !bytes.Contains(raw, []byte(base64.StdEncoding.EncodeToString(cert.Certificate[0])[:40])) {
+		t.Error("the renewed certificate was not saved")
 	}
 }
