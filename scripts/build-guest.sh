@@ -28,7 +28,7 @@ if [ -x /usr/bin/tpm2 ]; then
   mkdir -p "$root/usr/bin" "$root/tmp"
   cp /usr/bin/tpm2 "$root/usr/bin/tpm2"
   for l in /usr/bin/tpm2_*; do ln -s tpm2 "$root/usr/bin/${l##*/}"; done
-  tcti=$(/sbin/ldconfig -p | awk '/libtss2-tcti-device\.so\.0 /{print $NF; exit}')
+  tcti=$(/sbin/ldconfig -p | awk '/libtss2-tcti-device\.so\.0 / && !p {p = $NF} END {print p}')  # reads to the end: no SIGPIPE under pipefail
   [ -n "$tcti" ] || { echo "build-guest: libtss2-tcti-device not found (apt-get install libtss2-tcti-device0)" >&2; exit 1; }
   for f in $( (ldd /usr/bin/tpm2; ldd "$tcti"; echo "$tcti") | grep -o '/[^ ]*' | sort -u); do
     cp -L --parents "$f" "$root"
