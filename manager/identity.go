@@ -100,6 +100,26 @@ type identityRecord struct {
 	AKCert    []byte            `json:"ak_cert,omitempty"`
 	AKChain   [][]byte          `json:"ak_chain,omitempty"`
 	TLSCert   []byte            `json:"tls_cert"`
+	// EKPublic (TPMT_PUBLIC) and EKCert are the hardware EK's, derived at the first start.
+	EKPublic []byte `json:"ek_public,omitempty"`
+	EKCert   []byte `json:"ek_cert,omitempty"`
+}
+
+// ekOfRecord is the EK remembered in the record.
+func ekOfRecord(public, cert []byte) (*hwtpm.EK, error) {
+	pub, err := hwtpm.ParsePublic(public)
+	if err != nil {
+		return nil, fmt.Errorf("EK: %w", err)
+	}
+	name, err := hwtpm.PublicName(pub)
+	if err != nil {
+		return nil, err
+	}
+	key, err := hwtpm.CryptoPublic(pub)
+	if err != nil {
+		return nil, err
+	}
+	return &hwtpm.EK{Public: public, Name: name, Key: key, Cert: cert}, nil
 }
 
 // hostIdentity is the loaded identity.
@@ -126,10 +146,6 @@ func openIdentity(ctx context.Context, dir string, hw Hardware, log *slog.Logger
 	}
 	id := &hostIdentity{hw: ih, dir: dir}
 	id.hostname, _ = os.Hostname()
-	var err error
-	if id.ek, err = ih.EndorsementKey(ctx); err != nil {
-		return nil, err
-	}
 	raw, err := readLimited(id.path(), 1<<20)
 	switch {
 	case err == nil:
@@ -144,6 +160,18 @@ func openIdentity(ctx context.Context, dir string, hw Hardware, log *slog.Logger
 	changed, err := id.complete(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("host identity %s: %w", id.path(), err)
+	}
+	// the EK is derived once and remembered: an RSA EK takes a hardware TPM seconds
+	if len(id.rec.EKPublic) > 0 {
+		if id.ek, err = ekOfRecord(id.rec.EKPublic, id.rec.EKCert); err != nil {
+			return nil, fmt.Errorf("host identity %s: %w", id.path(), err)
+		}
+	} else {
+		if id.ek, err = ih.EndorsementKey(ctx); err != nil {
+			return nil, err
+		}
+		id.rec.EKPublic, id.rec.EKCert = id.ek.Public, id.ek.Cert
+		changed = true
 	}
 	if changed {
 		if err := id.save(); err != nil {
