@@ -13,9 +13,10 @@ import (
 
 // Event is one announcement to subscribers: a vTPM moved ("out" on the source, "in" on the
 // destination) or a saved state was restored ("restore"). Relying parties re-establish trust
-// in the VM on it.
+// in the VM on it. A stream begins with an event of type "subscribed" (no history): every
+// move after it is announced on that stream.
 type Event struct {
-	Type    string       `json:"type"` // "migration"
+	Type    string       `json:"type"` // "migration", or "subscribed"
 	History HistoryEntry `json:"history"`
 }
 
@@ -105,7 +106,8 @@ func (h *eventHub) serveEvents(ctx context.Context, w http.ResponseWriter) {
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("Cache-Control", "no-cache")
 	w.WriteHeader(http.StatusOK)
-	fmt.Fprint(w, ": vtpmd manager events\n\n")
+	// the first event says the subscription is in place: nothing published after it is missed
+	fmt.Fprint(w, "event: subscribed\ndata: {\"type\":\"subscribed\"}\n\n")
 	fl.Flush()
 	keep := time.NewTicker(15 * time.Second)
 	defer keep.Stop()

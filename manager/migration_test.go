@@ -480,7 +480,9 @@ func TestMigrationEvents(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go a.tm.client().Events(ctx, func(e Event) bool { stream <- e; return true })
-	time.Sleep(200 * time.Millisecond) // the subscription is in place
+	if e := <-stream; e.Type != "subscribed" {
+		t.Fatalf("first event %+v", e)
+	}
 	path := "/srv/a/vm3"
 	if _, err := a.mig.importBlobs(ctx, path, a.export(t, path, map[uint32][]byte{1: []byte("p"), 2: []byte("v")})); err != nil {
 		t.Fatal(err)
