@@ -91,7 +91,8 @@ func TestDeepAttestation(t *testing.T) {
 	if g["attest"] != "done" {
 		t.Fatalf("the guest's attestation did not complete: %q\nvtpmd log:\n%s", g["attest_error"], tail(readFile(t, e.log), 3000))
 	}
-	for _, k := range []string{"attest_report_write_owner", "attest_report_write_index", "attest_report_undefine_platform", "attest_report_undefine_owner"} {
+	for _, k := range []string{"attest_report_write_owner", "attest_report_write_index", "attest_report_undefine_platform",
+		"attest_report_undefine_owner", "attest_key_read_index", "attest_key_read_owner"} {
 		if g[k] != "refused" {
 			t.Errorf("the guest's %s: %q, want refused", k, g[k])
 		}
@@ -119,6 +120,26 @@ func TestDeepAttestation(t *testing.T) {
 	other.run("tpm2_nvwrite", "0x01400002", "-i", "nonce")
 	other.run("tpm2_nvread", "-C", "o", "0x01400001", "-o", "report")
 	blobs["report-other"] = filepath.Join(otherWork, "report")
+	// a vTPM process that did not see the guest's startup (here: restarted after
+	// TPM2_Shutdown(STATE), as after an incoming migration) still answers with a report
+	other.stop()
+	other = startToolsTPM(t, env.bin, otherState, otherWork, []string{"--manager", m.sock})
+	other.run("tpm2_startup")
+	n0, _ := hex.DecodeString(nonces[0])
+	os.WriteFile(filepath.Join(otherWork, "nonce"), n0, 0o600)
+	other.run("tpm2_nvwrite", "0x01400002", "-i", "nonce")
+	other.run("tpm2_nvread", "-C", "o", "0x01400001", "-o", "report-resumed")
+	first, err := attest.Decode(mustRead(t, blobs["report-other"]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resumed, err := attest.Decode(mustRead(t, filepath.Join(otherWork, "report-resumed")))
+	if err != nil {
+		t.Fatalf("no report after the vTPM process restarted: %v", err)
+	}
+	if !bytes.Equal(resumed.Nonce, n0) || !bytes.Equal(resumed.EKName, first.EKName) || !bytes.Equal(resumed.AKName, first.AKName) {
+		t.Fatalf("report after the restart: nonce %x EK %x AK %x; before: EK %x AK %x", resumed.Nonce, resumed.EKName, resumed.AKName, first.EKName, first.AKName)
+	}
 
 	verify := func(over map[string]string) (string, error) {
 		args := map[string]string{

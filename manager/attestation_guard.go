@@ -25,10 +25,18 @@ import (
 const (
 	ReportIndex = 0x01400001
 	NonceIndex  = 0x01400002
+	// keyIndex keeps the report index's write authValue for the vTPM process (one that did
+	// not see the guest's startup: after an incoming migration, or restarted); the guest may
+	// not touch it (Check).
+	keyIndex = 0x01400003
 
 	reportNV = tpm2.TPMHandle(ReportIndex)
 	nonceNV  = tpm2.TPMHandle(NonceIndex)
+	keyNV    = tpm2.TPMHandle(keyIndex)
 )
+
+// reportAuthSize is the size of the report index's authValue (a SHA-256 name algorithm's).
+const reportAuthSize = 32
 
 // vtpmPCRs are the vTPM PCRs whose digest a report binds: SHA-256 PCRs 0-23 (the guest quotes
 // the same with tpm2_quote -l sha256:0,...,23).
@@ -64,11 +72,19 @@ type attestGuard struct {
 const minReportInterval = 250 * time.Millisecond
 
 // guestRefused are the NV commands a guest may not run on the attestation indices, and where
-// their index handle is (after the header: 0 for the first handle, 4 for the second): the
-// report index is the host's; the nonce index is the guest's to write, not to remove. The
+// their index handle is (after the header: 0 for the first handle, 4 for the second, 8 for
+// the third): the report index is the host's; the nonce index is the guest's to write, not to
+// remove; the key index is not the guest's to read either (nor to compare with PolicyNV). The
 // indices' attributes refuse most of these already once the firmware has set platform
 // authorization; this also holds under firmware that leaves it empty.
 var guestRefused = map[uint32]map[uint32]int{
+	keyIndex: {
+		uint32(tpm2.TPMCCNVUndefineSpace): 4, uint32(tpm2.TPMCCNVWrite): 4, uint32(tpm2.TPMCCNVIncrement): 4,
+		uint32(tpm2.TPMCCNVExtend): 4, uint32(tpm2.TPMCCNVSetBits): 4, uint32(tpm2.TPMCCNVWriteLock): 4,
+		uint32(tpm2.TPMCCNVUndefineSpaceSpecial): 0, uint32(tpm2.TPMCCNVChangeAuth): 0,
+		uint32(tpm2.TPMCCNVRead): 4, uint32(tpm2.TPMCCNVReadLock): 4, uint32(tpm2.TPMCCNVCertify): 8,
+		uint32(tpm2.TPMCCPolicyNV): 4, uint32(tpm2.TPMCCPolicyAuthorizeNV): 4,
+	},
 	ReportIndex: {
 		uint32(tpm2.TPMCCNVUndefineSpace): 4, uint32(tpm2.TPMCCNVWrite): 4, uint32(tpm2.TPMCCNVIncrement): 4,
 		uint32(tpm2.TPMCCNVExtend): 4, uint32(tpm2.TPMCCNVSetBits): 4, uint32(tpm2.TPMCCNVWriteLock): 4,
@@ -137,7 +153,7 @@ func (g *attestGuard) Started(exec seam.Exec) error {
 	clear(g.auth)
 	g.auth = nil
 	tp := tpmclient.SendFunc(exec)
-	auth := make([]byte, 32)
+	auth := make([]byte, reportAuthSize)
 	if _, err := rand.Read(auth); err != nil {
 		g.log.Warn("attestation indices not defined", "err", err)
 		return nil
@@ -151,8 +167,9 @@ func (g *attestGuard) Started(exec seam.Exec) error {
 	return nil
 }
 
-// defineIndices replaces both indices by fresh ones (platform-created, so the guest cannot
-// delete them once the firmware has set platform auth).
+// defineIndices replaces the indices by fresh ones (platform-created, so the guest cannot
+// delete them once the firmware has set platform auth) and keeps the report index's authValue
+// in the key index.
 func defineIndices(tp transport.TPM, reportAuth []byte) error {
 	common := tpm2.TPMANV{PPWrite: true, PPRead: true, OwnerRead: true, AuthRead: true, NoDA: true,
 		PlatformCreate: true, NT: tpm2.TPMNTOrdinary}
@@ -160,6 +177,7 @@ func defineIndices(tp transport.TPM, reportAuth []byte) error {
 	nonce.OwnerWrite, nonce.AuthWrite = true, true
 	report := common
 	report.AuthWrite = true
+	key := tpm2.TPMANV{PPWrite: true, PPRead: true, AuthRead: true, NoDA: true, PlatformCreate: true, NT: tpm2.TPMNTOrdinary}
 	for _, ix := range []struct {
 		index uint32
 		attrs tpm2.TPMANV
@@ -168,6 +186,7 @@ func defineIndices(tp transport.TPM, reportAuth []byte) error {
 	}{
 		{ReportIndex, report, attest.MaxReportSize, reportAuth},
 		{NonceIndex, nonce, attest.MaxNonce, nil},
+		{keyIndex, key, reportAuthSize, nil},
 	} {
 		if pub, err := (tpm2.NVReadPublic{NVIndex: tpm2.TPMHandle(ix.index)}).Execute(tp); err == nil {
 			if _, err := (tpm2.NVUndefineSpace{
@@ -186,7 +205,36 @@ func defineIndices(tp transport.TPM, reportAuth []byte) error {
 			return fmt.Errorf("define NV index 0x%08x: %w", ix.index, err)
 		}
 	}
+	pub, err := tpm2.NVReadPublic{NVIndex: keyNV}.Execute(tp)
+	if err != nil {
+		return fmt.Errorf("key index: %w", err)
+	}
+	if _, err := (tpm2.NVWrite{
+		AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHPlatform, Auth: tpm2.PasswordAuth(nil)},
+		NVIndex:    tpm2.NamedHandle{Handle: keyNV, Name: pub.NVName},
+		Data:       tpm2.TPM2BMaxNVBuffer{Buffer: reportAuth},
+	}).Execute(tp); err != nil {
+		return fmt.Errorf("write the key index: %w", err)
+	}
 	return nil
+}
+
+// readReportAuth reads the report index's authValue back from the key index (a vTPM process
+// that did not define the indices itself).
+func readReportAuth(tp transport.TPM) ([]byte, error) {
+	pub, err := tpm2.NVReadPublic{NVIndex: keyNV}.Execute(tp)
+	if err != nil {
+		return nil, fmt.Errorf("key index: %w", err)
+	}
+	r, err := tpm2.NVRead{
+		AuthHandle: tpm2.AuthHandle{Handle: keyNV, Name: pub.NVName, Auth: tpm2.PasswordAuth(nil)},
+		NVIndex:    tpm2.NamedHandle{Handle: keyNV, Name: pub.NVName},
+		Size:       reportAuthSize,
+	}.Execute(tp)
+	if err != nil {
+		return nil, fmt.Errorf("read the key index: %w", err)
+	}
+	return r.Data.Buffer, nil
 }
 
 // Done implements seam.Guard: after the guest wrote the nonce index, the report for that
@@ -198,15 +246,20 @@ func (g *attestGuard) Done(cmd, rsp []byte, exec seam.Exec) {
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	tp := tpmclient.SendFunc(exec)
 	if g.auth == nil {
-		g.log.Warn("the guest wrote a nonce, but the report index was not defined by this process at the guest's startup: no report")
-		return
+		// the guest started before this process served it (an incoming migration, a restart)
+		auth, err := readReportAuth(tp)
+		if err != nil {
+			g.log.Warn("the guest wrote a nonce, but the report index's key is not readable: no report", "err", err)
+			return
+		}
+		g.auth = auth
 	}
 	if wait := minReportInterval - time.Since(g.last); wait > 0 {
 		time.Sleep(wait)
 	}
 	g.last = time.Now()
-	tp := tpmclient.SendFunc(exec)
 	start := time.Now()
 	report, err := g.report(tp, end)
 	if err != nil {

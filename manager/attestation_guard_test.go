@@ -44,6 +44,9 @@ func TestAttestIndices(t *testing.T) {
 	if err := defineIndices(conn, auth); err != nil {
 		t.Fatal(err)
 	}
+	if got, err := readReportAuth(conn); err != nil || !bytes.Equal(got, auth) {
+		t.Fatalf("key index holds %x, %v", got, err)
+	}
 	// the firmware sets platform auth (as OVMF does)
 	platAuth := make([]byte, 32)
 	rand.Read(platAuth)
@@ -122,6 +125,13 @@ func TestAttestIndices(t *testing.T) {
 	g := &attestGuard{log: slog.New(slog.DiscardHandler)}
 	if err := g.Started(exec); err != nil || g.auth == nil {
 		t.Fatalf("Started: %v (auth set: %v)", err, g.auth != nil)
+	}
+	// a new authValue, kept for a process that takes over (an incoming migration)
+	if got, err := readReportAuth(conn); err != nil || !bytes.Equal(got, g.auth) || bytes.Equal(got, auth) {
+		t.Fatalf("key index after a new startup: %x, %v", got, err)
+	}
+	if err := writeReport(conn, g.auth, []byte("second boot")); err != nil {
+		t.Fatal(err)
 	}
 	if _, err := (tpm2.NVReadPublic{NVIndex: reportNV}).Execute(conn); err != nil {
 		t.Fatal(err)
@@ -230,8 +240,26 @@ func TestAttestCheck(t *testing.T) {
 			tpm2.NVRead{AuthHandle: hier(tpm2.TPMRHOwner), NVIndex: nv(reportNV), Size: 16}.Execute(tp)
 		}, false},
 		{"define another index", define(0x01500000, []byte("guest")), false},
+		{"read the key (index)", func(tp transport.TPM) {
+			tpm2.NVRead{AuthHandle: idx(keyNV), NVIndex: nv(keyNV), Size: 32}.Execute(tp)
+		}, true},
+		{"read the key (owner)", func(tp transport.TPM) {
+			tpm2.NVRead{AuthHandle: hier(tpm2.TPMRHOwner), NVIndex: nv(keyNV), Size: 32}.Execute(tp)
+		}, true},
+		{"compare the key (PolicyNV)", func(tp transport.TPM) {
+			tpm2.PolicyNV{AuthHandle: idx(keyNV), NVIndex: nv(keyNV), PolicySession: tpm2.TPMHandle(0x03000000),
+				OperandB: tpm2.TPM2BOperand{Buffer: []byte{0}}, Operation: tpm2.TPMEOUnsignedGT}.Execute(tp)
+		}, true},
+		{"certify the key", func(tp transport.TPM) {
+			tpm2.NVCertify{SignHandle: hier(0x80000001), AuthHandle: idx(keyNV), NVIndex: nv(keyNV), Size: 32,
+				InScheme: tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull}}.Execute(tp)
+		}, true},
+		{"undefine the key", func(tp transport.TPM) {
+			tpm2.NVUndefineSpace{AuthHandle: hier(tpm2.TPMRHPlatform), NVIndex: nv(keyNV)}.Execute(tp)
+		}, true},
+		{"define the key index", define(keyNV, nil), true},
 		{"undefine another index", func(tp transport.TPM) {
-			tpm2.NVUndefineSpace{AuthHandle: hier(tpm2.TPMRHOwner), NVIndex: nv(0x01400003)}.Execute(tp)
+			tpm2.NVUndefineSpace{AuthHandle: hier(tpm2.TPMRHOwner), NVIndex: nv(0x01400004)}.Execute(tp)
 		}, false},
 	} {
 		cmd := commandOf(c.run)

@@ -77,7 +77,8 @@ func deepAttest(args []string) {
 			blob(filepath.Base(p), b)
 		}
 	}
-	// the report index is the host's: the guest can neither write nor delete it
+	// the report index is the host's: the guest can neither write nor delete it, nor read the
+	// key index that keeps its write authorization
 	for _, try := range []struct {
 		key  string
 		args []string
@@ -86,6 +87,8 @@ func deepAttest(args []string) {
 		{"attest_report_write_index", []string{"tpm2_nvwrite", "0x01400001", "-i", f("nonce-0")}},
 		{"attest_report_undefine_platform", []string{"tpm2_nvundefine", "-C", "p", "0x01400001"}},
 		{"attest_report_undefine_owner", []string{"tpm2_nvundefine", "-C", "o", "0x01400001"}},
+		{"attest_key_read_index", []string{"tpm2_nvread", "0x01400003", "-o", f("key")}},
+		{"attest_key_read_owner", []string{"tpm2_nvread", "-C", "o", "0x01400003", "-o", f("key")}},
 	} {
 		if exec.Command(try.args[0], try.args[1:]...).Run() == nil {
 			say(try.key, "allowed")
