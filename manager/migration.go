@@ -23,6 +23,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/backend/localca"
 	"github.com/vtpmd/vtpmd/backend/seam"
+	"github.com/vtpmd/vtpmd/manager/hwtpm"
 )
 
 // Migration policies (MigrationConfig.Policy).
@@ -131,7 +132,11 @@ func (s *Server) migration() (*migration, error) {
 	if err != nil {
 		return nil, err
 	}
-	rec, err := st.load()
+	fresh := false
+	if st.counter, fresh, err = s.migrationCounter(); err != nil {
+		return nil, err
+	}
+	rec, err := st.load(fresh)
 	if err != nil {
 		return nil, err
 	}
@@ -154,6 +159,35 @@ func advertisedAddress(listen string) string {
 	}
 	return net.JoinHostPort(name, port)
 }
+
+// migrationCounter is the hardware counter that dates migration.json: the NV index after the
+// ledger's (0x01500e02 by default), made on first use; nil for a Hardware without NV counters.
+func (s *Server) migrationCounter() (Counter, bool, error) {
+	hw, ok := s.hw.(*hardware)
+	if !ok {
+		return nil, false, nil
+	}
+	c := &nvCounter{tpm: hw.tpm, index: hw.index + 1}
+	ctx, cancel := context.WithTimeout(context.Background(), saveTimeout)
+	defer cancel()
+	_, err := hw.tpm.ReadCounter(ctx, c.index)
+	fresh := errors.Is(err, hwtpm.ErrNoCounter)
+	if err := hw.tpm.DefineCounter(ctx, c.index); err != nil {
+		return nil, false, fmt.Errorf("migration counter: %w", err)
+	}
+	return c, fresh, nil
+}
+
+// nvCounter is a hardware NV counter at one index.
+type nvCounter struct {
+	tpm   *hwtpm.TPM
+	index uint32
+}
+
+func (c *nvCounter) Increment(ctx context.Context) (uint64, error) {
+	return c.tpm.Increment(ctx, c.index)
+}
+func (c *nvCounter) Read(ctx context.Context) (uint64, error) { return c.tpm.ReadCounter(ctx, c.index) }
 
 // hostAKOf is the hardware AK name (hex) a host identity's certificate names in its vTPM
 // host attribute (the host CA issues it; docs/certificates.md), or "" (an operator-CA identity).

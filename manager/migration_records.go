@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"context"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
@@ -127,6 +128,8 @@ type HistoryEntry struct {
 
 // migrationRecords are a manager's tickets, per-vTPM records and history.
 type migrationRecords struct {
+	// Counter is the hardware counter's value this write carried (0: no counter).
+	Counter uint64                    `json:"counter,omitempty"`
 	Tickets map[string]*ticket        `json:"tickets"`
 	VTPMs   map[string]*vtpmMigration `json:"vtpms"`
 	History []HistoryEntry            `json:"history"`
@@ -265,11 +268,22 @@ func (r *migrationRecords) historyOf(vm string) []HistoryEntry {
 
 // migrationStore keeps the records in the manager's directory: JSON with an HMAC under a key
 // derived from the ledger key (sealed by the hardware TPM), written atomically and durably.
-// Wrapped secrets (one-time keys, NV auths) are AES-GCM under another derived key.
+// Wrapped secrets (one-time keys, NV auths) are AES-GCM under another derived key. With a
+// hardware counter, every write first increments it and carries its value, as the ledger
+// does: an older copy of the file put back (which could hold a released ticket as still
+// open, with its key) no longer matches the counter and is refused.
 type migrationStore struct {
 	path            string
 	macKey, wrapKey []byte
+	counter         Counter // nil: none (a Hardware without NV counters)
+	// hw is the counter's value when known; written the value the last write carried
+	// (guarded by the migration's lock).
+	hw, written uint64
+	known       bool
 }
+
+// ErrMigrationRollback: migration.json is older than the hardware counter says.
+var ErrMigrationRollback = errors.New("manager: migration records rolled back (hardware counter mismatch)")
 
 const migrationRecordsName = "migration.json"
 
@@ -297,10 +311,19 @@ func (s *migrationStore) mac(b []byte) []byte {
 	return m.Sum(nil)
 }
 
-func (s *migrationStore) load() (*migrationRecords, error) {
+// load reads the records and checks them against the hardware counter. Writes go ahead of
+// the counter (save), so the file carries the counter's value, or one more when a write was
+// cut before its increment (which is then done now); anything older is a copy put back. A
+// missing file is new only while the counter is new (fresh: just defined); the file is then
+// written at once, so a file that disappears later is never taken for a new one.
+func (s *migrationStore) load(fresh bool) (*migrationRecords, error) {
 	raw, err := readLimited(s.path, maxLedgerSize)
 	if errors.Is(err, fs.ErrNotExist) {
-		return newMigrationRecords(), nil
+		if s.counter != nil && !fresh {
+			return nil, fmt.Errorf("%w: %s is missing but its hardware counter exists", ErrMigrationRollback, s.path)
+		}
+		r := newMigrationRecords()
+		return r, s.save(r)
 	}
 	if err != nil {
 		return nil, err
@@ -322,10 +345,68 @@ func (s *migrationStore) load() (*migrationRecords, error) {
 	if r.VTPMs == nil {
 		r.VTPMs = map[string]*vtpmMigration{}
 	}
+	if s.counter != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), saveTimeout)
+		defer cancel()
+		hw, err := s.counter.Read(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("read the migration counter: %w", err)
+		}
+		switch r.Counter {
+		case hw:
+		case hw + 1: // written, not yet counted: count it now
+			if hw, err = s.counter.Increment(ctx); err != nil {
+				return nil, fmt.Errorf("migration counter: %w", err)
+			}
+			if hw != r.Counter {
+				return nil, fmt.Errorf("%w: %s carries %d, the TPM's counter is %d", ErrMigrationRollback, s.path, r.Counter, hw)
+			}
+		default:
+			return nil, fmt.Errorf("%w: %s carries %d, the TPM's counter is %d", ErrMigrationRollback, s.path, r.Counter, hw)
+		}
+		s.hw, s.known = hw, true
+	}
 	return r, nil
 }
 
+// save writes the records durably, ahead of the hardware counter: the file carries the
+// counter's next value, then the counter is incremented to it. A crash between the two
+// leaves a file one ahead, which load completes; the previous file is then refused, so no
+// older copy can come back. An increment that fails after the write does not fail the save
+// (the change is durable); the counter catches up before the next write.
 func (s *migrationStore) save(r *migrationRecords) error {
+	if s.counter == nil {
+		return s.write(r)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), saveTimeout)
+	defer cancel()
+	if !s.known {
+		hw, err := s.counter.Read(ctx)
+		if err != nil {
+			return fmt.Errorf("read the migration counter: %w", err)
+		}
+		if s.written != 0 && hw+1 == s.written {
+			if hw, err = s.counter.Increment(ctx); err != nil {
+				return fmt.Errorf("migration counter: %w", err)
+			}
+		}
+		s.hw, s.known = hw, true
+	}
+	r.Counter = s.hw + 1
+	if err := s.write(r); err != nil {
+		return err
+	}
+	s.written = r.Counter
+	hw, err := s.counter.Increment(ctx)
+	if err != nil || hw != r.Counter {
+		s.known = false
+		return nil
+	}
+	s.hw = hw
+	return nil
+}
+
+func (s *migrationStore) write(r *migrationRecords) error {
 	body, err := json.Marshal(r)
 	if err != nil {
 		return err

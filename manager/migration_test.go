@@ -374,8 +374,9 @@ func TestMigrationChannel(t *testing.T) {
 	}
 	// and survives a restart of B's manager
 	b.tm.close()
-	recs, err := b.mig.store.load()
-	if err != nil || len(recs.historyOf(dst)) != 1 || recs.VTPMs[dst].Moves != 1 {
+	b.tm.start()
+	m2, err := b.tm.srv.migration()
+	if err != nil || len(m2.rec.historyOf(dst)) != 1 || m2.rec.VTPMs[dst].Moves != 1 {
 		t.Fatalf("records after restart: %v", err)
 	}
 }
@@ -567,5 +568,42 @@ func TestMigrationFileIdentity(t *testing.T) {
 	}
 	if h := b.mig.rec.historyOf(""); len(h) != 1 || h[0].SourceSubject != "CN=hostA" || h[0].SourceAK != "" {
 		t.Fatalf("history: %+v", h)
+	}
+}
+
+// TestMigrationRecordsRollback: an older copy of migration.json (one where a released ticket
+// was still open, with its key) is refused at the next start: the hardware counter moved on.
+func TestMigrationRecordsRollback(t *testing.T) {
+	a := startMigHost(t, "")
+	path := "/srv/a/vm4"
+	a.export(t, path, map[uint32][]byte{1: []byte("p"), 2: []byte("v")})
+	file := filepath.Join(a.tm.dir, migrationRecordsName)
+	old, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.mig.admit(context.Background(), path); err != nil { // cancels the export: one more write
+		t.Fatal(err)
+	}
+	a.tm.close()
+	// a copy of the current file is fine (the manager restarts on it)
+	a.tm.start()
+	if _, err := a.tm.srv.migration(); err != nil {
+		t.Fatal(err)
+	}
+	a.tm.close()
+	if err := os.WriteFile(file, old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a.tm.start()
+	if _, err := a.tm.srv.migration(); !errors.Is(err, ErrMigrationRollback) {
+		t.Fatalf("rolled back records: %v", err)
+	}
+	// nor may the file disappear (the vTPMs' moved-away marks with it)
+	a.tm.close()
+	os.Remove(file)
+	a.tm.start()
+	if _, err := a.tm.srv.migration(); !errors.Is(err, ErrMigrationRollback) {
+		t.Fatalf("removed records: %v", err)
 	}
 }
