@@ -104,6 +104,10 @@ func TestBlobHook(t *testing.T) {
 	if err := in.Init(0); !errors.Is(err, seam.ErrReleased) {
 		t.Fatalf("released source ran INIT: %v", err)
 	}
+	exportsBefore := hook.exports
+	if _, _, err := in.GetStateBlob(socket.BlobPermanent, true); !errors.Is(err, seam.ErrReleased) || hook.exports != exportsBefore {
+		t.Fatalf("released source exported again: %v", err)
+	}
 	in.Close()
 
 	// a vTPM without a hook refuses sealed blobs, saying why

@@ -455,10 +455,17 @@ func (in *Instance) GetStateBlob(typ uint32, decrypt bool) ([]byte, bool, error)
 		return nil, false, fmt.Errorf("wrap %s: %w", t.Name(), err)
 	}
 	if in.cfg.Blobs != nil {
+		if in.released != nil {
+			clear(b)
+			return nil, false, in.released
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), hookTimeout)
 		defer cancel()
 		sealed, err := in.cfg.Blobs.Export(ctx, typ, b)
 		clear(b)
+		if errors.Is(err, seam.ErrReleased) {
+			in.released = err
+		}
 		if err != nil {
 			in.log.Error("sealing the state blob for migration", "type", t.Name(), "err", err)
 			return nil, false, fmt.Errorf("seal %s blob for migration: %w", t.Name(), err)

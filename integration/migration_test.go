@@ -311,6 +311,9 @@ func TestMigrationSecure(t *testing.T) {
 	if err := src.c.Init(0); err == nil {
 		t.Fatal("the source INIT after the release")
 	}
+	if b, _, err := src.c.GetStateBlob(socket.BlobPermanent, socket.StateFlagDecrypted); err == nil || len(b) != 0 {
+		t.Fatal("the source exported its state again after the release")
+	}
 	if !strings.Contains(readFile(t, src.e.log), "released to another instance") {
 		t.Fatalf("the source does not say why:\n%s", tail(readFile(t, src.e.log), 2000))
 	}

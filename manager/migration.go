@@ -308,6 +308,10 @@ func (m *migration) export(ctx context.Context, path, cur string, typ uint32, b 
 	var sealed []byte
 	var t *ticket
 	err := m.mutateLocked(func() error {
+		// the state here went to another host: exporting it again would clone it
+		if v := m.rec.VTPMs[path]; v != nil && v.Away {
+			return fmt.Errorf("%w (ticket %s): its state here cannot be exported again", ErrMovedAway, v.AwayTicket)
+		}
 		t = m.rec.openTicket(cur, path, typ)
 		var key []byte
 		if t == nil {

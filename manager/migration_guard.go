@@ -226,6 +226,9 @@ func (g *migrationGuard) Export(ctx context.Context, typ uint32, b []byte) ([]by
 	cur := g.ticket
 	g.mu.Unlock()
 	resp, err := g.c.Export(ctx, ExportRequest{StatePath: g.path, Ticket: cur, Type: typ, Blob: b})
+	if errors.Is(err, ErrMovedAway) {
+		return nil, fmt.Errorf("%w: %w", seam.ErrReleased, err)
+	}
 	if err != nil {
 		return nil, err
 	}

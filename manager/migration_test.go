@@ -361,6 +361,10 @@ func TestMigrationChannel(t *testing.T) {
 	if err := a.mig.admit(ctx, src); !errors.Is(err, ErrMovedAway) {
 		t.Fatalf("the source ran after the release: %v", err)
 	}
+	// nor exports its stale state again (a second migration of the paused source QEMU)
+	if _, _, err := a.mig.export(ctx, src, "", 1, blobs[1]); !errors.Is(err, ErrMovedAway) {
+		t.Fatalf("the moved-away state exported again: %v", err)
+	}
 	// history on both sides names both hardware identities and the same state
 	ha, hb := a.mig.rec.historyOf(src), b.mig.rec.historyOf(dst)
 	if len(ha) != 1 || len(hb) != 1 || ha[0].Kind != "out" || hb[0].Kind != "in" ||
