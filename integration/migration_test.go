@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -622,5 +623,29 @@ func TestMigrationFaults(t *testing.T) {
 				t.Fatalf("the accepted source's counter %d, want 5 (the last acknowledged write)", n)
 			}
 		})
+	}
+}
+
+// TestMigrationIndexTools: the guest's migration index as tpm2-tools read it (owner
+// authorization), and the guest cannot write it.
+func TestMigrationIndexTools(t *testing.T) {
+	need(t, "tpm2_nvread", "tpm2_nvwrite", "tpm2_startup")
+	a := startMigHost(t, "A")
+	state := filepath.Join(t.TempDir(), "tpm2")
+	os.MkdirAll(state, 0o700)
+	work := t.TempDir()
+	tt := startToolsTPM(t, env.bin, state, work, []string{"--manager", a.m.sock})
+	tt.run("tpm2_startup", "-c")
+	tt.run("tpm2_nvread", "-C", "o", "-s", "136", "-o", "mig.bin", "0x01400020")
+	n, err := manager.ParseMigrationNV([]byte(readFile(t, filepath.Join(work, "mig.bin"))))
+	if err != nil || n.Moves != 0 || n.HostID == [32]byte{} || n.Host == "" {
+		t.Fatalf("the index read by tpm2_nvread: %+v %v", n, err)
+	}
+	for _, hier := range []string{"o", "p", "0x01400020"} {
+		c := exec.Command("tpm2_nvwrite", "-C", hier, "-i", "mig.bin", "0x01400020")
+		c.Dir, c.Env = work, append(os.Environ(), fmt.Sprintf("TPM2TOOLS_TCTI=swtpm:host=127.0.0.1,port=%d", tt.port))
+		if out, err := c.CombinedOutput(); err == nil {
+			t.Fatalf("the guest wrote the index with -C %s: %s", hier, out)
+		}
 	}
 }
