@@ -611,3 +611,19 @@ func TestMigrationRecordsRollback(t *testing.T) {
 		t.Fatalf("removed records: %v", err)
 	}
 }
+
+// TestMigrationWrongManager: the address in the blobs leads to another manager (a hijacked
+// name, a trusted but wrong host): the destination talks only to the key that sealed them.
+func TestMigrationWrongManager(t *testing.T) {
+	d := startMigHost(t, "")
+	a := startMigHostWith(t, MigrationConfig{Address: d.addr})
+	b := startMigHost(t, "")
+	b.trust(t, a, d)
+	d.trust(t, a, b)
+	a.trust(t, b)
+	sealed := a.export(t, "/srv/a/vm5", map[uint32][]byte{1: []byte("p"), 2: []byte("v")})
+	_, err := b.mig.importBlobs(context.Background(), "/srv/b/vm5", sealed)
+	if !errors.Is(err, ErrUntrusted) || !strings.Contains(err.Error(), "not the one that sealed") {
+		t.Fatalf("a manager other than the source: %v", err)
+	}
+}
