@@ -23,6 +23,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/internal/swtpmtest"
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
+	"github.com/vtpmd/vtpmd/manager"
 	"github.com/vtpmd/vtpmd/manager/eventlog"
 	"github.com/vtpmd/vtpmd/manager/registry"
 )
@@ -324,4 +325,63 @@ func TestProjectionProperty(t *testing.T) {
 	if want := propertyValue(props); !bytes.Equal(vals[hostA], want) {
 		t.Fatalf("PCR 15 = %x, the documented value of %q is %x", vals[hostA], props, want)
 	}
+}
+
+// TestLibvirtProjection (acceptance 1 under libvirt): a persistent domain whose <metadata>
+// policy asks for summary projection into PCR 23, its vTPM run by libvirt (vtpmd as swtpm, as
+// tss) with the host's manager on the default socket, on a measured host: the guest reads the
+// documented value, its extend of PCR 23 gets TPM_RC_LOCALITY, its log read with
+// tpm2_nvread -C o replays to the value; after `virsh reset` (a reboot) the projection is
+// there again, and after the VM is shut off and started again too.
+func TestLibvirtProjection(t *testing.T) {
+	needRefSwtpm(t)
+	if manager.Available(manager.DefaultSocket) {
+		t.Fatalf("%s exists: another manager runs on this host; refusing to replace it", manager.DefaultSocket)
+	}
+	h := measuredHost(t, hostA)
+	want := summaryValue(h.SHA256, ekName(t, h))
+	e := lvSetup(t)
+	hadRun := lvExists(filepath.Dir(manager.DefaultSocket))
+	t.Cleanup(func() {
+		os.Remove(manager.DefaultSocket)
+		if !hadRun {
+			os.Remove(filepath.Dir(manager.DefaultSocket))
+		}
+	})
+	m := newHostManager(t, e.vtpmd, manager.DefaultSocket, "tss", e.regA, "--log", "fd=2", "--tpm", h.Spec, "--eventlog", h.EventLog)
+	t.Cleanup(m.stop)
+
+	d := e.domain("lv-proj-sum", "41", "projpcr=23 projlog hang", "<backend type='emulator' version='2.0'/>")
+	d.Metadata = `<vtpmd:policy xmlns:vtpmd="https://vtpmd.dev/xmlns/policy/1"><vtpmd:projection mode="summary" pcr="23"/></vtpmd:policy>`
+	e.virsh("A", "define", d.writeXML())
+	t.Cleanup(func() { e.virshErr("A", "destroy", d.Name); e.virshErr("A", "undefine", "--tpm", d.Name) })
+	check := func(what string, n int) {
+		t.Helper()
+		var out string
+		if !lvWait(3*time.Minute, func() bool {
+			raw, _ := os.ReadFile(d.serial("A"))
+			out = strings.ReplaceAll(string(raw), "\r", "")
+			return len(reExtendOK.FindAllStringIndex(out, -1)) >= n || strings.Contains(out, "GUEST: error=")
+		}) {
+			t.Fatalf("%s: the guest did not report within 3m:\n%s\nswtpm log:\n%s", what, tail(out, 2000), e.swtpmLog(d))
+		}
+		part := out[strings.LastIndex(out, "GUEST: booted"):]
+		g := guestValues(part)
+		if g["proj_pcr"] != want || g["proj_extend"] != "locality" || g["proj_log_auth"] != "owner" {
+			t.Fatalf("%s: guest %v\nwant PCR 23 = %s and TPM_RC_LOCALITY\nswtpm log:\n%s", what, g, want, e.swtpmLog(d))
+		}
+		if got := strings.ToUpper(hex.EncodeToString(checkGuestLog(t, part)[23])); got != want {
+			t.Fatalf("%s: the guest-visible log replays PCR 23 to %s, want %s", what, got, want)
+		}
+		t.Logf("%s: PCR 23 = %s… (summary of the measured host), extend refused, log replays to it", what, want[:16])
+	}
+	os.Remove(d.serial("A"))
+	e.virsh("A", "start", d.Name)
+	check("boot 1", 1)
+	e.virsh("A", "reset", d.Name)
+	check("after virsh reset", 2)
+	e.destroyAndWait(d, e.observeEmulator(d))
+	os.Remove(d.serial("A"))
+	e.virsh("A", "start", d.Name)
+	check("after a restart of the VM", 1)
 }
