@@ -198,13 +198,24 @@ func (m *lvMgr) start() {
 	fmt.Fprintf(m.out, "=== %s start: %s\n", time.Now().UTC().Format(time.RFC3339Nano), strings.Join(argv, " "))
 	m.cmd = exec.Command(argv[0], argv[1:]...)
 	m.cmd.Env = append(os.Environ(), m.env...)
-	m.cmd.Stdout, m.cmd.Stderr = m.out, m.out
+	var w io.Writer = m.out
+	logf, err := os.OpenFile(filepath.Join(filepath.Dir(m.dir), "manager.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err == nil {
+		w = io.MultiWriter(m.out, logf) // also in the work dir, kept when a test fails
+	}
+	m.cmd.Stdout, m.cmd.Stderr = w, w
 	if err := m.cmd.Start(); err != nil {
 		t.Fatalf("manager %s: %v", m.host, err)
 	}
 	m.exited = make(chan struct{})
 	cmd, exited := m.cmd, m.exited
-	go func() { cmd.Wait(); close(exited) }()
+	go func() {
+		cmd.Wait()
+		if logf != nil {
+			logf.Close()
+		}
+		close(exited)
+	}()
 	if !lvWait(20*time.Second, func() bool { return manager.Available(m.sock) || !m.running() }) || !m.running() {
 		t.Fatalf("manager %s did not listen on %s:\n%s", m.host, m.sock, tail(m.out.String(), 3000))
 	}

@@ -48,6 +48,11 @@ func TestMigrationFault(t *testing.T) {
 	h.mgr["B"].env = h.mgr["A"].env
 	h.startManagers()
 	p := h.startPauser()
+	t.Cleanup(func() {
+		if p.reuse != nil {
+			h.virshErr("A", "destroy", p.reuse.Name)
+		}
+	})
 	i := 0
 	for _, step := range steps {
 		for _, victim := range victims {
@@ -84,6 +89,8 @@ type pauser struct {
 	seen   []string      // every pause reached, in order
 	stop   chan struct{}
 	done   chan struct{}
+	// reuse is the domain the last case left running on A with a live TPM
+	reuse *lvDomain
 }
 
 func (h *lvHosts) startPauser() *pauser {
@@ -190,26 +197,37 @@ func faultRows(path string) []faultRow {
 	return rows
 }
 
-// faultCase runs one case: a fresh domain on A, the migration held at step, victim killed
-// there, the pause released, then the invariants checked once things settle.
+// faultCase runs one case: a domain on A (the one the case before left running with a live
+// TPM on A, or a fresh one), the migration held at step, victim killed there, the pause
+// released, then the invariants checked once things settle.
 func (h *lvHosts) faultCase(p *pauser, step, victim string, port, i int) {
 	t := h.t
-	d := h.domain(fmt.Sprintf("lv-fault-%02d", i), fmt.Sprintf("%02d", 40+i), "migloop", "<backend type='emulator' version='2.0'/>")
-	os.Remove(d.serial("A"))
-	os.Remove(d.serial("B"))
-	h.virsh("A", "create", d.writeSmallXML())
+	d := p.reuse
+	p.reuse = nil
+	if d == nil {
+		d = h.domain(fmt.Sprintf("lv-fault-%02d", i), fmt.Sprintf("%02d", 40+i), "migloop", "<backend type='emulator' version='2.0'/>")
+		os.Remove(d.serial("A"))
+		os.Remove(d.serial("B"))
+		h.virsh("A", "create", d.writeSmallXML())
+		h.waitRows(d.serial("A"), 0, 3, 3*time.Minute)
+	} else {
+		t.Logf("the guest of %s runs on A with a live TPM after the case before: reused", d.Name)
+	}
 	t.Cleanup(func() {
-		for _, host := range []string{"A", "B"} {
-			h.virshErr(host, "destroy", d.Name)
+		if p.reuse != d {
+			for _, host := range []string{"A", "B"} {
+				h.virshErr(host, "destroy", d.Name)
+			}
 		}
 		for _, m := range []*lvMgr{h.mgr["A"], h.mgr["B"]} {
 			if !m.running() {
 				m.start()
 			}
 		}
-		lvWait(15*time.Second, func() bool { return len(h.vtpmProcs(d.UUID)) == 0 })
+		if p.reuse != d {
+			lvWait(15*time.Second, func() bool { return len(h.vtpmProcs(d.UUID)) == 0 })
+		}
 	})
-	h.waitRows(d.serial("A"), 0, 3, 3*time.Minute)
 	side := stepSide(step)
 	hit := p.arm(side, step)
 	type result struct {
@@ -262,11 +280,14 @@ func (h *lvHosts) faultCase(p *pauser, step, victim string, port, i int) {
 			m.start()
 		}
 	}
-	h.faultSettled(d, res.err == nil)
+	if h.faultSettled(d, res.err == nil) && !t.Failed() {
+		p.reuse = d
+	}
 }
 
-// faultSettled waits for the dust to settle and checks the two invariants.
-func (h *lvHosts) faultSettled(d *lvDomain, migrated bool) {
+// faultSettled waits for the dust to settle and checks the two invariants. It says whether
+// the domain runs on A alone with a live TPM (the next case may use it).
+func (h *lvHosts) faultSettled(d *lvDomain, migrated bool) bool {
 	t := h.t
 	t.Helper()
 	state := func(host string) string {
@@ -351,6 +372,10 @@ func (h *lvHosts) faultSettled(d *lvDomain, migrated bool) {
 		}
 	}
 	t.Logf("settled: A %s, B %s, vTPM processes %v, last acknowledged NV %d", state("A"), state("B"), live, acked)
+	// reusable: on A only, no row ever on B, and the guest's TPM answered after the fault
+	okBefore := lastOK(rowsA)
+	return state("A") == "running" && state("B") == "absent" && len(rowsB) == 0 &&
+		lvWait(5*time.Second, func() bool { return lastOK(faultRows(d.serial("A"))) >= okBefore+2 })
 }
 
 // lastOK is the last iteration whose TPM commands all answered (0: none).
