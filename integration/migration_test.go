@@ -196,6 +196,20 @@ func TestMigrationSecure(t *testing.T) {
 		t.Fatal("no subscription")
 	}
 
+	// a relying party follows A's announcements with the CLI
+	follow := exec.Command(env.bin, "history", "--follow", "--socket", a.m.sock)
+	var followOut bytes.Buffer
+	follow.Stdout = &followOut
+	followErr, _ := follow.StderrPipe()
+	if err := follow.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { follow.Process.Kill(); follow.Wait() })
+	line := make([]byte, 256)
+	if n, _ := followErr.Read(line); !strings.Contains(string(line[:n]), "following") {
+		t.Fatalf("vtpmd history --follow: %q", line[:n])
+	}
+
 	src := startMigVTPM(t, a, "")
 	if err := src.c.Init(0); err != nil {
 		t.Fatal(err)
@@ -342,6 +356,12 @@ func TestMigrationSecure(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("no event for the subscriber")
+	}
+	follow.Process.Kill()
+	follow.Wait()
+	var followed manager.HistoryEntry
+	if err := json.Unmarshal(followOut.Bytes(), &followed); err != nil || followed.Ticket != histA[0].Ticket || followed.Kind != "out" {
+		t.Fatalf("vtpmd history --follow printed %q (%v)", followOut.String(), err)
 	}
 
 	// the stale state left on A cannot start again there (the vTPM lives on B)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"text/tabwriter"
@@ -53,10 +54,14 @@ func historyCommand() *cli.Command {
 		Name:      "history",
 		Usage:     "the migrations (moves, restores) of a VM's vTPM recorded by this host's manager",
 		ArgsUsage: "VM (UUID, name or state directory; none: every VM)",
-		Flags:     []cli.Flag{clientSocketFlag, &cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+		Flags: []cli.Flag{clientSocketFlag, &cli.BoolFlag{Name: "json", Usage: "print JSON"},
+			&cli.BoolFlag{Name: "follow", Usage: "then print each new move as it happens (one JSON object a line), until interrupted"}},
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 1 {
 				return cli.Exit("name at most one VM", 1)
+			}
+			if c.Bool("follow") {
+				return followHistory(c)
 			}
 			h, err := managerClient(c).History(c.Context, c.Args().First())
 			if err != nil {
@@ -111,4 +116,26 @@ func short(s string) string {
 		return s[:16]
 	}
 	return s
+}
+
+// followHistory prints the moves the manager announces from now on (its event stream), one
+// JSON history entry a line, for the VM named (or every VM).
+func followHistory(c *cli.Context) error {
+	vm := c.Args().First()
+	enc := json.NewEncoder(os.Stdout)
+	err := managerClient(c).Events(c.Context, func(e manager.Event) bool {
+		if e.Type == "subscribed" {
+			fmt.Fprintln(os.Stderr, "vtpmd history: following the manager's announcements")
+			return true
+		}
+		h := e.History
+		if e.Type != "migration" || vm != "" && vm != h.VM && vm != h.Name && vm != h.StatePath {
+			return true
+		}
+		return enc.Encode(h) == nil
+	})
+	if err != nil && c.Context.Err() == nil {
+		return exitOnError(err)
+	}
+	return nil
 }
