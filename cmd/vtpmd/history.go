@@ -65,7 +65,7 @@ func historyCommand() *cli.Command {
 			}
 			h, err := managerClient(c).History(c.Context, c.Args().First())
 			if err != nil {
-				return exitOnError(err)
+				return historyExit(err)
 			}
 			if c.Bool("json") {
 				return printJSON(h.Entries)
@@ -81,7 +81,7 @@ func historyCommand() *cli.Command {
 				if c.NArg() != 1 {
 					return cli.Exit("name one VM", 1)
 				}
-				return exitOnError(managerClient(c).AcceptMigration(c.Context, c.Args().First()))
+				return historyExit(managerClient(c).AcceptMigration(c.Context, c.Args().First()))
 			},
 		}},
 	}
@@ -135,7 +135,14 @@ func followHistory(c *cli.Context) error {
 		return enc.Encode(h) == nil
 	})
 	if err != nil && c.Context.Err() == nil {
-		return exitOnError(err)
+		return historyExit(err)
 	}
 	return nil
+}
+
+func historyExit(err error) error {
+	if err == nil {
+		return nil
+	}
+	return cli.Exit("vtpmd history: "+err.Error(), 1)
 }
