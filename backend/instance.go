@@ -256,17 +256,36 @@ func (in *Instance) lockLocked() error {
 
 // Process implements socket.TPM: one TPM command, after making sure the state is locked.
 func (in *Instance) Process(cmd []byte) ([]byte, error) {
-	in.mu.Lock()
-	if err := in.admitLocked(); err != nil {
-		in.mu.Unlock()
+	if err := in.admit(); err != nil {
 		return nil, err
 	}
-	if err := in.lockLocked(); err != nil {
-		in.mu.Unlock()
-		return nil, fmt.Errorf("%w: %w", ErrLockLost, err)
-	}
-	in.mu.Unlock()
 	return in.process(cmd)
+}
+
+// ProcessAppend is Process with the response appended to dst (socket's data channel reuses
+// one buffer per connection): without a guard nothing is allocated per command.
+func (in *Instance) ProcessAppend(dst, cmd []byte) ([]byte, error) {
+	if err := in.admit(); err != nil {
+		return dst, err
+	}
+	if in.cfg.Guard == nil {
+		return in.eng.ProcessAppend(dst, cmd)
+	}
+	resp, err := in.process(cmd)
+	return append(dst, resp...), err
+}
+
+// admit makes sure a command may run and the state is locked.
+func (in *Instance) admit() error {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if err := in.admitLocked(); err != nil {
+		return err
+	}
+	if err := in.lockLocked(); err != nil {
+		return fmt.Errorf("%w: %w", ErrLockLost, err)
+	}
+	return nil
 }
 
 // process runs a command through the guard: refused commands are answered by the guard, and

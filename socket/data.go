@@ -147,6 +147,7 @@ func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, termin
 	defer c.Close()
 	tpm2 := s.tpm.IsTPM2()
 	r := newFrameReader(c, int(s.tpm.BufferSize())+sendCmdPrefixSize)
+	var respBuf []byte // responses of an appending TPM, reused: a busy channel makes no garbage
 	for {
 		msg, err := r.next()
 		if err != nil {
@@ -158,7 +159,7 @@ func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, termin
 		}
 		s.dump("SWTPM_IO_Read", msg)
 		f := ParseFrame(msg, tpm2)
-		resp := s.process(f)
+		resp := s.process(f, &respBuf)
 		if f.Prefixed {
 			out := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(resp)+4), uint32(len(resp)))
 			out = append(out, resp...)
@@ -185,7 +186,7 @@ func (s *Server) dataClosed(terminate bool) {
 // process runs one command, handling what swtpm's main loop and tpmlib_process intercept
 // before libtpms, in their order: the prefix's locality, a stopped TPM, a command shorter than
 // a header, and the SET_LOCALITY vendor command (both families).
-func (s *Server) process(f Frame) []byte {
+func (s *Server) process(f Frame, buf *[]byte) []byte {
 	tpm2 := s.tpm.IsTPM2()
 	if f.Prefixed {
 		// swtpm applies the prefix's locality without range checks; it persists.
@@ -205,7 +206,7 @@ func (s *Server) process(f Frame) []byte {
 	if trace {
 		s.log.Debug("data cmd", "cmd", fmt.Sprintf("%x", cmd))
 	}
-	resp, err := s.tpm.Process(cmd)
+	resp, err := s.runTPM(cmd, buf)
 	if err != nil {
 		s.log.Error("tpm command failed", "err", err)
 		return FatalResponse(tpm2)
@@ -214,6 +215,26 @@ func (s *Server) process(f Frame) []byte {
 		s.log.Debug("data rsp", "rsp", fmt.Sprintf("%x", resp))
 	}
 	return resp
+}
+
+// appendProcessor is a TPM that can append its response to the caller's buffer.
+type appendProcessor interface {
+	ProcessAppend(dst, cmd []byte) ([]byte, error)
+}
+
+// runTPM runs cmd on the TPM; the response of an appending TPM is in *buf (reused by the next
+// command: valid until then).
+func (s *Server) runTPM(cmd []byte, buf *[]byte) ([]byte, error) {
+	ap, ok := s.tpm.(appendProcessor)
+	if !ok {
+		return s.tpm.Process(cmd)
+	}
+	resp, err := ap.ProcessAppend((*buf)[:0], cmd)
+	if err != nil {
+		return nil, err
+	}
+	*buf = resp
+	return resp, nil
 }
 
 // setLocalityCmd is swtpm's TPM_CC_SET_LOCALITY vendor command (allowed with --locality

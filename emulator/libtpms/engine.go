@@ -39,6 +39,7 @@ type Engine struct {
 	closed  bool           // guarded by mu
 	respBuf *C.uchar       // guarded by mu; libtpms realloc()s it, we keep it for the process lifetime
 	respCap C.uint32_t     // guarded by mu
+	respLen C.uint32_t     // guarded by mu; the last response's length (a field: a local passed to C escapes to the heap)
 	cmdBuf  unsafe.Pointer // guarded by mu
 	lastCC  uint32         // guarded by mu; ordinal of the last command processed
 	nvErr   error          // guarded by mu; first store error since the last command
@@ -175,8 +176,28 @@ var ErrStore = errors.New("emulator: state store failed")
 func (e *Engine) Process(cmd []byte) ([]byte, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if err := e.processLocked(cmd); err != nil {
+		return nil, err
+	}
+	return C.GoBytes(unsafe.Pointer(e.respBuf), C.int(e.respLen)), nil
+}
+
+// ProcessAppend is Process with the response appended to dst: a caller that reuses its buffer
+// across commands (the data channel) allocates nothing per command, so a busy vTPM makes no
+// garbage and its heap does not grow.
+func (e *Engine) ProcessAppend(dst, cmd []byte) ([]byte, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.processLocked(cmd); err != nil {
+		return dst, err
+	}
+	return append(dst, unsafe.Slice((*byte)(unsafe.Pointer(e.respBuf)), int(e.respLen))...), nil
+}
+
+// processLocked runs cmd; the response is e.respBuf[:e.respLen].
+func (e *Engine) processLocked(cmd []byte) error {
 	if !e.running {
-		return nil, emulator.ErrNotRunning
+		return emulator.ErrNotRunning
 	}
 	// libtpms decrypts parameters in place, so it always gets a C copy.
 	in := e.cmdBuf
@@ -191,15 +212,15 @@ func (e *Engine) Process(cmd []byte) ([]byte, error) {
 		e.lastCC = uint32(cmd[6])<<24 | uint32(cmd[7])<<16 | uint32(cmd[8])<<8 | uint32(cmd[9])
 	}
 	e.nvErr = nil
-	var respLen C.uint32_t
-	rc := C.TPMLIB_Process(&e.respBuf, &respLen, &e.respCap, (*C.uchar)(in), C.uint32_t(len(cmd)))
+	e.respLen = 0
+	rc := C.TPMLIB_Process(&e.respBuf, &e.respLen, &e.respCap, (*C.uchar)(in), C.uint32_t(len(cmd)))
 	if rc != C.TPM_SUCCESS {
-		return nil, fmt.Errorf("process command: %w", tpmwire.Result(rc))
+		return fmt.Errorf("process command: %w", tpmwire.Result(rc))
 	}
 	if e.nvErr != nil {
-		return nil, fmt.Errorf("%w: %w", ErrStore, e.nvErr)
+		return fmt.Errorf("%w: %w", ErrStore, e.nvErr)
 	}
-	return C.GoBytes(unsafe.Pointer(e.respBuf), C.int(respLen)), nil
+	return nil
 }
 
 // Cancel asks libtpms to abort the command that Process is running. It does not wait.

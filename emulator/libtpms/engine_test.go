@@ -167,3 +167,40 @@ func TestSetDebug(t *testing.T) {
 		t.Fatalf("libtpms wrote nothing to the debug file: %q", logged)
 	}
 }
+
+// TestProcessAppend: the appending form answers as Process does, into the caller's buffer, and
+// allocates nothing once the buffer is large enough (the data channel's hot path).
+func TestProcessAppend(t *testing.T) {
+	e, err := Open(emulator.TPM2, emulator.NewMemStore(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	if _, err := e.ProcessAppend(nil, getRandom8); !errors.Is(err, emulator.ErrNotRunning) {
+		t.Fatalf("ProcessAppend before Start: %v", err)
+	}
+	if err := e.Start(); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 0, 4096)
+	resp, err := e.ProcessAppend(buf, startupClear)
+	if err != nil || rc(resp) != 0 || len(resp) != 10 {
+		t.Fatalf("Startup: %x %v", resp, err)
+	}
+	prefix := []byte("kept")
+	resp, err = e.ProcessAppend(append(buf[:0], prefix...), getRandom8)
+	if err != nil || !bytes.HasPrefix(resp, prefix) || len(resp) != len(prefix)+20 || rc(resp[len(prefix):]) != 0 {
+		t.Fatalf("GetRandom appended: %x %v", resp, err)
+	}
+	if &resp[0] != &buf[:1][0] {
+		t.Fatal("the response was not written into the caller's buffer")
+	}
+	allocs := testing.AllocsPerRun(100, func() {
+		if resp, err = e.ProcessAppend(buf[:0], getRandom8); err != nil || rc(resp) != 0 {
+			t.Fatalf("GetRandom: %x %v", resp, err)
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("ProcessAppend allocates %.1f times per command, want 0", allocs)
+	}
+}
