@@ -86,7 +86,7 @@ func migInfoTools() string {
 	}
 	f.Close()
 	defer os.Remove(f.Name())
-	cmd := exec.Command("tpm2_nvread", "-C", "o", "-s", "136", "0x01400020", "-o", f.Name())
+	cmd := exec.Command("/usr/bin/tpm2_nvread", "-C", "o", "-s", "136", "0x01400020", "-o", f.Name())
 	cmd.Env = append(os.Environ(), "TPM2TOOLS_TCTI=device:/dev/tpmrm0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "error:" + strings.Join(strings.Fields(err.Error()+": "+string(out)), "_")
