@@ -164,9 +164,11 @@ func TestProjectionSummaryQEMU(t *testing.T) {
 // endorsement hierarchies (its tpm_set_failure) [observed]: the PCRs are still the host's,
 // and the guest reads the log with the index's own auth.
 func TestProjectionMirror(t *testing.T) {
-	h := measuredHost(t, hostA)
 	for _, c := range []struct{ firmware, auth string }{{"qboot", "owner"}, {"seabios", "index"}} {
 		t.Run(c.firmware, func(t *testing.T) {
+			// a host of its own: a manager's records belong to one hardware TPM (a second
+			// manager directory on the same TPM finds its migration counter taken)
+			h := measuredHost(t, hostA)
 			v := newProjectedVM(t, h, "mirror", -1)
 			e := startEmulator(t, env.bin, v.state, "--tpm2", "--manager", v.m.sock)
 			q := startQEMU(t, vm{firmware: c.firmware, machine: "q35", model: "tpm-crb", ctrl: e.ctrl, cmdline: "projpcr=0 projlog", noReboot: true})
