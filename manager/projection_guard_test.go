@@ -5,13 +5,9 @@ package manager
 import (
 	"bytes"
 	"crypto/sha256"
-	"encoding/json"
 	"errors"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
@@ -20,37 +16,11 @@ import (
 	"github.com/vtpmd/vtpmd/backend"
 	"github.com/vtpmd/vtpmd/backend/store"
 	"github.com/vtpmd/vtpmd/emulator"
-	"github.com/vtpmd/vtpmd/internal/swtpmtest"
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 	"github.com/vtpmd/vtpmd/internal/tpmwire"
 	"github.com/vtpmd/vtpmd/manager/eventlog"
 	"github.com/vtpmd/vtpmd/manager/projection"
 )
-
-// fakeProjection serves /v1/projection with whatever *resp holds (the providers are tested in
-// their package, the endpoint in the integration tests); the guard under test is real, and
-// so is the TPM (libtpms through backend.Instance).
-func fakeProjection(t *testing.T, resp **ProjectionResponse) *Client {
-	t.Helper()
-	sock := filepath.Join(swtpmtest.ShortDir(t), "api")
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST "+pathProjection, func(w http.ResponseWriter, r *http.Request) {
-		if *resp == nil {
-			w.WriteHeader(http.StatusInternalServerError)
-			w.Write([]byte(`{"error":"projection: the host event log does not replay to the hardware TPM's PCRs"}`))
-			return
-		}
-		json.NewEncoder(w).Encode(*resp)
-	})
-	srv := &http.Server{Handler: mux}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	return NewClient(sock)
-}
 
 func guardedInstance(t *testing.T, g *projectionGuard) (*backend.Instance, transport.TPM) {
 	t.Helper()
