@@ -226,5 +226,6 @@ func enterProcess(c *cli.Context, o *socketOpts) (*daemon.Log, error) {
 			return nil, err
 		}
 	}
+	daemon.ReturnIdleMemory(c.Context) // one of many mostly idle vTPMs on a host
 	return daemon.OpenLog(o.log.set)
 }
