@@ -38,6 +38,10 @@ const noHostDigest = "vtpmd: no host measurements in this bank"
 // projectionTimeout bounds asking the manager.
 const projectionTimeout = 30 * time.Second
 
+// projectionRetry is how long a resumed vTPM whose manager failed to answer refuses PCR
+// changes before it asks again.
+const projectionRetry = 10 * time.Second
+
 func init() {
 	registerGuardPart(func(cfg GuardConfig) seam.Guard {
 		return &projectionGuard{cfg: cfg, path: statePathOfURI(cfg.StateURI), log: cfg.Log.With("part", "projection")}
@@ -52,9 +56,10 @@ type projectionGuard struct {
 	log  *slog.Logger
 
 	mu       sync.Mutex
-	asked    bool     // the manager was asked (readOnly is its answer)
-	readOnly uint32   // bit i: PCR i is projected
-	logIdx   []uint32 // the indices holding the guest-visible log
+	asked    bool      // the manager was asked (readOnly is its answer)
+	failed   time.Time // when asking after a resumed state last failed
+	readOnly uint32    // bit i: PCR i is projected
+	logIdx   []uint32  // the indices holding the guest-visible log
 }
 
 // PCR commands whose first handle is the PCR they change.
@@ -109,6 +114,9 @@ func (g *projectionGuard) projected(i int) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if !g.asked {
+		if time.Since(g.failed) < projectionRetry {
+			return true
+		}
 		resp, err := g.ask()
 		switch {
 		case err == nil:
@@ -119,6 +127,7 @@ func (g *projectionGuard) projected(i int) bool {
 			// the manager knows this VM but cannot project now: keep every PCR this VM
 			// may have projected closed rather than let the guest fill them
 			g.log.Warn("host PCR projection unknown after a resumed state: PCR changes refused", "err", err)
+			g.failed = time.Now()
 			return true
 		}
 	}
