@@ -106,6 +106,9 @@ func checkGuestLog(t *testing.T, out string) [][]byte {
 	if !ok {
 		t.Fatalf("the guest printed no projection log: %v", guestValues(out)["proj_error"])
 	}
+	if v := guestValues(out)["proj_eventlog"]; v != "ok" {
+		t.Fatalf("stock tpm2_eventlog in the guest does not parse the projection log: %s", v)
+	}
 	l, err := eventlog.Parse(raw)
 	if err != nil {
 		t.Fatalf("the guest-visible log: %v", err)

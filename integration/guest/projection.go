@@ -23,7 +23,8 @@ import (
 //	projlog    read the guest-visible projection log from NV 0x01400010, 0x01400011, ...
 //	           with stock tpm2_nvread -C o, and print it as the blob "projlog"; when the owner
 //	           hierarchy is disabled (SeaBIOS disables it when one of its extends is refused)
-//	           with the index's own (empty) auth instead: proj_log_auth says which
+//	           with the index's own (empty) auth instead: proj_log_auth says which;
+//	           proj_eventlog says whether stock tpm2_eventlog parses it
 func projectionChecks(tp transport.TPM, modes []string) {
 	for _, m := range modes {
 		if v, ok := strings.CutPrefix(m, "projpcr="); ok {
@@ -92,6 +93,15 @@ func projectionLog() {
 		log = append(log, b...)
 	}
 	say("proj_log_auth", map[bool]string{false: "owner", true: "index"}[byIndex])
+	// stock tpm2_eventlog parses it too
+	all := filepath.Join(dir, "projection.log")
+	if err := os.WriteFile(all, log, 0o600); err == nil {
+		if o, err := exec.Command("tpm2_eventlog", all).CombinedOutput(); err != nil {
+			say("proj_eventlog", fmt.Sprintf("%v: %s", err, strings.ReplaceAll(strings.TrimSpace(string(o)), "\n", " | ")))
+		} else {
+			say("proj_eventlog", "ok")
+		}
+	}
 	say("proj_log_bytes", len(log))
 	blob("projlog", log)
 }
