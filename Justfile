@@ -45,6 +45,14 @@ test: lint unit
 bench: deps
     go run ./bench -out docs/benchmarks.md -readme README.md
 
+# only the density section (1, 10, 100 instances side by side with swtpm); prints it
+bench-density: deps
+    go run ./bench -only density
+
+# 1,000 idle vtpmd instances (then 1,000 swtpm if memory allows): their total memory; prints it
+bench-1000: deps
+    go run ./bench -only density-1000
+
 # boot a small Linux VM under QEMU with a vTPM served by vtpmd and show what it saw
 demo: build
     scripts/demo.sh

@@ -19,6 +19,9 @@ import (
 )
 
 func main() {
+	if code, inBench := underReaper(); !inBench {
+		os.Exit(code)
+	}
 	vtpmd := flag.String("vtpmd", "", "vtpmd binary (default: build ./cmd/vtpmd)")
 	swtpm := flag.String("swtpm", "/usr/bin/swtpm", "reference swtpm binary (Debian's; a swtpm on PATH may be a link to vtpmd)")
 	out := flag.String("out", "docs/benchmarks.md", "report file")
@@ -28,7 +31,7 @@ func main() {
 	echo := flag.String("echo", "", "internal: serve one unix-socket echo connection at this path (the Go floor)")
 	mgrClient := flag.String("manager-client", "", "internal: time a vTPM's requests to the manager on this socket")
 	tpmstate := flag.String("tpmstate", "", "internal: with -manager-client, the vTPM's state (dir=PATH), as vtpmd's --tpmstate")
-	only := flag.String("only", "", "run only this section (migration) and print it; the report files are left as they are")
+	only := flag.String("only", "", "run only this section (migration, density, density-1000) and print it; the report files are left as they are")
 	flag.Parse()
 	if *echo != "" {
 		if err := serveEcho(*echo); err != nil {
@@ -72,11 +75,12 @@ func bench(vtpmd, swtpm, out, readme, only string, iters int, counts []int) erro
 		{name: "vtpmd", bin: vtpmd, args: []string{"socket", "--manager", "none"}},
 		{name: "swtpm", bin: swPath, args: []string{"socket"}},
 	}}
-	sections := map[string]func() (string, error){"migration": r.migrationSection}
+	sections := map[string]func() (string, error){"migration": r.migrationSection,
+		"density": func() (string, error) { return r.densitySection(counts) }, "density-1000": r.idle1000Section}
 	if only != "" {
 		f, ok := sections[only]
 		if !ok {
-			return fmt.Errorf("-only %q: no such section (migration)", only)
+			return fmt.Errorf("-only %q: no such section (%s)", only, strings.Join(sortedKeys(sections), ", "))
 		}
 		report, err := f()
 		if err != nil {

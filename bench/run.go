@@ -440,6 +440,11 @@ func (r *run) all(counts []int) (string, error) {
 		return "", err
 	}
 	b.WriteString(mig)
+	dens, err := r.densitySection(counts)
+	if err != nil {
+		return "", err
+	}
+	b.WriteString(dens)
 	setup, err := r.setup()
 	if err != nil {
 		return "", err
