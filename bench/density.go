@@ -183,15 +183,6 @@ func (f *fleet) memory() (procMemory, error) {
 	return procMemory{sum.rssAnon / n, sum.vmRSS / n, sum.pss / n}, nil
 }
 
-// load is one contention window's result.
-type load struct {
-	opsPerSec   float64
-	lat         stats
-	cpuPerCmd   time.Duration // server CPU time per command, all instances
-	interLat    stats         // interleaved window
-	interOpsSec float64
-}
-
 // backToBack drives every instance from its own client for d; it returns the aggregate
 // throughput, the latency of every call, and the servers' CPU time per command.
 func (f *fleet) backToBack(d time.Duration) (float64, stats, time.Duration, error) {
@@ -270,14 +261,6 @@ func medianOf(vs []float64) float64 {
 	s := append([]float64(nil), vs...)
 	sort.Float64s(s)
 	return s[len(s)/2]
-}
-
-func medianDur(ds []time.Duration) time.Duration {
-	vs := make([]float64, len(ds))
-	for i, d := range ds {
-		vs[i] = float64(d)
-	}
-	return time.Duration(medianOf(vs))
 }
 
 // order is the servers in window w's order (the first alternates).
