@@ -13,6 +13,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/go-tpm/tpm2/transport"
+
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 	"github.com/vtpmd/vtpmd/internal/tpmwire"
 	"github.com/vtpmd/vtpmd/socket"
@@ -348,6 +350,11 @@ func (r *run) densitySection(counts []int) (string, error) {
 		}
 	}
 
+	single, err := r.singleLatency(golden)
+	if err != nil {
+		return "", err
+	}
+	b.WriteString(single)
 	cont, err := r.contention(golden, counts)
 	if err != nil {
 		return "", err
@@ -797,6 +804,87 @@ func (r *run) idle1000Section() (string, error) {
 			needed = used
 		}
 		fmt.Fprintf(&b, "| %s | %s | %.0f | %.0f | %.0f | %.0f | %.2f |\n", im.name, fmtDur(took), sum.rssAnon/1024, sum.pss/1024, sum.vmRSS/1024, used/1024, used/1024/idle1000)
+	}
+	return b.String(), nil
+}
+
+// singleLatency is one instance of each server, GetRandom(32) and PCR_Extend through go-tpm,
+// both ways: back-to-back (a block of calls to one server, as during measured boot) and
+// interleaved (the servers take turns call by call: an idle TPM woken per command).
+func (r *run) singleLatency(golden string) (string, error) {
+	const per = 200
+	fleets := map[string]*fleet{}
+	defer func() {
+		for _, f := range fleets {
+			f.stop()
+		}
+	}()
+	for _, im := range r.impls {
+		dirs, err := r.fleetDirs(golden, im, 1)
+		if err != nil {
+			return "", err
+		}
+		f, _, err := startFleet(im, dirs)
+		if err != nil {
+			return "", err
+		}
+		fleets[im.name] = f
+	}
+	digest := make([]byte, 32)
+	ops := []struct {
+		name string
+		call func(t transport.TPM) func() error
+	}{
+		{"GetRandom(32)", func(t transport.TPM) func() error {
+			return func() error { _, err := tpmclient.GetRandom(t, 32); return err }
+		}},
+		{"PCR_Extend", func(t transport.TPM) func() error {
+			return func() error { return tpmclient.PCRExtend(t, 16, digest) }
+		}},
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "\n### One instance: latency both ways (go-tpm client; %d windows of %d calls per server and way)\n\n"+
+		"| operation | way | vtpmd median | swtpm median | ratio | vtpmd p99 | swtpm p99 | vtpmd ops/s | swtpm ops/s |\n|---|---|---|---|---|---|---|---|---|\n", densityWindows, per)
+	for _, op := range ops {
+		fs := map[string]timed{}
+		for name, f := range fleets {
+			fs[name] = clock(op.call(tpmclient.Stream(f.conns[0])))
+		}
+		med, p99, mean := map[string]perServer{}, map[string]perServer{}, map[string]perServer{}
+		for _, way := range []string{"back-to-back", "interleaved"} {
+			med[way], p99[way], mean[way] = perServer{}, perServer{}, perServer{}
+		}
+		for w := 0; w < densityWindows; w++ {
+			b2b := map[string][]time.Duration{}
+			for _, im := range r.order(w) {
+				ds, err := timeBlocks(1, per, map[string]timed{im.name: fs[im.name]})
+				if err != nil {
+					return "", fmt.Errorf("%s %s: %w", im.name, op.name, err)
+				}
+				b2b[im.name] = ds[im.name]
+			}
+			inter, err := timeBlocks(per, 1, fs)
+			if err != nil {
+				return "", fmt.Errorf("%s interleaved: %w", op.name, err)
+			}
+			for way, ds := range map[string]map[string][]time.Duration{"back-to-back": b2b, "interleaved": inter} {
+				for name, d := range ds {
+					st := summarize(d)
+					med[way].add(name, float64(st.median))
+					p99[way].add(name, float64(st.p99))
+					mean[way].add(name, float64(st.mean))
+				}
+			}
+		}
+		for _, way := range []string{"back-to-back", "interleaved"} {
+			m, p, a := med[way], p99[way], mean[way]
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %.2f | %s | %s | %.0f | %.0f |\n", op.name, way,
+				fmtDur(time.Duration(m.med("vtpmd"))), fmtDur(time.Duration(m.med("swtpm"))), m.ratio(),
+				fmtDur(time.Duration(p.med("vtpmd"))), fmtDur(time.Duration(p.med("swtpm"))),
+				opsPerSec(time.Duration(a.med("vtpmd"))), opsPerSec(time.Duration(a.med("swtpm"))))
+		}
+		r.summarize(op.name+", one instance, back-to-back median", fmtDur(time.Duration(med["back-to-back"].med("vtpmd"))),
+			fmtDur(time.Duration(med["back-to-back"].med("swtpm"))), med["back-to-back"].ratio())
 	}
 	return b.String(), nil
 }
