@@ -270,7 +270,8 @@ func (h *lvHosts) faultCase(p *pauser, step, victim string, port, i int) {
 		}
 		syscall.Kill(pid, syscall.SIGKILL)
 	}
-	t.Logf("held at %s on %s; killed the %s", step, side, victim)
+	okAtFault := lastOK(faultRows(d.serial("A")))
+	t.Logf("held at %s on %s; killed the %s (the guest's last live iteration on A: %d)", step, side, victim, okAtFault)
 	p.release(side, step)
 	res = <-migrated
 	t.Logf("virsh migrate: %v %s (pauses: %s)", res.err, strings.TrimSpace(res.out), p.trace())
@@ -280,9 +281,42 @@ func (h *lvHosts) faultCase(p *pauser, step, victim string, port, i int) {
 			m.start()
 		}
 	}
-	if h.faultSettled(d, res.err == nil) && !t.Failed() {
+	reusable := h.faultSettled(d, res.err == nil)
+	// the source's fate, against docs/migration.md's failure table where it is unambiguous: a
+	// migration that fails before the release leaves the source running; once the release is
+	// durable and the migration fails, the source refuses every command
+	stA, _ := h.virshErr("A", "domstate", d.Name)
+	liveA := strings.TrimSpace(stA) == "running" && lvWait(5*time.Second, func() bool { return lastOK(faultRows(d.serial("A"))) >= okAtFault+2 })
+	t.Logf("outcome %s/%s: migration %v; source TPM live after the fault: %v", step, victim, res.err == nil, liveA)
+	if want, known := sourceRunsOn(step, victim, res.err == nil); known && liveA != want {
+		t.Errorf("after %s with the %s killed the source's TPM is live=%v, want %v (docs/migration.md's failure table)", step, victim, liveA, want)
+	}
+	if reusable && !t.Failed() {
 		p.reuse = d
 	}
+}
+
+// sourceRunsOn is whether the source's TPM must run on after the case, when the failure
+// table says so without doubt (known false: not asserted).
+func sourceRunsOn(step, victim string, migrated bool) (want, known bool) {
+	if victim == "source-qemu" {
+		return false, false // no source VM left to run it
+	}
+	if migrated {
+		return false, true // the VM left A: A's TPM must not run
+	}
+	switch step {
+	case manager.StepExportSealed:
+		return true, true // nothing released
+	case manager.StepReleaseReceived, manager.StepImportReceived:
+		if victim == "source-manager" || (step == manager.StepImportReceived && victim == "dest-manager") {
+			return true, true // the release never happened
+		}
+		return false, false // the release may still go through after the victim died
+	case manager.StepReleaseRecorded, manager.StepReleaseSent, manager.StepKeyReceived, manager.StepImportRecorded:
+		return false, true // released: the source refuses every command
+	}
+	return false, false
 }
 
 // faultSettled waits for the dust to settle and checks the two invariants. It says whether
