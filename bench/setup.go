@@ -68,7 +68,10 @@ func (r *run) setupOnce(t setupTool, args []string) error {
 	defer os.RemoveAll(state)
 	all := append(append(append([]string{}, t.argv[1:]...), "--config", t.conf, "--tpm2", "--tpm-state", state,
 		"--vmid", "bench:00000000-0000-0000-0000-000000000001", "--logfile", filepath.Join(r.work, "setup-"+t.name+".log")), args...)
-	out, err := exec.Command(t.argv[0], all...).CombinedOutput()
+	cmd := exec.Command(t.argv[0], all...)
+	// a host manager on the default socket must not take part (vtpmd setup would use it)
+	cmd.Env = append(os.Environ(), "VTPMD_MANAGER=none")
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("%s: %v\n%s", strings.Join(t.argv, " "), err, out)
 	}
