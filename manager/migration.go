@@ -136,7 +136,12 @@ func (s *Server) migration() (*migration, error) {
 	if st.counter, fresh, err = s.migrationCounter(); err != nil {
 		return nil, err
 	}
-	rec, err := st.load(fresh)
+	// a new manager directory (its ledger holds no vTPM yet: a new host, or a reinstalled one on
+	// the same TPM) starts its records at the counter's current value, as the ledger does
+	s.mu.Lock()
+	newDir := len(s.ledger.VMs) == 0
+	s.mu.Unlock()
+	rec, err := st.load(fresh || newDir)
 	if err != nil {
 		return nil, err
 	}
@@ -430,6 +435,11 @@ func (m *migration) importBlobs(ctx context.Context, path string, blobs map[uint
 		if m.importedHere(hdr.Ticket) {
 			return nil, fmt.Errorf("%w: ticket %s was imported on this host already", ErrTicketReleased, hdr.Ticket)
 		}
+		// the vTPM that asked may be gone (its QEMU killed): then no key is asked for, and the
+		// source, never released, runs on
+		if err := requesterGone(ctx); err != nil {
+			return nil, err
+		}
 		var resp *releaseResponse
 		resp, err = m.requestRelease(ctx, first, ids, path)
 		if err == nil {
@@ -694,6 +704,18 @@ func (m *migration) nvInfo(path string) (*NVInfoResponse, error) {
 		ticketID, _ = hex.DecodeString(v.LastTicket)
 	}
 	return &NVInfoResponse{Auth: auth, Contents: nvContents(v.Moves, v.LastMove, idHash, ticketID, host)}, nil
+}
+
+// requesterKey carries the context of the vTPM's request, which ends when the vTPM goes away
+// (the handler's own context does not: work that has begun finishes).
+type requesterKey struct{}
+
+// requesterGone says whether the vTPM whose request this is went away.
+func requesterGone(ctx context.Context) error {
+	if rc, ok := ctx.Value(requesterKey{}).(context.Context); ok && rc.Err() != nil {
+		return fmt.Errorf("the vTPM that asked is gone (%w): no key asked for", rc.Err())
+	}
+	return nil
 }
 
 // pauseEnv names the handshake steps at which a manager stops (fault-injection tests):

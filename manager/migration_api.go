@@ -135,6 +135,7 @@ func writeLargeThrough[Req, Resp any](w http.ResponseWriter, r *http.Request, bo
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), requestTimeout)
 	defer cancel()
+	ctx = context.WithValue(ctx, requesterKey{}, r.Context())
 	resp, err := f(ctx, p, req)
 	if err != nil {
 		writeError(w, err)

@@ -579,6 +579,9 @@ func TestMigrationFileIdentity(t *testing.T) {
 // was still open, with its key) is refused at the next start: the hardware counter moved on.
 func TestMigrationRecordsRollback(t *testing.T) {
 	a := startMigHost(t, "")
+	// a vTPM enrolled: the directory is no longer new
+	st := stateDir(t)
+	keyOf(t, a.tm.ask(st, KeyRequest{StatePath: st, TPM2: true, Fresh: true}, "", nil))
 	path := "/srv/a/vm4"
 	a.export(t, path, map[uint32][]byte{1: []byte("p"), 2: []byte("v")})
 	file := filepath.Join(a.tm.dir, migrationRecordsName)
@@ -625,5 +628,41 @@ func TestMigrationWrongManager(t *testing.T) {
 	_, err := b.mig.importBlobs(context.Background(), "/srv/b/vm5", sealed)
 	if !errors.Is(err, ErrUntrusted) || !strings.Contains(err.Error(), "not the one that sealed") {
 		t.Fatalf("a manager other than the source: %v", err)
+	}
+}
+
+// TestMigrationNewDirectory: a new manager directory on a TPM whose migration counter exists
+// (a reinstalled host) starts new records, as the ledger does.
+func TestMigrationNewDirectory(t *testing.T) {
+	hw := swtpmtest.Start(t)
+	m1 := startManager(t, hw, t.TempDir(), nil)
+	if _, err := m1.srv.migration(); err != nil {
+		t.Fatal(err)
+	}
+	m1.close()
+	m2 := startManager(t, hw, t.TempDir(), nil)
+	if _, err := m2.srv.migration(); err != nil {
+		t.Fatalf("a new directory on the same TPM: %v", err)
+	}
+}
+
+// TestMigrationRequesterGone: a vTPM that went away before its manager asked for the key
+// (its QEMU killed) gets none: the source's ticket stays open, the source runs on.
+func TestMigrationRequesterGone(t *testing.T) {
+	a, b := startMigHost(t, ""), startMigHost(t, "")
+	a.trust(t, b)
+	b.trust(t, a)
+	sealed := a.export(t, "/srv/a/vm6", map[uint32][]byte{1: []byte("p"), 2: []byte("v")})
+	gone, cancel := context.WithCancel(context.Background())
+	cancel()
+	ctx := context.WithValue(context.Background(), requesterKey{}, gone)
+	if _, err := b.mig.importBlobs(ctx, "/srv/b/vm6", sealed); err == nil || !strings.Contains(err.Error(), "gone") {
+		t.Fatalf("import for a vTPM that is gone: %v", err)
+	}
+	if st := a.mig.rec.Tickets[ticketOf(sealed)].State; st != ticketExporting {
+		t.Fatalf("the source's ticket is %s", st)
+	}
+	if err := a.mig.admit(context.Background(), "/srv/a/vm6"); err != nil {
+		t.Fatalf("the source may not run: %v", err)
 	}
 }
