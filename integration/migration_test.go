@@ -551,14 +551,21 @@ func TestMigrationFaults(t *testing.T) {
 	for _, tc := range []struct {
 		step       string
 		onSource   bool // the paused manager is the source's
+		killVTPM   bool // the destination's vTPM (its QEMU) dies, not the paused manager
 		sourceRuns bool // without the operator
 	}{
-		{manager.StepReleaseReceived, true, true},
-		{manager.StepReleaseRecorded, true, false},
-		{manager.StepKeyReceived, false, false},
-		{manager.StepImportRecorded, false, false},
+		{manager.StepReleaseReceived, true, false, true},
+		{manager.StepReleaseRecorded, true, false, false},
+		{manager.StepKeyReceived, false, false, false},
+		{manager.StepImportRecorded, false, false, false},
+		{manager.StepImportReceived, false, true, true},
+		{manager.StepReleaseReceived, true, true, true},
 	} {
-		t.Run(tc.step, func(t *testing.T) {
+		name := tc.step
+		if tc.killVTPM {
+			name += "-vtpm"
+		}
+		t.Run(name, func(t *testing.T) {
 			start := func(name string, pause bool) *migHost {
 				if pause {
 					os.Setenv("VTPMD_MIGRATION_PAUSE", tc.step)
@@ -592,8 +599,16 @@ func TestMigrationFaults(t *testing.T) {
 				_, err := os.Stat(filepath.Join(paused.m.dir, "pause-"+tc.step))
 				return err == nil
 			})
-			paused.m.cmd.Process.Kill()
-			paused.m.cmd.Wait()
+			if tc.killVTPM {
+				// QEMU B dies with its vTPM; the paused manager then goes on
+				dst.e.cmd.Process.Kill()
+				dst.e.cmd.Wait()
+				time.Sleep(200 * time.Millisecond)
+				os.Remove(filepath.Join(paused.m.dir, "pause-"+tc.step))
+			} else {
+				paused.m.cmd.Process.Kill()
+				paused.m.cmd.Wait()
+			}
 			select {
 			case err := <-loaded:
 				if err == nil {
@@ -605,8 +620,10 @@ func TestMigrationFaults(t *testing.T) {
 			if n := dst.stateFiles(); len(n) != 0 {
 				t.Fatalf("the failed import wrote %v", n)
 			}
-			dst.c.Shutdown()
-			paused.m.start()
+			if !tc.killVTPM {
+				dst.c.Shutdown()
+				paused.m.start()
+			}
 			waitFor(t, 20*time.Second, func() bool {
 				return exec.Command(env.bin, "history", "--socket", paused.m.sock).Run() == nil
 			})
@@ -620,10 +637,20 @@ func TestMigrationFaults(t *testing.T) {
 				if n := counterOf(t, tp); n != 5 {
 					t.Fatalf("the source's counter %d", n)
 				}
-				// and its blobs are no longer releasable
+				// and its blobs are no longer releasable (the paused manager restarted without pauses)
+				if tc.killVTPM {
+					paused.m.restart()
+					waitFor(t, 20*time.Second, func() bool {
+						return exec.Command(env.bin, "history", "--socket", paused.m.sock).Run() == nil
+					})
+				}
+				before := b.managerLog(t)
 				late := startMigVTPM(t, b, "")
 				if err := late.load(blobs); err == nil {
 					t.Fatal("the cancelled export was imported")
+				}
+				if log := strings.TrimPrefix(b.managerLog(t), before); !strings.Contains(log, "ticket cancelled") {
+					t.Fatalf("the late import was not refused as cancelled:\n%s", tail(log, 2000))
 				}
 				return
 			}

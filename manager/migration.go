@@ -604,6 +604,10 @@ func (m *migration) releaseLocal(id string, blobs map[string]string, path string
 func (m *migration) release(ctx context.Context, req *releaseRequest, destCert *x509.Certificate) (*releaseResponse, error) {
 	dest, destSubject := publicKeyID(destCert), destCert.Subject.String()
 	m.pause(ctx, StepReleaseReceived)
+	if err := requesterGone(ctx); err != nil {
+		m.log.Warn("migration key release dropped: the destination went away", "ticket", req.Ticket, "destination", destCert.Subject)
+		return nil, fmt.Errorf("the destination went away before the release: %w", err)
+	}
 	m.mu.Lock()
 	now := time.Now().UTC()
 	var wrapped []byte

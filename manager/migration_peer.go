@@ -167,9 +167,13 @@ func (m *migration) handleRelease(w http.ResponseWriter, r *http.Request) {
 		writePeerError(w, fmt.Errorf("%w: %w", errBadRequest, err))
 		return
 	}
-	// the release, once decided, is not cut short by the destination going away
+	// read to the end, so that the request's context ends when the destination goes away
+	io.Copy(io.Discard, io.LimitReader(r.Body, maxPeerBody))
+	// the release, once decided, is not cut short by the destination going away; before it
+	// is decided, a destination that went away gets nothing
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), requestTimeout)
 	defer cancel()
+	ctx = context.WithValue(ctx, requesterKey{}, r.Context())
 	resp, err := m.release(ctx, &req, peer)
 	if err != nil {
 		writePeerError(w, err)
@@ -213,6 +217,10 @@ func (m *migration) requestRelease(ctx context.Context, first sealedBlob, blobs 
 	}
 	ctx, cancel := context.WithTimeout(ctx, m.peerTimeout)
 	defer cancel()
+	// the vTPM that asked going away (before the source decided) withdraws the request
+	if rc, ok := ctx.Value(requesterKey{}).(context.Context); ok {
+		defer context.AfterFunc(rc, cancel)()
+	}
 	tr := &http.Transport{TLSClientConfig: m.cfg.Identity.clientTLS(hdr.SourceID), ForceAttemptHTTP2: false,
 		DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext}
 	defer tr.CloseIdleConnections()
