@@ -269,10 +269,29 @@ func (in *Instance) ProcessAppend(dst, cmd []byte) ([]byte, error) {
 		return dst, err
 	}
 	if in.cfg.Guard == nil {
-		return in.eng.ProcessAppend(dst, cmd)
+		// admitted, no guard: a native data thread may run the next commands itself
+		return in.eng.ProcessAppendArmed(dst, cmd)
 	}
 	resp, err := in.process(cmd)
 	return append(dst, resp...), err
+}
+
+// ErrGuarded is returned by ServeNative when a guard must see every command.
+var ErrGuarded = errors.New("backend: a guard sees every data command")
+
+// ServeNative implements socket.NativeDataServer: the connection is served on a native thread
+// (libtpms.Engine.ServeData). It is refused with a guard, which sees every command in Go.
+// Commands the thread runs itself are the ones ProcessAppend would pass straight to libtpms:
+// the engine is armed only by ProcessAppend after admit, and any other call disarms it.
+func (in *Instance) ServeNative(fd, bufSize int, slow func([]byte) ([]byte, bool)) (<-chan struct{}, func(), error) {
+	if in.cfg.Guard != nil {
+		return nil, nil, ErrGuarded
+	}
+	d, err := in.eng.ServeData(fd, bufSize, slow)
+	if err != nil {
+		return nil, nil, err
+	}
+	return d.Done(), d.Shutdown, nil
 }
 
 // admit makes sure a command may run and the state is locked.

@@ -265,6 +265,18 @@ func medianOf(vs []float64) float64 {
 	return s[len(s)/2]
 }
 
+// goPathName is vtpmd with the Go data path (goDataPathEnv), measured beside the native one.
+const (
+	goPathName    = "vtpmd-go"
+	goDataPathEnv = "VTPMD_GO_DATA_PATH"
+)
+
+// rotate is the servers in window w's order (each goes first in turn).
+func rotate(impls []impl, w int) []impl {
+	k := w % len(impls)
+	return append(append([]impl{}, impls[k:]...), impls[:k]...)
+}
+
 // order is the servers in window w's order (the first alternates).
 func (r *run) order(w int) []impl {
 	if w%2 == 0 {
@@ -382,14 +394,16 @@ func (r *run) densitySection(counts []int) (string, error) {
 func (r *run) contention(golden string, counts []int) (string, error) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "\n### Contention: n instances on %d CPUs, raw GetRandom(8) (back-to-back: one client per instance for %s; interleaved: one client calling the instances in turn for %s)\n\n"+
-		"| instances | measure | vtpmd | swtpm | vtpmd / swtpm |\n|---|---|---|---|---|\n", runtime.NumCPU(), b2bWindow, interWindow)
+		"`vtpmd` serves each data connection on a native thread (per command one read, libtpms, one send; no goroutine woken). `vtpmd, Go data path` is the same binary with `%s=1`: the connection served by goroutines through Go's netpoller, as before; it is measured in the same windows to show the floor that design had.\n\n"+
+		"| instances | measure | vtpmd | swtpm | vtpmd / swtpm | vtpmd, Go data path | Go data path / swtpm |\n|---|---|---|---|---|---|---|\n", runtime.NumCPU(), b2bWindow, interWindow, goDataPathEnv)
+	impls := append(append([]impl{}, r.impls...), impl{name: goPathName, bin: r.impls[0].bin, args: r.impls[0].args, env: []string{goDataPathEnv + "=1"}})
 	var after strings.Builder
 	for _, n := range counts {
 		if n < 2 {
 			continue
 		}
 		fleets := map[string]*fleet{}
-		for _, im := range r.impls {
+		for _, im := range impls {
 			dirs, err := r.fleetDirs(golden, im, n)
 			if err != nil {
 				return "", err
@@ -406,7 +420,7 @@ func (r *run) contention(golden string, counts []int) (string, error) {
 		ops, med, p99, cpu, imed, ip99 := perServer{}, perServer{}, perServer{}, perServer{}, perServer{}, perServer{}
 		var err error
 		for w := 0; w < densityWindows && err == nil; w++ {
-			for _, im := range r.order(w) {
+			for _, im := range rotate(impls, w) {
 				f := fleets[im.name]
 				o, st, c, e := f.backToBack(b2bWindow)
 				if e != nil {
@@ -448,14 +462,21 @@ func (r *run) contention(golden string, counts []int) (string, error) {
 		d := func(p perServer) (string, string, float64) {
 			return fmtDur(time.Duration(p.med("vtpmd"))), fmtDur(time.Duration(p.med("swtpm"))), p.ratio()
 		}
-		fmt.Fprintf(&b, "| %d | aggregate throughput, back-to-back | %.0f /s | %.0f /s | %.2f |\n", n, ops.med("vtpmd"), ops.med("swtpm"), ops.ratio())
+		goPath := func(p perServer, dur bool) string {
+			v := fmt.Sprintf("%.0f /s", p.med(goPathName))
+			if dur {
+				v = fmtDur(time.Duration(p.med(goPathName)))
+			}
+			return fmt.Sprintf("%s | %.2f", v, p.med(goPathName)/p.med("swtpm"))
+		}
+		fmt.Fprintf(&b, "| %d | aggregate throughput, back-to-back | %.0f /s | %.0f /s | %.2f | %s |\n", n, ops.med("vtpmd"), ops.med("swtpm"), ops.ratio(), goPath(ops, false))
 		for _, row := range []struct {
 			name string
 			p    perServer
 		}{{"median latency, back-to-back", med}, {"p99 latency, back-to-back", p99}, {"median latency, interleaved", imed},
 			{"p99 latency, interleaved", ip99}, {"server CPU time per command, back-to-back", cpu}} {
 			v, s, q := d(row.p)
-			fmt.Fprintf(&b, "| %d | %s | %s | %s | %.2f |\n", n, row.name, v, s, q)
+			fmt.Fprintf(&b, "| %d | %s | %s | %s | %.2f | %s |\n", n, row.name, v, s, q, goPath(row.p, true))
 		}
 		r.summarize(fmt.Sprintf("%d instances, aggregate GetRandom throughput (higher is better)", n),
 			fmt.Sprintf("%.0f /s", ops.med("vtpmd")), fmt.Sprintf("%.0f /s", ops.med("swtpm")), ops.ratio())

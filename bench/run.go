@@ -27,6 +27,7 @@ type impl struct {
 	name string
 	bin  string
 	args []string
+	env  []string // added to the bench's environment
 }
 
 type run struct {
@@ -73,6 +74,9 @@ func startAt(im impl, dir string, stateSuffix ...string) (*instance, error) {
 		"--flags", "not-need-init,startup-clear")
 	in.cmd = exec.Command(im.bin, args...)
 	in.cmd.Stderr = os.Stderr
+	if im.env != nil {
+		in.cmd.Env = append(os.Environ(), im.env...)
+	}
 	if err := in.cmd.Start(); err != nil {
 		return nil, err
 	}

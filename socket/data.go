@@ -9,9 +9,11 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/vtpmd/vtpmd/internal/tpmwire"
+	"golang.org/x/sys/unix"
 )
 
 // Data-channel framing follows swtpm's SWTPM_IO_Read: a command is what one read returns, up to
@@ -142,6 +144,10 @@ func shortResponse(tpm2 bool) []byte {
 // client writes ends the connection or the process; only its closing (or a broken connection)
 // does.
 func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, terminate bool) {
+	if s.serveNative(ctx, c) {
+		s.dataClosed(terminate)
+		return
+	}
 	stop := s.closeOnDone(ctx, c)
 	defer stop()
 	defer c.Close()
@@ -255,4 +261,69 @@ func (s *Server) setLocalityCmd(cmd []byte, tpm2 bool) []byte {
 		return refused
 	}
 	return tpmwire.ErrorResponse(tpm2, tpmwire.RCSuccess)
+}
+
+// NativeDataServer is a TPM that can serve a data connection on a native thread of its own:
+// per command one read, the TPM, one send, no goroutine woken (libtpms.Engine.ServeData).
+// slow answers every message the thread does not run itself; ServeNative takes fd.
+type NativeDataServer interface {
+	ServeNative(fd, bufSize int, slow func(msg []byte) (resp []byte, more bool)) (done <-chan struct{}, shutdown func(), err error)
+}
+
+// serveNative serves c on a native thread when the TPM can and nothing per message needs Go
+// on the way (no traffic dump, no debug trace, no disconnect after each response; TPM 2). It
+// reports false, with c untouched, when c is left to the Go data path.
+func (s *Server) serveNative(ctx context.Context, c io.ReadWriteCloser) bool {
+	ns, ok := s.tpm.(NativeDataServer)
+	sc, isConn := c.(syscall.Conn)
+	if !ok || !isConn || s.opts.GoDataPath || s.opts.Dump != nil || s.opts.Disconnect || !s.tpm.IsTPM2() ||
+		s.log.Enabled(ctx, slog.LevelDebug) {
+		return false
+	}
+	fd, err := dupConnFD(sc)
+	if err != nil {
+		return false
+	}
+	tpm2 := true
+	var respBuf, framed []byte
+	done, shutdown, err := ns.ServeNative(fd, int(s.tpm.BufferSize())+sendCmdPrefixSize, func(msg []byte) ([]byte, bool) {
+		f := ParseFrame(msg, tpm2)
+		resp := s.process(f, &respBuf)
+		if f.Prefixed {
+			framed = binary.BigEndian.AppendUint32(framed[:0], uint32(len(resp)))
+			framed = append(framed, resp...)
+			resp = append(framed, 0, 0, 0, 0)
+		}
+		return resp, true
+	})
+	if err != nil {
+		unix.Close(fd)
+		s.log.Debug("data channel on goroutines", "reason", err)
+		return false
+	}
+	c.Close() // the thread has its own descriptor of the connection
+	select {
+	case <-done:
+	case <-ctx.Done():
+		shutdown()
+		<-done
+	case <-s.done:
+		shutdown()
+		<-done
+	}
+	return true
+}
+
+// dupConnFD duplicates a connection's descriptor (close-on-exec).
+func dupConnFD(sc syscall.Conn) (int, error) {
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	var derr error
+	if err := rc.Control(func(f uintptr) { fd, derr = unix.FcntlInt(f, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, err
+	}
+	return fd, derr
 }

@@ -31,6 +31,9 @@ type Options struct {
 	// ResultOf classifies a TPM method's error as a control-channel result code (nil:
 	// ResultInChain). backend.ResultOf is the table for a backend.Instance.
 	ResultOf func(error) tpmwire.Result
+	// GoDataPath serves data connections on goroutines even when the TPM can serve them on a
+	// native thread (NativeDataServer): the earlier data path, kept to measure against.
+	GoDataPath bool
 }
 
 // Server serves one TPM on swtpm's control and data channels.

@@ -7,8 +7,7 @@ package libtpms
 #include <libtpms/tpm_library.h>
 #include <libtpms/tpm_error.h>
 #include <libtpms/tpm_tis.h>
-
-int vtpmd_register_callbacks(void);
+#include "glue.h"
 */
 import "C"
 
@@ -17,7 +16,6 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
-	"sync/atomic"
 	"unsafe"
 
 	"github.com/vtpmd/vtpmd/emulator"
@@ -41,7 +39,6 @@ type Engine struct {
 	respCap C.uint32_t     // guarded by mu
 	respLen C.uint32_t     // guarded by mu; the last response's length (a field: a local passed to C escapes to the heap)
 	cmdBuf  unsafe.Pointer // guarded by mu
-	lastCC  uint32         // guarded by mu; ordinal of the last command processed
 	nvErr   error          // guarded by mu; first store error since the last command
 }
 
@@ -51,8 +48,26 @@ var (
 	current  *Engine
 )
 
-// locality is libtpms' process-global current locality, read by the getlocality callback.
-var locality atomic.Uint32
+func init() { C.vtpmd_engine_init() }
+
+// lock takes the Engine's mutex and then the engine lock it shares with native data threads
+// (ServeData); taking it disarms them, so the next command on a data thread goes through Go.
+func (e *Engine) lock() {
+	e.mu.Lock()
+	C.vtpmd_engine_lock()
+}
+
+// unlock releases both; arm lets a native data thread run the next commands itself.
+func (e *Engine) unlock() { e.unlockArm(false) }
+
+func (e *Engine) unlockArm(arm bool) {
+	a := C.int(0)
+	if arm {
+		a = 1
+	}
+	C.vtpmd_engine_unlock(a)
+	e.mu.Unlock()
+}
 
 // Open claims libtpms for this process and prepares a TPM of the given version whose state
 // lives in s. The TPM starts stopped; call Start to power it on.
@@ -93,8 +108,8 @@ func (e *Engine) Version() emulator.Version { return e.version }
 
 // Close stops the TPM if it runs and releases libtpms for another Open.
 func (e *Engine) Close() {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	if e.closed {
 		return
 	}
@@ -115,7 +130,7 @@ func (e *Engine) Close() {
 
 // Running reports whether the TPM is powered on.
 func (e *Engine) Running() bool {
-	e.mu.Lock()
+	e.mu.Lock() // running is Go's own: no need to disarm a data thread
 	defer e.mu.Unlock()
 	return e.running
 }
@@ -123,8 +138,8 @@ func (e *Engine) Running() bool {
 // Start powers the TPM on (TPMLIB_MainInit): it loads state from the emulator.Store, or from blobs set
 // with SetState, or manufactures a new TPM when there is none.
 func (e *Engine) Start() error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	if e.closed {
 		return emulator.ErrClosed
 	}
@@ -144,14 +159,14 @@ func (e *Engine) Start() error {
 		return fmt.Errorf("start tpm: %w", err)
 	}
 	e.running = true
-	e.lastCC = 0
+	C.vtpmd_set_last_cc(0)
 	return nil
 }
 
 // Stop powers the TPM off (TPMLIB_Terminate). Stopping a stopped TPM is a no-op.
 func (e *Engine) Stop() {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	if !e.running {
 		return
 	}
@@ -162,9 +177,9 @@ func (e *Engine) Stop() {
 
 // LastOrdinal is the command code of the last command processed since Start (0 if none).
 func (e *Engine) LastOrdinal() uint32 {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.lastCC
+	e.lock()
+	defer e.unlock()
+	return uint32(C.vtpmd_last_cc())
 }
 
 // ErrStore is wrapped by Process when libtpms could not store its state: the response must not
@@ -174,8 +189,8 @@ var ErrStore = errors.New("emulator: state store failed")
 // Process runs one TPM command and returns the response. TPM-level failures are in the
 // response; an error means the command could not be run at all.
 func (e *Engine) Process(cmd []byte) ([]byte, error) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	if err := e.processLocked(cmd); err != nil {
 		return nil, err
 	}
@@ -186,8 +201,19 @@ func (e *Engine) Process(cmd []byte) ([]byte, error) {
 // across commands (the data channel) allocates nothing per command, so a busy vTPM makes no
 // garbage and its heap does not grow.
 func (e *Engine) ProcessAppend(dst, cmd []byte) ([]byte, error) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	return e.processAppend(dst, cmd, false)
+}
+
+// ProcessAppendArmed is ProcessAppend for a caller that has checked everything a data
+// command needs before it reaches libtpms: when it succeeds, a native data thread (ServeData)
+// may run the following commands itself, until any other call on the Engine.
+func (e *Engine) ProcessAppendArmed(dst, cmd []byte) ([]byte, error) {
+	return e.processAppend(dst, cmd, true)
+}
+
+func (e *Engine) processAppend(dst, cmd []byte, arm bool) (out []byte, err error) {
+	e.lock()
+	defer func() { e.unlockArm(arm && err == nil) }()
 	if err := e.processLocked(cmd); err != nil {
 		return dst, err
 	}
@@ -209,7 +235,7 @@ func (e *Engine) processLocked(cmd []byte) error {
 		C.memcpy(in, unsafe.Pointer(&cmd[0]), C.size_t(len(cmd)))
 	}
 	if len(cmd) >= 10 {
-		e.lastCC = uint32(cmd[6])<<24 | uint32(cmd[7])<<16 | uint32(cmd[8])<<8 | uint32(cmd[9])
+		C.vtpmd_set_last_cc(C.uint32_t(uint32(cmd[6])<<24 | uint32(cmd[7])<<16 | uint32(cmd[8])<<8 | uint32(cmd[9])))
 	}
 	e.nvErr = nil
 	e.respLen = 0
@@ -228,15 +254,15 @@ func (e *Engine) Cancel() { C.TPMLIB_CancelCommand() }
 
 // SetLocality sets the locality subsequent commands run at. It is process-global and survives
 // Stop/Start, as QEMU expects.
-func SetLocality(loc uint8) { locality.Store(uint32(loc)) }
+func SetLocality(loc uint8) { C.vtpmd_set_locality(C.uint32_t(loc)) }
 
 // Locality returns the current locality.
-func Locality() uint8 { return uint8(locality.Load()) }
+func Locality() uint8 { return uint8(C.vtpmd_locality()) }
 
 // Established reads the TPM-established flag.
 func (e *Engine) Established() (bool, error) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	if !e.running {
 		return false, emulator.ErrNotRunning
 	}
@@ -250,13 +276,14 @@ func (e *Engine) Established() (bool, error) {
 // ResetEstablished resets the TPM-established flag as if requested from locality loc
 // (libtpms allows it only from locality 3 or 4).
 func (e *Engine) ResetEstablished(loc uint8) error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	if !e.running {
 		return emulator.ErrNotRunning
 	}
-	prev := locality.Swap(uint32(loc))
-	defer locality.Store(prev)
+	prev := C.vtpmd_locality()
+	C.vtpmd_set_locality(C.uint32_t(loc))
+	defer C.vtpmd_set_locality(prev)
 	if rc := C.TPM_IO_TpmEstablished_Reset(); rc != C.TPM_SUCCESS {
 		return tpmwire.Result(rc)
 	}
@@ -284,8 +311,8 @@ func (e *Engine) HashEnd() error {
 }
 
 func (e *Engine) call(f func() C.TPM_RESULT) error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	if !e.running {
 		return emulator.ErrNotRunning
 	}
@@ -297,8 +324,8 @@ func (e *Engine) call(f func() C.TPM_RESULT) error {
 
 // VolatileState serializes the running TPM's volatile state (TPMLIB_VolatileAll_Store).
 func (e *Engine) VolatileState() ([]byte, error) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	if !e.running {
 		return nil, emulator.ErrNotRunning
 	}
@@ -330,8 +357,8 @@ func (e *Engine) GetState(t emulator.StateType) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	var buf *C.uchar
 	var n C.uint32_t
 	if rc := C.TPMLIB_GetState(st, &buf, &n); rc != C.TPM_SUCCESS {
@@ -351,8 +378,8 @@ func (e *Engine) SetState(t emulator.StateType, blob []byte) error {
 	if err != nil {
 		return err
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	if e.running {
 		return emulator.ErrRunning
 	}
@@ -370,8 +397,8 @@ func (e *Engine) SetState(t emulator.StateType, blob []byte) error {
 // SetBufferSize sets the TPM's I/O buffer size (0 queries) and returns the size in use and
 // the bounds it was clamped to. Setting requires a stopped TPM.
 func (e *Engine) SetBufferSize(wanted uint32) (size, min, max uint32, err error) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	if wanted != 0 && e.running {
 		return 0, 0, 0, emulator.ErrRunning
 	}
@@ -382,8 +409,8 @@ func (e *Engine) SetBufferSize(wanted uint32) (size, min, max uint32, err error)
 
 // Info returns libtpms' JSON description for the TPMLIB_INFO_* flags.
 func (e *Engine) Info(flags uint32) string {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.lock()
+	defer e.unlock()
 	s := C.TPMLIB_GetInfo(C.enum_TPMLIB_InfoFlags(flags))
 	if s == nil {
 		return ""
@@ -402,8 +429,9 @@ func SetDebug(fd int, level uint) {
 // LibraryVersion is libtpms' version as 0xMMmmuu.
 func LibraryVersion() uint32 { return uint32(C.TPMLIB_GetVersion()) }
 
-// callbacks run on the goroutine that holds e.mu (inside a libtpms call): they use current
-// without locking and must not panic across the C frames.
+// callbacks run inside a libtpms call, under the engine lock (held by the goroutine that holds
+// e.mu, or by a native data thread): they use current without locking and must not panic
+// across the C frames.
 
 //export goNvInit
 func goNvInit() C.TPM_RESULT { return C.TPM_SUCCESS }
@@ -464,9 +492,6 @@ func goNvDelete(_ C.uint32_t, name *C.char, mustExist C.TPM_BOOL) (rc C.TPM_RESU
 	}
 	return C.TPM_SUCCESS
 }
-
-//export goLocality
-func goLocality() C.TPM_MODIFIER_INDICATOR { return C.TPM_MODIFIER_INDICATOR(locality.Load()) }
 
 func recoverCallback(rc *C.TPM_RESULT) {
 	if r := recover(); r != nil {

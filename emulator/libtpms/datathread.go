@@ -1,0 +1,147 @@
+package libtpms
+
+/*
+#include <stdint.h>
+#include <stdlib.h>
+#include <libtpms/tpm_library.h>
+#include <libtpms/tpm_error.h>
+#include "glue.h"
+*/
+import "C"
+
+import (
+	"errors"
+	"fmt"
+	"runtime/cgo"
+	"sync"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vtpmd/vtpmd/internal/tpmwire"
+)
+
+// DataHandler answers a data-channel message the native thread does not run itself: it
+// returns the bytes to send back (nil: nothing) and whether the connection goes on. It runs on
+// the data thread, one message at a time.
+type DataHandler func(msg []byte) (resp []byte, more bool)
+
+// DataConn is a data connection served by a native thread (ServeData).
+type DataConn struct {
+	e      *Engine
+	handle cgo.Handle
+	slow   DataHandler
+	done   chan struct{}
+
+	mu     sync.Mutex
+	fd     int  // guarded by mu
+	closed bool // guarded by mu
+}
+
+// ErrNotSocket is returned by ServeData for a descriptor that is not a stream socket.
+var ErrNotSocket = errors.New("libtpms: data descriptor is not a stream socket")
+
+// ServeData serves a connected stream socket on a thread of its own, outside the Go scheduler,
+// as swtpm's main loop does: per command one read, libtpms, one send, and no other thread
+// woken. The thread runs a TPM 2 command in libtpms itself only while the engine is armed
+// (ProcessAppendArmed succeeded and no other Engine call came since); every other message
+// goes to slow, which answers it as the Go data path would and re-arms the engine through
+// ProcessAppendArmed. A failed libtpms call or state store disarms it and is answered with
+// TPM_RC_FAILURE. bufSize is the largest message read at once. ServeData takes fd (it is
+// closed when the thread ends, see Done); fd is made blocking.
+func (e *Engine) ServeData(fd int, bufSize int, slow DataHandler) (*DataConn, error) {
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil || typ != unix.SOCK_STREAM {
+		return nil, ErrNotSocket
+	}
+	if err := unix.SetNonblock(fd, false); err != nil {
+		return nil, fmt.Errorf("data descriptor: %w", err)
+	}
+	d := &DataConn{e: e, slow: slow, fd: fd, done: make(chan struct{})}
+	d.handle = cgo.NewHandle(d)
+	if rc := C.vtpmd_start_data_thread(C.int(fd), C.uintptr_t(d.handle), C.size_t(bufSize)); rc != 0 {
+		d.handle.Delete()
+		return nil, fmt.Errorf("start data thread: %w", unix.Errno(rc))
+	}
+	return d, nil
+}
+
+// Done is closed when the thread has ended: the peer closed the connection, it broke, a
+// handler said so, or Shutdown was called.
+func (d *DataConn) Done() <-chan struct{} { return d.done }
+
+// Shutdown ends the connection; the thread ends at its next read. Wait on Done.
+func (d *DataConn) Shutdown() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.closed {
+		_ = unix.Shutdown(d.fd, unix.SHUT_RDWR)
+	}
+}
+
+func dataConnOf(h C.uintptr_t) *DataConn { return cgo.Handle(h).Value().(*DataConn) }
+
+//export goDataMessage
+func goDataMessage(h C.uintptr_t, msg *C.uchar, n C.uint32_t) (stop C.int) {
+	d := dataConnOf(h)
+	defer func() {
+		if r := recover(); r != nil {
+			d.e.log.Error("panic on the data channel", "panic", r)
+			stop = 1
+		}
+	}()
+	resp, more := d.slow(unsafe.Slice((*byte)(unsafe.Pointer(msg)), int(n)))
+	if len(resp) > 0 {
+		d.mu.Lock()
+		fd := d.fd
+		d.mu.Unlock()
+		if _, err := sendAll(fd, resp); err != nil {
+			d.e.log.Warn("data reply", "err", err)
+			return 1
+		}
+	}
+	if !more {
+		return 1
+	}
+	return 0
+}
+
+func sendAll(fd int, b []byte) (int, error) {
+	total := 0
+	for len(b) > 0 {
+		n, err := unix.SendmsgN(fd, b, nil, nil, unix.MSG_NOSIGNAL)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return total, err
+		}
+		total += n
+		b = b[n:]
+	}
+	return total, nil
+}
+
+//export goDataError
+func goDataError(h C.uintptr_t, rc C.TPM_RESULT) {
+	d := dataConnOf(h)
+	err := error(tpmwire.Result(rc))
+	if rc == C.TPM_SUCCESS {
+		err = ErrStore
+		if nv := d.e.nvErr; nv != nil {
+			err = fmt.Errorf("%w: %w", ErrStore, nv)
+		}
+	}
+	d.e.log.Error("tpm command failed", "err", err)
+}
+
+//export goDataDone
+func goDataDone(h C.uintptr_t) {
+	d := dataConnOf(h)
+	d.mu.Lock()
+	_ = unix.Close(d.fd)
+	d.closed = true
+	d.mu.Unlock()
+	d.handle.Delete()
+	close(d.done)
+}

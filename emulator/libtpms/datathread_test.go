@@ -1,0 +1,196 @@
+package libtpms
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vtpmd/vtpmd/emulator"
+)
+
+// failingStore is a MemStore whose Store fails while fail is set.
+type failingStore struct {
+	*emulator.MemStore
+	fail atomic.Bool
+}
+
+var errDiskGone = errors.New("disk gone")
+
+func (f *failingStore) Store(t emulator.StateType, d []byte) error {
+	if f.fail.Load() {
+		return errDiskGone
+	}
+	return f.MemStore.Store(t, d)
+}
+
+// servedPair starts e serving one end of a socketpair; the other end is returned as a net.Conn.
+func servedPair(t *testing.T, e *Engine, slow DataHandler) (*DataConn, net.Conn) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := e.ServeData(fds[0], 4096, slow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fds[1]), "client")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, c
+}
+
+func roundTrip(t *testing.T, c net.Conn, cmd []byte) []byte {
+	t.Helper()
+	if _, err := c.Write(cmd); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 4096)
+	n, err := c.Read(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return buf[:n]
+}
+
+func waitDone(t *testing.T, d *DataConn) {
+	t.Helper()
+	select {
+	case <-d.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the data thread did not end")
+	}
+}
+
+// dataStep is one command on a served connection: how many messages Go has seen after it.
+type dataStep struct {
+	name     string
+	before   func()
+	cmd      []byte
+	wantSlow int
+	check    func(resp []byte) bool
+}
+
+func TestServeData(t *testing.T) {
+	st := &failingStore{MemStore: emulator.NewMemStore()}
+	e, err := Open(emulator.TPM2, st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	if err := e.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := e.Process(startupClear); err != nil || rc(resp) != 0 {
+		t.Fatalf("Startup: %x %v", resp, err)
+	}
+	var mu sync.Mutex
+	var slowMsgs [][]byte
+	var buf []byte
+	d, c := servedPair(t, e, func(msg []byte) ([]byte, bool) {
+		mu.Lock()
+		slowMsgs = append(slowMsgs, append([]byte(nil), msg...))
+		mu.Unlock()
+		resp, err := e.ProcessAppendArmed(buf[:0], msg)
+		if err != nil {
+			return FatalResponseForTest, true
+		}
+		buf = resp
+		return resp, true
+	})
+	slow := func() int { mu.Lock(); defer mu.Unlock(); return len(slowMsgs) }
+
+	steps := []dataStep{
+		{"first command: the engine is not armed", nil, getRandom8, 1, func(r []byte) bool { return rc(r) == 0 && len(r) == 20 }},
+		{"armed: the thread runs it", nil, getRandom8, 1, func(r []byte) bool { return rc(r) == 0 && len(r) == 20 }},
+		{"another Engine call disarms", func() {
+			if got := e.LastOrdinal(); got != 0x17b {
+				t.Errorf("LastOrdinal after the thread's GetRandom: %#x", got)
+			}
+		}, getRandom8, 2, func(r []byte) bool { return rc(r) == 0 && len(r) == 20 }},
+		{"re-armed by the slow path", nil, getRandom8, 2, func(r []byte) bool { return rc(r) == 0 }},
+		{"not a TPM 2 command tag: to Go", nil, []byte{0, 0xc1, 0, 0, 0, 10, 0, 0, 0, 0x46}, 3, func(r []byte) bool { return len(r) >= 10 }},
+	}
+	runSteps := func(steps []dataStep) {
+		for _, s := range steps {
+			if s.before != nil {
+				s.before()
+			}
+			resp := roundTrip(t, c, s.cmd)
+			if !s.check(resp) {
+				t.Errorf("%s: response %x", s.name, resp)
+			}
+			if got := slow(); got != s.wantSlow {
+				t.Errorf("%s: %d messages went to Go, want %d", s.name, got, s.wantSlow)
+			}
+		}
+	}
+	runSteps(steps)
+
+	// a read shorter than a header is continued: the two halves are one command
+	if _, err := c.Write(getRandom8[:4]); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if resp := roundTrip(t, c, getRandom8[4:]); rc(resp) != 0 || len(resp) != 20 {
+		t.Errorf("split command: %x", resp)
+	}
+	// a short message is answered after the window, by Go
+	before := slow()
+	if resp := roundTrip(t, c, []byte{0x80, 0x01, 0}); len(resp) < 10 {
+		t.Errorf("short message: %x", resp)
+	}
+	mu.Lock()
+	last := slowMsgs[len(slowMsgs)-1]
+	mu.Unlock()
+	if slow() != before+1 || len(last) != 3 {
+		t.Errorf("short message: Go saw %x (%d messages before, %d after)", last, before, slow())
+	}
+
+	// libtpms enters its failure mode when a store fails: last
+	n := slow()
+	runSteps([]dataStep{{"a failed store answers TPM_RC_FAILURE", func() { st.fail.Store(true) },
+		[]byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x45, 0, 0}, n, func(r []byte) bool { return bytes.Equal(r, FatalResponseForTest) }},
+		{"and disarms", func() { st.fail.Store(false) }, getRandom8, n + 1, func(r []byte) bool { return len(r) >= 10 }},
+	})
+
+	c.Close()
+	waitDone(t, d)
+}
+
+func TestServeDataShutdown(t *testing.T) {
+	e, err := Open(emulator.TPM2, emulator.NewMemStore(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	d, c := servedPair(t, e, func([]byte) ([]byte, bool) { return nil, true })
+	defer c.Close()
+	d.Shutdown()
+	waitDone(t, d)
+	d.Shutdown() // after the end: nothing to do
+	// a handler that ends the connection
+	d, c2 := servedPair(t, e, func([]byte) ([]byte, bool) { return []byte("bye"), false })
+	defer c2.Close()
+	if resp := roundTrip(t, c2, getRandom8); string(resp) != "bye" {
+		t.Errorf("handler's response %q", resp)
+	}
+	waitDone(t, d)
+	if _, err := e.ServeData(int(os.Stdin.Fd()), 4096, nil); err == nil {
+		t.Error("ServeData accepted a descriptor that is not a socket")
+	}
+}
+
+// FatalResponseForTest is TPM_RC_FAILURE, what the thread answers when libtpms or the store fails.
+var FatalResponseForTest = []byte{0x80, 0x01, 0, 0, 0, 10, 0, 0, 0x01, 0x01}
