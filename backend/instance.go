@@ -265,14 +265,19 @@ func (in *Instance) Process(cmd []byte) ([]byte, error) {
 // ProcessAppend is Process with the response appended to dst (socket's data channel reuses
 // one buffer per connection): without a guard nothing is allocated per command.
 func (in *Instance) ProcessAppend(dst, cmd []byte) ([]byte, error) {
+	// admitted at epoch: unless a control call comes between, a native data thread may run the
+	// next commands itself (those a guard does not need to see)
+	epoch := in.eng.Epoch()
 	if err := in.admit(); err != nil {
 		return dst, err
 	}
 	if in.cfg.Guard == nil {
-		// admitted, no guard: a native data thread may run the next commands itself
-		return in.eng.ProcessAppendArmed(dst, cmd)
+		return in.eng.ProcessAppendArmed(dst, cmd, epoch)
 	}
 	resp, err := in.process(cmd)
+	if _, filtered := seam.CommandsOf(in.cfg.Guard); err == nil && filtered {
+		in.eng.ArmIf(epoch)
+	}
 	return append(dst, resp...), err
 }
 
@@ -280,14 +285,16 @@ func (in *Instance) ProcessAppend(dst, cmd []byte) ([]byte, error) {
 var ErrGuarded = errors.New("backend: a guard sees every data command")
 
 // ServeNative implements socket.NativeDataServer: the connection is served on a native thread
-// (libtpms.Engine.ServeData). It is refused with a guard, which sees every command in Go.
-// Commands the thread runs itself are the ones ProcessAppend would pass straight to libtpms:
-// the engine is armed only by ProcessAppend after admit, and any other call disarms it.
+// (libtpms.Engine.ServeData). Commands the thread runs itself are the ones ProcessAppend would
+// pass straight to libtpms: the engine is armed only by ProcessAppend after admit, and any
+// control call disarms it; the commands a guard must see (seam.CommandsOf) always go to Go. A
+// guard that must see every command keeps the connection on goroutines (ErrGuarded).
 func (in *Instance) ServeNative(fd, bufSize int, slow func([]byte) ([]byte, bool)) (<-chan struct{}, func(), error) {
-	if in.cfg.Guard != nil {
+	commands, ok := seam.CommandsOf(in.cfg.Guard)
+	if !ok {
 		return nil, nil, ErrGuarded
 	}
-	d, err := in.eng.ServeData(fd, bufSize, slow)
+	d, err := in.eng.ServeData(fd, bufSize, commands, slow)
 	if err != nil {
 		return nil, nil, err
 	}

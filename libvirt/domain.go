@@ -7,10 +7,10 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 
+	"github.com/vtpmd/vtpmd/internal/uuidstr"
 	"github.com/vtpmd/vtpmd/manager/registry"
 )
 
@@ -168,10 +168,8 @@ type xmlPCRBanks struct {
 	Banks []xmlAny `xml:",any"`
 }
 
-var uuidRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
-
 // ValidUUID reports whether s is a UUID in canonical 8-4-4-4-12 form.
-func ValidUUID(s string) bool { return uuidRE.MatchString(s) }
+func ValidUUID(s string) bool { return uuidstr.Valid(s) }
 
 // checkXML walks the token stream once: it enforces the depth bound, refuses DTDs (and with
 // them entity definitions), and requires one root element named domain.

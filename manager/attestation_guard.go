@@ -96,6 +96,18 @@ var guestRefused = map[uint32]map[uint32]int{
 	},
 }
 
+// Commands implements seam.CommandFilter: what Check refuses, TPM2_NV_DefineSpace, the nonce
+// write Done answers, and TPM2_Startup for Started.
+func (g *attestGuard) Commands() []uint32 {
+	cs := []uint32{uint32(tpm2.TPMCCStartup), uint32(tpm2.TPMCCNVDefineSpace), uint32(tpm2.TPMCCNVWrite)}
+	for _, cmds := range guestRefused {
+		for c := range cmds {
+			cs = append(cs, c)
+		}
+	}
+	return cs
+}
+
 // rcNVAuth is TPM_RC_NV_AUTHORIZATION, the answer to a refused command.
 const rcNVAuth = 0x149
 

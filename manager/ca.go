@@ -8,11 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"regexp"
 	"slices"
 	"strings"
 
 	"github.com/vtpmd/vtpmd/backend/localca"
+	"github.com/vtpmd/vtpmd/internal/uuidstr"
 	"github.com/vtpmd/vtpmd/manager/hwtpm"
 )
 
@@ -285,12 +285,10 @@ func (s *Server) vtpmCertificate(ctx context.Context, p Peer, req *VTPMCertReque
 	return &VTPMCertResponse{Cert: der, Chain: append([][]byte{h.CACert}, h.CAChain...)}, nil
 }
 
-var uuidSuffix = regexp.MustCompile(`[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
-
 // uuidOfVMID is the VM UUID at the end of swtpm_setup's --vmid (libvirt gives NAME:UUID),
 // lower-case, or "".
 func uuidOfVMID(vmid string) string {
-	return strings.ToLower(uuidSuffix.FindString(vmid))
+	return uuidstr.Suffix(vmid)
 }
 
 // vtpmAKCertify has the hardware AK vouch for a vTPM's AK: a quote whose qualifying data is

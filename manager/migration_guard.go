@@ -111,6 +111,10 @@ const nvTimeout = 10 * time.Second
 // Check implements seam.Guard: nothing is refused.
 func (g *migrationGuard) Check([]byte) []byte { return nil }
 
+// Commands implements seam.CommandFilter: TPM2_Startup for Started. Done's command (the first
+// after an import) is the first after INIT, which always reaches the guard.
+func (g *migrationGuard) Commands() []uint32 { return []uint32{uint32(tpm2.TPMCCStartup)} }
+
 // Started implements seam.Guard: define (if needed) and write the migration index while the
 // platform hierarchy is still open. A manager that does not answer leaves the index as it is.
 func (g *migrationGuard) Started(exec seam.Exec) error {

@@ -76,6 +76,16 @@ var nvCommands = map[uint32]int{
 	uint32(tpm2.TPMCCNVUndefineSpaceSpecial): 0, uint32(tpm2.TPMCCNVChangeAuth): 0,
 }
 
+// Commands implements seam.CommandFilter: the PCR and NV commands Check looks at, and
+// TPM2_Startup for Started.
+func (g *projectionGuard) Commands() []uint32 {
+	cs := append([]uint32{uint32(tpm2.TPMCCStartup)}, pcrCommands...)
+	for c := range nvCommands {
+		cs = append(cs, c)
+	}
+	return cs
+}
+
 // rcNVAuthorization is TPM_RC_NV_AUTHORIZATION: the guest may not change the log's indices.
 const rcNVAuthorization = 0x149
 

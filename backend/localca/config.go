@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 )
 
 // Default locations of Debian's swtpm packages.
@@ -48,8 +49,9 @@ func DefaultConfig() Config {
 	}
 }
 
-// envRef is a ${NAME} reference in a configuration value.
-var envRef = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)\}`)
+// envRef is a ${NAME} reference in a configuration value (compiled when a configuration is
+// read, not at every vtpmd start).
+var envRef = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)\}`) })
 
 // ParseKeyValues reads swtpm's "key = value" configuration format as swtpm's lookup does: one
 // assignment per line, a value ends at '#' (a comment) and blanks around it are dropped,
@@ -76,8 +78,9 @@ func ParseKeyValues(data []byte) (map[string]string, error) {
 		if _, seen := out[k]; seen {
 			continue
 		}
-		out[k] = envRef.ReplaceAllStringFunc(strings.TrimSpace(v), func(ref string) string {
-			return os.Getenv(envRef.FindStringSubmatch(ref)[1])
+		re := envRef()
+		out[k] = re.ReplaceAllStringFunc(strings.TrimSpace(v), func(ref string) string {
+			return os.Getenv(re.FindStringSubmatch(ref)[1])
 		})
 	}
 	if err := sc.Err(); err != nil {

@@ -8,7 +8,8 @@ import (
 	"encoding/asn1"
 	"errors"
 	"fmt"
-	"regexp"
+
+	"github.com/vtpmd/vtpmd/internal/uuidstr"
 )
 
 // vtpmdArc is vtpmd's own OID arc, 2.25.<UUID 2a0b055c-fbab-4298-83cb-af2e2b06eff6 as a
@@ -52,14 +53,12 @@ type hostAttributeASN1 struct {
 	VMUUID  string `asn1:"utf8"`
 }
 
-var uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
-
 // Attribute encodes h as a directory attribute.
 func (h HostAttribute) Attribute() (Attribute, error) {
 	if len(h.AKName) < 2 || len(h.AKName) > 66 {
 		return Attribute{}, fmt.Errorf("%w: host AK name of %d bytes", ErrRequest, len(h.AKName))
 	}
-	if h.VMUUID != "" && !uuidRE.MatchString(h.VMUUID) {
+	if h.VMUUID != "" && !uuidstr.ValidLower(h.VMUUID) {
 		return Attribute{}, fmt.Errorf("%w: VM UUID %q is not a lower-case UUID", ErrRequest, h.VMUUID)
 	}
 	v, err := asn1.Marshal(hostAttributeASN1{1, h.AKName, h.VMUUID})
@@ -103,7 +102,7 @@ func ParseHostAttribute(der []byte) (*HostAttribute, error) {
 	if err != nil || len(rest) != 0 || v.Version != 1 {
 		return nil, fmt.Errorf("%w: vTPM host attribute", ErrAttributes)
 	}
-	if len(v.AKName) < 2 || (v.VMUUID != "" && !uuidRE.MatchString(v.VMUUID)) {
+	if len(v.AKName) < 2 || (v.VMUUID != "" && !uuidstr.ValidLower(v.VMUUID)) {
 		return nil, fmt.Errorf("%w: vTPM host attribute's values", ErrAttributes)
 	}
 	if again, err := asn1.Marshal(v); err != nil || !bytes.Equal(again, der) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/vtpmd/vtpmd/backend/blob"
 )
@@ -125,6 +126,39 @@ func (l guardList) Done(cmd, rsp []byte, exec Exec) {
 	for _, g := range l {
 		g.Done(cmd, rsp, exec)
 	}
+}
+
+// CommandFilter is a Guard that needs to see only some commands. A vTPM may run any other
+// command without the guard (its native data thread does) — except the first data command after
+// the vTPM started and after every control-channel request, which always goes through it, so a
+// Done that waits for "the next command" after an import or a restart still sees one.
+type CommandFilter interface {
+	// Commands are the command codes Check and Done must see; Started needs TPM2_Startup.
+	Commands() []uint32
+}
+
+// CommandsOf is the command codes a guard must see (sorted, without repeats), and false when
+// it must see every command: a guard that is not a CommandFilter, or combines one that is not.
+func CommandsOf(g Guard) ([]uint32, bool) {
+	var all []uint32
+	switch g := g.(type) {
+	case nil:
+		return nil, true
+	case guardList:
+		for _, p := range g {
+			cs, ok := CommandsOf(p)
+			if !ok {
+				return nil, false
+			}
+			all = append(all, cs...)
+		}
+	case CommandFilter:
+		all = append(all, g.Commands()...)
+	default:
+		return nil, false
+	}
+	slices.Sort(all)
+	return slices.Compact(all), true
 }
 
 // BlobHook is the seam for secure migration under a manager. It sees every state blob that

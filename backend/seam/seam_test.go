@@ -3,6 +3,7 @@ package seam
 import (
 	"bytes"
 	"errors"
+	"slices"
 	"testing"
 )
 
@@ -57,4 +58,36 @@ func join(s []string) string {
 		b.WriteString(x)
 	}
 	return b.String()
+}
+
+// filterGuard is a recGuard that names the commands it must see.
+type filterGuard struct {
+	recGuard
+	cmds []uint32
+}
+
+func (g *filterGuard) Commands() []uint32 { return g.cmds }
+
+func TestCommandsOf(t *testing.T) {
+	a := &filterGuard{cmds: []uint32{0x182, 0x144}}
+	b := &filterGuard{cmds: []uint32{0x144, 0x137}}
+	plain := &recGuard{}
+	tests := []struct {
+		name string
+		g    Guard
+		want []uint32
+		ok   bool
+	}{
+		{"no guard", nil, nil, true},
+		{"a guard that sees everything", plain, nil, false},
+		{"one filter", a, []uint32{0x144, 0x182}, true},
+		{"filters combined: union, sorted", Guards(a, b), []uint32{0x137, 0x144, 0x182}, true},
+		{"a combination with one that sees everything", Guards(a, plain), nil, false},
+	}
+	for _, tt := range tests {
+		got, ok := CommandsOf(tt.g)
+		if ok != tt.ok || !slices.Equal(got, tt.want) {
+			t.Errorf("%s: %x %v, want %x %v", tt.name, got, ok, tt.want, tt.ok)
+		}
+	}
 }

@@ -48,8 +48,9 @@ var ErrNotSocket = errors.New("libtpms: data descriptor is not a stream socket")
 // goes to slow, which answers it as the Go data path would and re-arms the engine through
 // ProcessAppendArmed. A failed libtpms call or state store disarms it and is answered with
 // TPM_RC_FAILURE. bufSize is the largest message read at once. ServeData takes fd (it is
-// closed when the thread ends, see Done); fd is made blocking.
-func (e *Engine) ServeData(fd int, bufSize int, slow DataHandler) (*DataConn, error) {
+// closed when the thread ends, see Done); fd is made blocking. Commands whose code is in toGo
+// always go to slow (a guard's commands).
+func (e *Engine) ServeData(fd int, bufSize int, toGo []uint32, slow DataHandler) (*DataConn, error) {
 	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
 	if err != nil || typ != unix.SOCK_STREAM {
 		return nil, ErrNotSocket
@@ -59,7 +60,11 @@ func (e *Engine) ServeData(fd int, bufSize int, slow DataHandler) (*DataConn, er
 	}
 	d := &DataConn{e: e, slow: slow, fd: fd, done: make(chan struct{})}
 	d.handle = cgo.NewHandle(d)
-	if rc := C.vtpmd_start_data_thread(C.int(fd), C.uintptr_t(d.handle), C.size_t(bufSize)); rc != 0 {
+	var codes *C.uint32_t
+	if len(toGo) > 0 {
+		codes = (*C.uint32_t)(unsafe.Pointer(&toGo[0]))
+	}
+	if rc := C.vtpmd_start_data_thread(C.int(fd), C.uintptr_t(d.handle), C.size_t(bufSize), codes, C.size_t(len(toGo))); rc != 0 {
 		d.handle.Delete()
 		return nil, fmt.Errorf("start data thread: %w", unix.Errno(rc))
 	}

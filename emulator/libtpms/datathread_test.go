@@ -31,13 +31,13 @@ func (f *failingStore) Store(t emulator.StateType, d []byte) error {
 }
 
 // servedPair starts e serving one end of a socketpair; the other end is returned as a net.Conn.
-func servedPair(t *testing.T, e *Engine, slow DataHandler) (*DataConn, net.Conn) {
+func servedPair(t *testing.T, e *Engine, toGo []uint32, slow DataHandler) (*DataConn, net.Conn) {
 	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := e.ServeData(fds[0], 4096, slow)
+	d, err := e.ServeData(fds[0], 4096, toGo, slow)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,11 +98,16 @@ func TestServeData(t *testing.T) {
 	var mu sync.Mutex
 	var slowMsgs [][]byte
 	var buf []byte
-	d, c := servedPair(t, e, func(msg []byte) ([]byte, bool) {
+	var staleEpoch atomic.Bool
+	d, c := servedPair(t, e, nil, func(msg []byte) ([]byte, bool) {
 		mu.Lock()
 		slowMsgs = append(slowMsgs, append([]byte(nil), msg...))
 		mu.Unlock()
-		resp, err := e.ProcessAppendArmed(buf[:0], msg)
+		epoch := e.Epoch()
+		if staleEpoch.Load() {
+			e.LastOrdinal() // a control call between the check and the command
+		}
+		resp, err := e.ProcessAppendArmed(buf[:0], msg, epoch)
 		if err != nil {
 			return FatalResponseForTest, true
 		}
@@ -120,7 +125,10 @@ func TestServeData(t *testing.T) {
 			}
 		}, getRandom8, 2, func(r []byte) bool { return rc(r) == 0 && len(r) == 20 }},
 		{"re-armed by the slow path", nil, getRandom8, 2, func(r []byte) bool { return rc(r) == 0 }},
-		{"not a TPM 2 command tag: to Go", nil, []byte{0, 0xc1, 0, 0, 0, 10, 0, 0, 0, 0x46}, 3, func(r []byte) bool { return len(r) >= 10 }},
+		{"a control call between check and command", func() { e.LastOrdinal(); staleEpoch.Store(true) }, getRandom8, 3, func(r []byte) bool { return rc(r) == 0 }},
+		{"leaves it disarmed", func() { staleEpoch.Store(false) }, getRandom8, 4, func(r []byte) bool { return rc(r) == 0 }},
+		{"until a command checked at the current epoch", nil, getRandom8, 4, func(r []byte) bool { return rc(r) == 0 }},
+		{"not a TPM 2 command tag: to Go", nil, []byte{0, 0xc1, 0, 0, 0, 10, 0, 0, 0, 0x46}, 5, func(r []byte) bool { return len(r) >= 10 }},
 	}
 	runSteps := func(steps []dataStep) {
 		for _, s := range steps {
@@ -175,22 +183,60 @@ func TestServeDataShutdown(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.Close)
-	d, c := servedPair(t, e, func([]byte) ([]byte, bool) { return nil, true })
+	d, c := servedPair(t, e, nil, func([]byte) ([]byte, bool) { return nil, true })
 	defer c.Close()
 	d.Shutdown()
 	waitDone(t, d)
 	d.Shutdown() // after the end: nothing to do
 	// a handler that ends the connection
-	d, c2 := servedPair(t, e, func([]byte) ([]byte, bool) { return []byte("bye"), false })
+	d, c2 := servedPair(t, e, nil, func([]byte) ([]byte, bool) { return []byte("bye"), false })
 	defer c2.Close()
 	if resp := roundTrip(t, c2, getRandom8); string(resp) != "bye" {
 		t.Errorf("handler's response %q", resp)
 	}
 	waitDone(t, d)
-	if _, err := e.ServeData(int(os.Stdin.Fd()), 4096, nil); err == nil {
+	if _, err := e.ServeData(int(os.Stdin.Fd()), 4096, nil, nil); err == nil {
 		t.Error("ServeData accepted a descriptor that is not a socket")
 	}
 }
 
 // FatalResponseForTest is TPM_RC_FAILURE, what the thread answers when libtpms or the store fails.
 var FatalResponseForTest = []byte{0x80, 0x01, 0, 0, 0, 10, 0, 0, 0x01, 0x01}
+
+// TestServeDataToGo: the commands a guard must see go to Go even when the engine is armed.
+func TestServeDataToGo(t *testing.T) {
+	e, err := Open(emulator.TPM2, emulator.NewMemStore(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	if err := e.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := e.Process(startupClear); err != nil || rc(resp) != 0 {
+		t.Fatalf("Startup: %x %v", resp, err)
+	}
+	var seen atomic.Int32
+	d, c := servedPair(t, e, []uint32{0x182, 0x17b}, func(msg []byte) ([]byte, bool) {
+		seen.Add(1)
+		resp, err := e.ProcessAppendArmed(nil, msg, e.Epoch())
+		if err != nil {
+			return FatalResponseForTest, true
+		}
+		return resp, true
+	})
+	pcrRead := []byte{0x80, 0x01, 0, 0, 0, 0x14, 0, 0, 0x01, 0x7e, 0, 0, 0, 1, 0, 0x0b, 3, 0, 0, 1}
+	for i, tt := range []struct {
+		cmd  []byte
+		want int32
+	}{{pcrRead, 1}, {pcrRead, 1}, {getRandom8, 2}, {getRandom8, 3}, {pcrRead, 3}, {pcrExtend16([32]byte{1}), 4}} {
+		if resp := roundTrip(t, c, tt.cmd); rc(resp) != 0 {
+			t.Fatalf("command %d: %x", i, resp)
+		}
+		if got := seen.Load(); got != tt.want {
+			t.Errorf("command %d (%x): Go saw %d messages, want %d", i, tt.cmd[6:10], got, tt.want)
+		}
+	}
+	c.Close()
+	waitDone(t, d)
+}

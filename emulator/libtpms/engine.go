@@ -40,6 +40,7 @@ type Engine struct {
 	respLen C.uint32_t     // guarded by mu; the last response's length (a field: a local passed to C escapes to the heap)
 	cmdBuf  unsafe.Pointer // guarded by mu
 	nvErr   error          // guarded by mu; first store error since the last command
+	epoch   uint64         // guarded by mu; calls other than Process so far (see Epoch)
 }
 
 // engineMu guards the process-wide libtpms slot.
@@ -52,7 +53,14 @@ func init() { C.vtpmd_engine_init() }
 
 // lock takes the Engine's mutex and then the engine lock it shares with native data threads
 // (ServeData); taking it disarms them, so the next command on a data thread goes through Go.
+// It counts a control call (Epoch).
 func (e *Engine) lock() {
+	e.lockData()
+	e.epoch++
+}
+
+// lockData is lock for running a command: not a control call.
+func (e *Engine) lockData() {
 	e.mu.Lock()
 	C.vtpmd_engine_lock()
 }
@@ -189,7 +197,7 @@ var ErrStore = errors.New("emulator: state store failed")
 // Process runs one TPM command and returns the response. TPM-level failures are in the
 // response; an error means the command could not be run at all.
 func (e *Engine) Process(cmd []byte) ([]byte, error) {
-	e.lock()
+	e.lockData()
 	defer e.unlock()
 	if err := e.processLocked(cmd); err != nil {
 		return nil, err
@@ -201,19 +209,36 @@ func (e *Engine) Process(cmd []byte) ([]byte, error) {
 // across commands (the data channel) allocates nothing per command, so a busy vTPM makes no
 // garbage and its heap does not grow.
 func (e *Engine) ProcessAppend(dst, cmd []byte) ([]byte, error) {
-	return e.processAppend(dst, cmd, false)
+	return e.processAppend(dst, cmd, false, 0)
 }
 
-// ProcessAppendArmed is ProcessAppend for a caller that has checked everything a data
-// command needs before it reaches libtpms: when it succeeds, a native data thread (ServeData)
-// may run the following commands itself, until any other call on the Engine.
-func (e *Engine) ProcessAppendArmed(dst, cmd []byte) ([]byte, error) {
-	return e.processAppend(dst, cmd, true)
+// Epoch counts the Engine's control calls (every call but Process and ProcessAppend*). A
+// caller that checked, at epoch, everything a data command needs before it reaches libtpms
+// arms the engine with it (ProcessAppendArmed, ArmIf): a control call since then (a state
+// export, a stop) leaves it disarmed.
+func (e *Engine) Epoch() uint64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.epoch
 }
 
-func (e *Engine) processAppend(dst, cmd []byte, arm bool) (out []byte, err error) {
-	e.lock()
-	defer func() { e.unlockArm(arm && err == nil) }()
+// ProcessAppendArmed is ProcessAppend for a caller that checked, at epoch, everything a data
+// command needs before it reaches libtpms: when it succeeds and no control call came since
+// epoch, a native data thread (ServeData) may run the following commands itself, until the
+// next control call.
+func (e *Engine) ProcessAppendArmed(dst, cmd []byte, epoch uint64) ([]byte, error) {
+	return e.processAppend(dst, cmd, true, epoch)
+}
+
+// ArmIf arms the engine (as ProcessAppendArmed does) when no control call came since epoch.
+func (e *Engine) ArmIf(epoch uint64) {
+	e.lockData()
+	e.unlockArm(e.epoch == epoch)
+}
+
+func (e *Engine) processAppend(dst, cmd []byte, arm bool, epoch uint64) (out []byte, err error) {
+	e.lockData()
+	defer func() { e.unlockArm(arm && err == nil && e.epoch == epoch) }()
 	if err := e.processLocked(cmd); err != nil {
 		return dst, err
 	}

@@ -12,4 +12,4 @@ void vtpmd_clear_nv_failed(void);
 void vtpmd_set_locality(uint32_t l);
 uint32_t vtpmd_locality(void);
 int vtpmd_send_all(int fd, const unsigned char *b, size_t n);
-int vtpmd_start_data_thread(int fd, uintptr_t handle, size_t cap);
+int vtpmd_start_data_thread(int fd, uintptr_t handle, size_t cap, const uint32_t *to_go, size_t n_to_go);

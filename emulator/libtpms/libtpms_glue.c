@@ -96,7 +96,16 @@ struct data_thread {
 	uintptr_t handle;
 	unsigned char *buf;
 	size_t cap;
+	uint32_t *to_go; /* command codes that always go to Go (a guard's) */
+	size_t n_to_go;
 };
+
+static int goes_to_go(const struct data_thread *t, uint32_t cc) {
+	for (size_t i = 0; i < t->n_to_go; i++)
+		if (t->to_go[i] == cc)
+			return 1;
+	return 0;
+}
 
 static int64_t now_ms(void) {
 	struct timespec ts;
@@ -162,7 +171,7 @@ static void *data_thread_main(void *arg) {
 		if (n < 0)
 			break;
 		if (n >= header_size && t->buf[0] == 0x80 && (t->buf[1] == 0x01 || t->buf[1] == 0x02) &&
-		    be32(t->buf + 6) != cc_set_locality) {
+		    be32(t->buf + 6) != cc_set_locality && !goes_to_go(t, be32(t->buf + 6))) {
 			vtpmd_engine_lock_keep();
 			if (engine_armed) {
 				nv_failed = 0;
@@ -188,6 +197,7 @@ static void *data_thread_main(void *arg) {
 			break;
 	}
 	free(rbuf);
+	free(t->to_go);
 	free(t->buf);
 	uintptr_t h = t->handle;
 	free(t);
@@ -201,15 +211,21 @@ void vtpmd_engine_lock_keep(void) {
 		;
 }
 
-int vtpmd_start_data_thread(int fd, uintptr_t handle, size_t cap) {
+int vtpmd_start_data_thread(int fd, uintptr_t handle, size_t cap, const uint32_t *to_go, size_t n_to_go) {
 	struct data_thread *t = calloc(1, sizeof *t);
 	if (t == NULL)
 		return ENOMEM;
 	t->buf = malloc(cap);
-	if (t->buf == NULL) {
+	t->to_go = n_to_go ? malloc(n_to_go * sizeof *to_go) : NULL;
+	if (t->buf == NULL || (n_to_go && t->to_go == NULL)) {
+		free(t->buf);
+		free(t->to_go);
 		free(t);
 		return ENOMEM;
 	}
+	if (n_to_go)
+		memcpy(t->to_go, to_go, n_to_go * sizeof *to_go);
+	t->n_to_go = n_to_go;
 	t->fd = fd;
 	t->handle = handle;
 	t->cap = cap;
@@ -226,6 +242,7 @@ int vtpmd_start_data_thread(int fd, uintptr_t handle, size_t cap) {
 	pthread_attr_destroy(&attr);
 	if (err != 0) {
 		free(t->buf);
+		free(t->to_go);
 		free(t);
 	}
 	return err;

@@ -9,13 +9,13 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"regexp"
 	"sort"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/vtpmd/vtpmd/internal/atomicfile"
+	"github.com/vtpmd/vtpmd/internal/uuidstr"
 )
 
 // DefaultDir is where the registry keeps one JSON file per VM.
@@ -62,10 +62,8 @@ func New(dir string) *Registry {
 	return &Registry{Dir: filepath.Clean(dir), now: func() time.Time { return time.Now().UTC() }}
 }
 
-var uuidRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
-
 func (r *Registry) path(uuid string) (string, error) {
-	if !uuidRE.MatchString(uuid) {
+	if !uuidstr.Valid(uuid) {
 		if len(uuid) > 64 {
 			uuid = uuid[:64] + "..."
 		}
@@ -206,7 +204,7 @@ func (r *Registry) List() ([]*Record, []error) {
 	var errs []error
 	for _, e := range entries {
 		n := e.Name()
-		if !strings.HasSuffix(n, ".json") || !uuidRE.MatchString(strings.TrimSuffix(n, ".json")) {
+		if !strings.HasSuffix(n, ".json") || !uuidstr.Valid(strings.TrimSuffix(n, ".json")) {
 			continue
 		}
 		rec, err := readRecord(filepath.Join(r.Dir, n))
