@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2/transport"
 
+	"github.com/vtpmd/vtpmd/internal/atomicfile"
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
 	"github.com/vtpmd/vtpmd/internal/tpmwire"
 	"github.com/vtpmd/vtpmd/socket"
@@ -325,7 +326,7 @@ func (r *run) densitySection(counts []int) (string, error) {
 				if err != nil {
 					return "", err
 				}
-				time.Sleep(500 * time.Millisecond)
+				time.Sleep(idleSettle)
 				m, err := f.memory()
 				f.stop()
 				if err != nil {
@@ -346,6 +347,10 @@ func (r *run) densitySection(counts []int) (string, error) {
 		ra, pa, va := medianOf(rssAnon[v]), medianOf(pss[v]), medianOf(vmRSS[v])
 		rs, ps, vs := medianOf(rssAnon[s]), medianOf(pss[s]), medianOf(vmRSS[s])
 		fmt.Fprintf(&b, "| %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", n, ra, rs, ra/rs, pa, ps, pa/ps, va, vs, va/vs)
+		if r.idleMem == nil || n == floorInstances {
+			// the floor rows compare with the count the floor runs at
+			r.idleMem = map[string]procMemory{"vtpmd": {rssAnon: ra, pss: pa}, "swtpm": {rssAnon: rs, pss: ps}}
+		}
 		if n == counts[len(counts)-1] {
 			r.summarize(fmt.Sprintf("private memory (RssAnon) per idle instance, %d instances", n), fmt.Sprintf("%.2f MiB", ra), fmt.Sprintf("%.2f MiB", rs), ra/rs)
 			r.summarize(fmt.Sprintf("PSS per idle instance, %d instances", n), fmt.Sprintf("%.2f MiB", pa), fmt.Sprintf("%.2f MiB", ps), pa/ps)
@@ -357,6 +362,9 @@ func (r *run) densitySection(counts []int) (string, error) {
 	for _, n := range counts {
 		v, s := medianOf(startAll[memKey{n, "vtpmd"}]), medianOf(startAll[memKey{n, "swtpm"}])
 		fmt.Fprintf(&b, "| %d | %s | %s | %.2f |\n", n, fmtDur(time.Duration(v)), fmtDur(time.Duration(s)), v/s)
+		if n == 1 || r.startOne == nil {
+			r.startOne = map[string]time.Duration{"vtpmd": time.Duration(v), "swtpm": time.Duration(s)}
+		}
 		if n == counts[len(counts)-1] && n > 1 {
 			r.summarize(fmt.Sprintf("%d instances started at once, all answered", n), fmtDur(time.Duration(v)), fmtDur(time.Duration(s)), v/s)
 		}
@@ -382,11 +390,16 @@ func (r *run) densitySection(counts []int) (string, error) {
 		return "", err
 	}
 	b.WriteString(sr)
-	nv, err := r.densityNVWrite(golden)
+	nv, nvFloor, err := r.densityNVWrite(golden)
 	if err != nil {
 		return "", err
 	}
 	b.WriteString(nv)
+	floors, err := r.densityFloors(golden, nvFloor)
+	if err != nil {
+		return "", err
+	}
+	b.WriteString(floors)
 	return b.String(), nil
 }
 
@@ -692,7 +705,14 @@ func (r *run) saveRestore(golden string) (string, error) {
 }
 
 // densityNVWrite is durable NV_Write 1 KiB: windows of 50 back-to-back writes on one instance.
-func (r *run) densityNVWrite(golden string) (string, error) {
+// nvFloor is what the durable NV_Write row is bounded by, measured in the same windows.
+type nvFloor struct {
+	noFsync, primitive time.Duration // vtpmd with fsync=false; the durable write alone
+	size               int           // bytes of the state file the primitive writes
+	vtpmd, swtpm       time.Duration
+}
+
+func (r *run) densityNVWrite(golden string) (string, nvFloor, error) {
 	const per = 50
 	vals, p99s := perServer{}, perServer{}
 	fleets := map[string]*fleet{}
@@ -701,26 +721,41 @@ func (r *run) densityNVWrite(golden string) (string, error) {
 			f.stop()
 		}
 	}()
+	// the same vTPM without fsync, and the durable write primitive alone on a file of the
+	// vTPM's state size in the same filesystem: the floor of a durable write here
+	impls := append(append([]impl{}, r.impls...), impl{name: noFsyncName, bin: r.impls[0].bin, args: r.impls[0].args, stateOpts: ",fsync=false"})
 	writers := map[string]func() error{}
-	for _, im := range r.impls {
+	for _, im := range impls {
 		dirs, err := r.fleetDirs(golden, im, 1)
 		if err != nil {
-			return "", err
+			return "", nvFloor{}, err
 		}
 		f, _, err := startFleet(im, dirs)
 		if err != nil {
-			return "", err
+			return "", nvFloor{}, err
 		}
 		fleets[im.name] = f
 		if writers[im.name], err = nvWriter(tpmclient.Stream(f.conns[0]), nvKiB, 1024); err != nil {
-			return "", err
+			return "", nvFloor{}, err
 		}
 	}
+	permall, err := os.ReadFile(filepath.Join(golden, "tpm2-00.permall"))
+	if err != nil {
+		return "", nvFloor{}, err
+	}
+	primDir := filepath.Join(r.work, "durable-primitive")
+	if err := os.MkdirAll(primDir, 0o700); err != nil {
+		return "", nvFloor{}, err
+	}
+	writers[primitiveName] = func() error {
+		return atomicfile.Write(filepath.Join(primDir, "tpm2-00.permall"), permall, atomicfile.Options{Perm: 0o600})
+	}
+	impls = append(impls, impl{name: primitiveName})
 	for w := 0; w < densityWindows; w++ {
-		for _, im := range r.order(w) {
+		for _, im := range rotate(impls, w) {
 			st, err := measure(per, writers[im.name])
 			if err != nil {
-				return "", fmt.Errorf("%s NV_Write: %w", im.name, err)
+				return "", nvFloor{}, fmt.Errorf("%s NV_Write: %w", im.name, err)
 			}
 			vals.add(im.name, float64(st.median))
 			p99s.add(im.name, float64(st.p99))
@@ -728,9 +763,101 @@ func (r *run) densityNVWrite(golden string) (string, error) {
 	}
 	v, s := time.Duration(vals.med("vtpmd")), time.Duration(vals.med("swtpm"))
 	r.summarize("durable NV_Write 1 KiB (vtpmd fsyncs, swtpm does not)", fmtDur(v), fmtDur(s), vals.ratio())
+	floor := nvFloor{noFsync: time.Duration(vals.med(noFsyncName)), primitive: time.Duration(vals.med(primitiveName)), size: len(permall), vtpmd: v, swtpm: s}
 	return fmt.Sprintf("\n### Durable NV_Write 1 KiB (%d back-to-back per window; vtpmd acknowledges once on disk, swtpm does not fsync)\n\n"+
-		"| measure | vtpmd | swtpm | ratio |\n|---|---|---|---|\n| median | %s | %s | %.2f |\n| p99 | %s | %s | %.2f |\n",
-		per, fmtDur(v), fmtDur(s), vals.ratio(), fmtDur(time.Duration(p99s.med("vtpmd"))), fmtDur(time.Duration(p99s.med("swtpm"))), p99s.ratio()), nil
+		"| measure | vtpmd | swtpm | ratio | vtpmd, fsync=false | fsync=false / swtpm |\n|---|---|---|---|---|---|\n| median | %s | %s | %.2f | %s | %.2f |\n| p99 | %s | %s | %.2f | %s | %.2f |\n",
+		per, fmtDur(v), fmtDur(s), vals.ratio(), fmtDur(floor.noFsync), float64(floor.noFsync)/float64(s),
+		fmtDur(time.Duration(p99s.med("vtpmd"))), fmtDur(time.Duration(p99s.med("swtpm"))), p99s.ratio(),
+		fmtDur(time.Duration(p99s.med(noFsyncName))), p99s.med(noFsyncName)/p99s.med("swtpm")), floor, nil
+}
+
+const (
+	// idleSettle is how long instances idle before their memory is read.
+	idleSettle    = 500 * time.Millisecond
+	noFsyncName   = "vtpmd-nofsync"
+	primitiveName = "durable-write"
+	// floorInstances is how many instances of bench/floor the memory floor is the mean of.
+	floorInstances = 10
+)
+
+// densityFloors measures, in the same run, what bounds the targets still open: a Go process
+// with cgo and libtpms and nothing of vtpmd (bench/floor, its connection on the native data
+// thread), idle and at start; and the durable NV write's parts.
+func (r *run) densityFloors(golden string, nv nvFloor) (string, error) {
+	bin := filepath.Join(r.work, "floor")
+	if out, err := exec.Command("go", "build", "-o", bin, "./bench/floor").CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build ./bench/floor: %v: %s", err, out)
+	}
+	start := func(sock string) (*exec.Cmd, net.Conn, error) {
+		os.Remove(sock)
+		cmd := exec.Command(bin, "-sock", sock)
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			return nil, nil, err
+		}
+		c, err := (&instance{data: sock}).dial(30 * time.Second)
+		if err == nil {
+			err = roundTrip(c, getRandom8, 20)()
+		}
+		if err != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+			return nil, nil, err
+		}
+		return cmd, c, nil
+	}
+	stop := func(cmd *exec.Cmd, c net.Conn) {
+		c.Close()
+		cmd.Process.Kill()
+		cmd.Wait()
+	}
+	var starts []float64
+	for i := 0; i < 10; i++ {
+		t0 := time.Now()
+		cmd, c, err := start(filepath.Join(r.work, "floor-start.sock"))
+		if err != nil {
+			return "", fmt.Errorf("floor start: %w", err)
+		}
+		starts = append(starts, float64(time.Since(t0)))
+		stop(cmd, c)
+	}
+	var mem procMemory
+	var pids []int
+	for i := 0; i < floorInstances; i++ {
+		cmd, c, err := start(filepath.Join(r.work, fmt.Sprintf("floor-%d.sock", i)))
+		if err != nil {
+			return "", fmt.Errorf("floor instance: %w", err)
+		}
+		defer stop(cmd, c)
+		pids = append(pids, cmd.Process.Pid)
+	}
+	time.Sleep(idleSettle)
+	for _, pid := range pids {
+		m, err := readMemory(pid)
+		if err != nil {
+			return "", err
+		}
+		mem.rssAnon += m.rssAnon / 1024 / floorInstances // readMemory is in KiB
+		mem.pss += m.pss / 1024 / floorInstances
+	}
+	floorStart := time.Duration(medianOf(starts))
+	var b strings.Builder
+	fmt.Fprintf(&b, "\n### Floors under the targets still open (same run)\n\n"+
+		"`floor` is bench/floor: the Go runtime, cgo and libtpms, one TPM manufactured in memory, one unix socket served on the native data thread, and nothing else of vtpmd (no CLI, state files, control channel or manager code).\n\n"+
+		"| target still open | floor | floor | swtpm | floor / swtpm | vtpmd | vtpmd / swtpm |\n|---|---|---|---|---|---|---|\n")
+	swMem, vMem := r.idleMem["swtpm"], r.idleMem["vtpmd"]
+	fmt.Fprintf(&b, "| private memory per idle instance (RssAnon) ≤ 1.5× | %d instances of `floor` | %.2f MiB | %.2f MiB | %.2f | %.2f MiB | %.2f |\n",
+		floorInstances, mem.rssAnon, swMem.rssAnon, mem.rssAnon/swMem.rssAnon, vMem.rssAnon, vMem.rssAnon/swMem.rssAnon)
+	fmt.Fprintf(&b, "| PSS per idle instance ≤ 1.5× | the same | %.2f MiB | %.2f MiB | %.2f | %.2f MiB | %.2f |\n",
+		mem.pss, swMem.pss, mem.pss/swMem.pss, vMem.pss, vMem.pss/swMem.pss)
+	swStart, vStart := r.startOne["swtpm"], r.startOne["vtpmd"]
+	fmt.Fprintf(&b, "| start to first answer (1 and 100 at once) ≤ 1.0× | `floor` started alone, median of %d | %s | %s | %.2f | %s | %.2f |\n",
+		len(starts), fmtDur(floorStart), fmtDur(swStart), float64(floorStart)/float64(swStart), fmtDur(vStart), float64(vStart)/float64(swStart))
+	fmt.Fprintf(&b, "| durable NV_Write 1 KiB ≤ 1.5× | vtpmd with `fsync=false` (the same write, not durable) | %s | %s | %.2f | %s | %.2f |\n",
+		fmtDur(nv.noFsync), fmtDur(nv.swtpm), float64(nv.noFsync)/float64(nv.swtpm), fmtDur(nv.vtpmd), float64(nv.vtpmd)/float64(nv.swtpm))
+	fmt.Fprintf(&b, "| the same | the durable write alone: a %d-byte file (the state's size) written to a temporary file, fsync, rename, directory fsync | %s | %s | %.2f | | |\n",
+		nv.size, fmtDur(nv.primitive), fmtDur(nv.swtpm), float64(nv.primitive)/float64(nv.swtpm))
+	return b.String(), nil
 }
 
 // idle1000 is the instance count of `just bench-1000`.

@@ -28,6 +28,8 @@ type impl struct {
 	bin  string
 	args []string
 	env  []string // added to the bench's environment
+	// stateOpts follow dir=... in --tpmstate (",fsync=false")
+	stateOpts string
 }
 
 type run struct {
@@ -35,6 +37,10 @@ type run struct {
 	iters int
 	impls []impl
 	seq   int
+	// idleMem and startOne are the density section's idle memory per instance and start of one
+	// instance, by server, for its floor rows.
+	idleMem  map[string]procMemory
+	startOne map[string]time.Duration
 	// summary collects the README's table rows: operation, vtpmd, swtpm, ratio.
 	summary [][4]string
 }
@@ -69,7 +75,7 @@ func startAt(im impl, dir string, stateSuffix ...string) (*instance, error) {
 	os.Remove(in.data) // a socket left by an earlier run would answer dial with ECONNREFUSED
 	os.Remove(in.ctrl)
 	args := append([]string{}, im.args...)
-	args = append(args, "--tpm2", "--tpmstate", "dir="+filepath.Join(dir, "state")+strings.Join(stateSuffix, ""),
+	args = append(args, "--tpm2", "--tpmstate", "dir="+filepath.Join(dir, "state")+im.stateOpts+strings.Join(stateSuffix, ""),
 		"--server", "type=unixio,path="+in.data, "--ctrl", "type=unixio,path="+in.ctrl,
 		"--flags", "not-need-init,startup-clear")
 	in.cmd = exec.Command(im.bin, args...)
