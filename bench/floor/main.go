@@ -20,12 +20,12 @@ import (
 func main() {
 	sock := flag.String("sock", "", "unix socket to serve")
 	flag.Parse()
-	if err := serve(*sock); err != nil {
-		fmt.Fprintln(os.Stderr, "floor:", err)
-		os.Exit(1)
-	}
+	err := serve(*sock) // serves until killed
+	fmt.Fprintln(os.Stderr, "floor:", err)
+	os.Exit(1)
 }
 
+// serve returns only when it cannot go on.
 func serve(path string) error {
 	e, err := libtpms.Open(emulator.TPM2, emulator.NewMemStore(), nil)
 	if err != nil {
