@@ -2,6 +2,7 @@ package libtpms
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"net"
 	"os"
@@ -239,4 +240,50 @@ func TestServeDataToGo(t *testing.T) {
 	}
 	c.Close()
 	waitDone(t, d)
+}
+
+// fuzzEngine is the process's one Engine for FuzzServeData, started once.
+var fuzzEngine = sync.OnceValues(func() (*Engine, error) {
+	e, err := Open(emulator.TPM2, emulator.NewMemStore(), nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.Start(); err != nil {
+		return nil, err
+	}
+	_, err = e.Process(startupClear)
+	return e, err
+})
+
+// FuzzServeData: whatever bytes a guest writes in one message, the native data thread answers
+// with one TPM response (its size field telling its length) and serves the next command.
+func FuzzServeData(f *testing.F) {
+	for _, seed := range [][]byte{getRandom8, startupClear, pcrExtend16([32]byte{7}), {0x80, 0x01, 0, 0, 0, 0x0c},
+		{0x80, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0, 0x01, 0x7b, 0, 8}, {0x80, 0x01, 0, 0, 0, 0x0a, 0x20, 0, 0x10, 0},
+		{0, 0, 0, 8, 3, 0, 0, 0, 12, 0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8}, make([]byte, 4096)} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, msg []byte) {
+		if len(msg) < 10 || len(msg) > 4096 {
+			return // shorter ones wait for the rest of a header (TestServeData); longer ones are two reads
+		}
+		e, err := fuzzEngine()
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, c := servedPair(t, e, nil, func(m []byte) ([]byte, bool) {
+			resp, err := e.ProcessAppendArmed(nil, m, e.Epoch())
+			if err != nil {
+				return FatalResponseForTest, true
+			}
+			return resp, true
+		})
+		defer func() { c.Close(); waitDone(t, d) }()
+		for _, m := range [][]byte{msg, msg, getRandom8} { // the second may run on the thread alone
+			resp := roundTrip(t, c, m)
+			if len(resp) < 10 || int(binary.BigEndian.Uint32(resp[2:6])) != len(resp) {
+				t.Fatalf("answer to %x: %x", m, resp)
+			}
+		}
+	})
 }
