@@ -76,7 +76,15 @@ func bench(vtpmd, swtpm, out, readme, only string, iters int, counts []int) erro
 		{name: "swtpm", bin: swPath, args: []string{"socket"}},
 	}}
 	sections := map[string]func() (string, error){"migration": r.migrationSection,
-		"density": func() (string, error) { return r.densitySection(counts) }, "density-1000": r.idle1000Section}
+		"density": func() (string, error) { return r.densitySection(counts) }, "density-1000": r.idle1000Section,
+		// one instance under sustained mixed load, alone (a part of density)
+		"mixed": func() (string, error) {
+			golden, err := r.goldenState()
+			if err != nil {
+				return "", err
+			}
+			return r.mixedLoadMemory(golden)
+		}}
 	if only != "" {
 		f, ok := sections[only]
 		if !ok {
