@@ -145,12 +145,22 @@ func writeLargeThrough[Req, Resp any](w http.ResponseWriter, r *http.Request, bo
 	json.NewEncoder(w).Encode(resp)
 }
 
-func (s *Server) migExport(ctx context.Context, p Peer, req *ExportRequest) (*ExportResponse, error) {
-	path, err := s.instancePath(p, req.StatePath)
+// instanceMigration is the prelude of the requests a vTPM makes about its own state: the
+// instance the peer serves at statePath, and the migration service.
+func (s *Server) instanceMigration(p Peer, statePath string) (*migration, string, error) {
+	path, err := s.instancePath(p, statePath)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	m, err := s.migration()
+	if err != nil {
+		return nil, "", err
+	}
+	return m, path, nil
+}
+
+func (s *Server) migExport(ctx context.Context, p Peer, req *ExportRequest) (*ExportResponse, error) {
+	m, path, err := s.instanceMigration(p, req.StatePath)
 	if err != nil {
 		return nil, err
 	}
@@ -162,11 +172,7 @@ func (s *Server) migExport(ctx context.Context, p Peer, req *ExportRequest) (*Ex
 }
 
 func (s *Server) migImport(ctx context.Context, p Peer, req *ImportRequest) (*ImportResponse, error) {
-	path, err := s.instancePath(p, req.StatePath)
-	if err != nil {
-		return nil, err
-	}
-	m, err := s.migration()
+	m, path, err := s.instanceMigration(p, req.StatePath)
 	if err != nil {
 		return nil, err
 	}
@@ -179,11 +185,7 @@ func (s *Server) migImport(ctx context.Context, p Peer, req *ImportRequest) (*Im
 }
 
 func (s *Server) migAdmit(ctx context.Context, p Peer, req *StateRequest) (*struct{}, error) {
-	path, err := s.instancePath(p, req.StatePath)
-	if err != nil {
-		return nil, err
-	}
-	m, err := s.migration()
+	m, path, err := s.instanceMigration(p, req.StatePath)
 	if err != nil {
 		return nil, err
 	}
@@ -191,11 +193,7 @@ func (s *Server) migAdmit(ctx context.Context, p Peer, req *StateRequest) (*stru
 }
 
 func (s *Server) migNV(_ context.Context, p Peer, req *StateRequest) (*NVInfoResponse, error) {
-	path, err := s.instancePath(p, req.StatePath)
-	if err != nil {
-		return nil, err
-	}
-	m, err := s.migration()
+	m, path, err := s.instanceMigration(p, req.StatePath)
 	if err != nil {
 		return nil, err
 	}

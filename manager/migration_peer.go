@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"time"
@@ -133,25 +132,9 @@ func (s *Server) ServeMigration(ctx context.Context, ln net.Listener) error {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+pathPeerRelease, m.handleRelease)
-	srv := &http.Server{
-		Handler:           mux,
-		TLSConfig:         m.cfg.Identity.serverTLS(),
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		MaxHeaderBytes:    16 << 10,
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
-	}
-	stop := context.AfterFunc(ctx, func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-	})
-	defer stop()
-	if err := srv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("migration listener: %w", err)
-	}
-	return nil
+	srv := s.httpServer(mux)
+	srv.TLSConfig = m.cfg.Identity.serverTLS()
+	return serveHTTP(ctx, srv, func() error { return srv.ServeTLS(ln, "", "") }, "migration listener")
 }
 
 func (m *migration) handleRelease(w http.ResponseWriter, r *http.Request) {

@@ -152,23 +152,33 @@ const ledgerKeySize = 32
 
 // Serve answers the API on ln until ctx ends.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
-	srv := &http.Server{
-		Handler:           s.Handler(),
-		ConnContext:       withPeer,
+	srv := s.httpServer(s.Handler())
+	srv.ConnContext = withPeer
+	return serveHTTP(ctx, srv, func() error { return srv.Serve(ln) }, "manager API")
+}
+
+// httpServer is an HTTP server with the manager's bounds on requests (both of its listeners).
+func (s *Server) httpServer(h http.Handler) *http.Server {
+	return &http.Server{
+		Handler:           h,
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      30 * time.Second,
 		MaxHeaderBytes:    16 << 10,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
+}
+
+// serveHTTP runs serve (srv's Serve or ServeTLS) until ctx ends, then shuts srv down.
+func serveHTTP(ctx context.Context, srv *http.Server, serve func() error, what string) error {
 	stop := context.AfterFunc(ctx, func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		srv.Shutdown(sctx)
 	})
 	defer stop()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("manager API: %w", err)
+	if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("%s: %w", what, err)
 	}
 	return nil
 }
