@@ -31,6 +31,23 @@ func (f *failingStore) Store(t emulator.StateType, d []byte) error {
 	return f.MemStore.Store(t, d)
 }
 
+// startedTPM2 opens a TPM 2 on st, powers it on and runs TPM2_Startup(CLEAR).
+func startedTPM2(t *testing.T, st emulator.Store) *Engine {
+	t.Helper()
+	e, err := Open(emulator.TPM2, st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	if err := e.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := e.Process(startupClear); err != nil || rc(resp) != 0 {
+		t.Fatalf("Startup: %x %v", resp, err)
+	}
+	return e
+}
+
 // servedPair starts e serving one end of a socketpair; the other end is returned as a net.Conn.
 func servedPair(t *testing.T, e *Engine, toGo []uint32, slow DataHandler) (*DataConn, net.Conn) {
 	t.Helper()
@@ -85,17 +102,7 @@ type dataStep struct {
 
 func TestServeData(t *testing.T) {
 	st := &failingStore{MemStore: emulator.NewMemStore()}
-	e, err := Open(emulator.TPM2, st, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	if err := e.Start(); err != nil {
-		t.Fatal(err)
-	}
-	if resp, err := e.Process(startupClear); err != nil || rc(resp) != 0 {
-		t.Fatalf("Startup: %x %v", resp, err)
-	}
+	e := startedTPM2(t, st)
 	var mu sync.Mutex
 	var slowMsgs [][]byte
 	var buf []byte
@@ -206,17 +213,7 @@ var FatalResponseForTest = []byte{0x80, 0x01, 0, 0, 0, 10, 0, 0, 0x01, 0x01}
 
 // TestServeDataToGo: the commands a guard must see go to Go even when the engine is armed.
 func TestServeDataToGo(t *testing.T) {
-	e, err := Open(emulator.TPM2, emulator.NewMemStore(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	if err := e.Start(); err != nil {
-		t.Fatal(err)
-	}
-	if resp, err := e.Process(startupClear); err != nil || rc(resp) != 0 {
-		t.Fatalf("Startup: %x %v", resp, err)
-	}
+	e := startedTPM2(t, emulator.NewMemStore())
 	var seen atomic.Int32
 	d, c := servedPair(t, e, []uint32{0x182, 0x17b}, func(msg []byte) ([]byte, bool) {
 		seen.Add(1)
