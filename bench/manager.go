@@ -69,36 +69,40 @@ type hostManager struct {
 	exited chan error
 }
 
-func (r *run) startHostManager(vtpmd string) (*hostManager, error) {
+// startHostManager starts `vtpmd manager` on its own stand-in hardware TPM, its records,
+// registry and API socket in dir; what names it in errors ("" or a migration side), extra are
+// further flags.
+func (r *run) startHostManager(vtpmd, dir, what string, extra ...string) (*hostManager, error) {
 	hw, err := r.standIn()
 	if err != nil {
 		return nil, err
 	}
-	m := &hostManager{hw: hw, dir: filepath.Join(r.work, "manager"), exited: make(chan error, 1)}
-	m.sock = filepath.Join(m.dir, "api.sock")
+	m := &hostManager{hw: hw, dir: dir, sock: filepath.Join(dir, "api.sock"), exited: make(chan error, 1)}
 	if err := os.MkdirAll(m.dir, 0o700); err != nil {
 		hw.stop()
 		return nil, err
 	}
-	m.cmd = exec.Command(vtpmd, "manager", "--tpm", "swtpm:path="+hw.data, "--dir", filepath.Join(m.dir, "records"),
-		"--listen", m.sock, "--group", "", "--registry", filepath.Join(m.dir, "registry"), "--auto-enroll")
+	args := append([]string{"manager", "--tpm", "swtpm:path=" + hw.data, "--dir", filepath.Join(m.dir, "records"),
+		"--listen", m.sock, "--group", "", "--registry", filepath.Join(m.dir, "registry"), "--auto-enroll"}, extra...)
+	m.cmd = exec.Command(vtpmd, args...)
 	m.cmd.Stderr = os.Stderr
 	if err := m.cmd.Start(); err != nil {
 		hw.stop()
 		return nil, err
 	}
 	go func() { m.exited <- m.cmd.Wait() }()
+	name := strings.TrimSpace("vtpmd manager " + what)
 	deadline := time.Now().Add(20 * time.Second)
 	for !manager.Available(m.sock) {
 		select {
 		case err := <-m.exited:
 			hw.stop()
-			return nil, fmt.Errorf("vtpmd manager exited: %v", err)
+			return nil, fmt.Errorf("%s exited: %v", name, err)
 		case <-time.After(time.Millisecond):
 		}
 		if time.Now().After(deadline) {
 			m.stop()
-			return nil, errors.New("vtpmd manager did not listen within 20s")
+			return nil, fmt.Errorf("%s did not listen within 20s", name)
 		}
 	}
 	return m, nil
@@ -237,7 +241,7 @@ func (r *run) managerSection() (string, error) {
 		return b.String(), nil
 	}
 	ctx := context.Background()
-	m, err := r.startHostManager(vtpmd)
+	m, err := r.startHostManager(vtpmd, filepath.Join(r.work, "manager"), "")
 	if err != nil {
 		return "", err
 	}

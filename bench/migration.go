@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/vtpmd/vtpmd/internal/tpmclient"
@@ -37,14 +36,6 @@ const (
 	migPlain    = "vtpmd → vtpmd"
 	migManagers = "vtpmd + managers → vtpmd + managers"
 )
-
-// migManager is `vtpmd manager` on its own stand-in hardware TPM, for one side.
-type migManager struct {
-	hw     *instance
-	sock   string
-	cmd    *exec.Cmd
-	exited chan error
-}
 
 // migrationManagerArgs are the flags the secure-migration protocol needs on the manager of
 // side ("A" source, "B" destination): its TLS listener for the other manager.
@@ -83,48 +74,9 @@ func trustEachOther(dirs map[string]string) error {
 	return nil
 }
 
-func (r *run) startMigManager(vtpmd, side string, dirs map[string]string, ports map[string]int) (*migManager, error) {
-	hw, err := r.standIn()
-	if err != nil {
-		return nil, err
-	}
-	dir := dirs[side]
-	m := &migManager{hw: hw, sock: filepath.Join(dir, "api.sock"), exited: make(chan error, 1)}
-	args := append([]string{"manager", "--tpm", "swtpm:path=" + hw.data, "--dir", filepath.Join(dir, "records"),
-		"--listen", m.sock, "--group", "", "--registry", filepath.Join(dir, "registry"), "--auto-enroll"},
-		migrationManagerArgs(side, ports)...)
-	m.cmd = exec.Command(vtpmd, args...)
-	m.cmd.Stderr = os.Stderr
-	if err := m.cmd.Start(); err != nil {
-		hw.stop()
-		return nil, err
-	}
-	go func() { m.exited <- m.cmd.Wait() }()
-	deadline := time.Now().Add(20 * time.Second)
-	for !manager.Available(m.sock) {
-		select {
-		case err := <-m.exited:
-			hw.stop()
-			return nil, fmt.Errorf("vtpmd manager %s exited: %v", side, err)
-		case <-time.After(time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			m.stop()
-			return nil, fmt.Errorf("vtpmd manager %s did not listen within 20s", side)
-		}
-	}
-	return m, nil
-}
-
-func (m *migManager) stop() {
-	m.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-m.exited:
-	case <-time.After(5 * time.Second):
-		m.cmd.Process.Kill()
-		<-m.exited
-	}
-	m.hw.stop()
+// startMigManager starts side's manager ("A" source, "B" destination) in dirs[side].
+func (r *run) startMigManager(vtpmd, side string, dirs map[string]string, ports map[string]int) (*hostManager, error) {
+	return r.startHostManager(vtpmd, dirs[side], side, migrationManagerArgs(side, ports)...)
 }
 
 // freePort is a TCP port on 127.0.0.1 that was free a moment ago.
