@@ -55,6 +55,10 @@ func (e *Engine) ServeData(fd int, bufSize int, toGo []uint32, slow DataHandler)
 	if err != nil || typ != unix.SOCK_STREAM {
 		return nil, ErrNotSocket
 	}
+	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil {
+		return nil, fmt.Errorf("data descriptor: %w", err)
+	}
 	if err := unix.SetNonblock(fd, false); err != nil {
 		return nil, fmt.Errorf("data descriptor: %w", err)
 	}
@@ -66,6 +70,7 @@ func (e *Engine) ServeData(fd int, bufSize int, toGo []uint32, slow DataHandler)
 	}
 	if rc := C.vtpmd_start_data_thread(C.int(fd), C.uintptr_t(d.handle), C.size_t(bufSize), codes, C.size_t(len(toGo))); rc != 0 {
 		d.handle.Delete()
+		_, _ = unix.FcntlInt(uintptr(fd), unix.F_SETFL, flags) // shared with the caller's descriptor
 		return nil, fmt.Errorf("start data thread: %w", unix.Errno(rc))
 	}
 	return d, nil
