@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -94,38 +93,7 @@ func TestSeccompMigration(t *testing.T) {
 	dst := startEmulator(t, env.bin, "", append(args, "--migration", "incoming,release-lock-outgoing")...)
 	waitConfined(t, src.cmd.Process.Pid)
 	waitConfined(t, dst.cmd.Process.Pid)
-	mig := t.TempDir() + "/mig.sock"
-	a := startQEMU(t, vm{firmware: "seabios", machine: "q35", model: "tpm-crb", ctrl: src.ctrl, cmdline: "tpmloop"})
-	b := startQEMU(t, vm{firmware: "seabios", machine: "q35", model: "tpm-crb", ctrl: dst.ctrl, cmdline: "tpmloop", incoming: "unix:" + mig})
-	iter := regexp.MustCompile(`GUEST: iter=\d+`)
-	a.waitSerial(t, iter, 2, 120*time.Second)
-	a.hmp(t, "migrate -d unix:"+mig)
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		st := a.hmp(t, "info migrate")
-		if strings.Contains(st, "Migration status: completed") {
-			break
-		}
-		if strings.Contains(st, "failed") || time.Now().After(deadline) {
-			t.Fatalf("migration did not complete:\n%s", st)
-		}
-		time.Sleep(300 * time.Millisecond)
-	}
-	srcRows := chainRows(a.serialText())
-	b.waitSerial(t, iter, 3, 60*time.Second)
-	dstRows := chainRows(b.serialText())
-	if len(srcRows) == 0 || len(dstRows) == 0 {
-		t.Fatal("no PCR16 rows")
-	}
-	chain := expectedChain(2000)
-	for _, r := range append(srcRows, dstRows...) {
-		if chain[r.n] != r.pcr {
-			t.Fatalf("iter %d: PCR16 %s, chain expects %s", r.n, r.pcr, chain[r.n])
-		}
-	}
-	if dstRows[len(dstRows)-1].n <= srcRows[len(srcRows)-1].n {
-		t.Fatalf("destination restarted the chain: source ..%d, destination ..%d", srcRows[len(srcRows)-1].n, dstRows[len(dstRows)-1].n)
-	}
+	migrateChain(t, src, dst)
 	for name, e := range map[string]*emulator{"source": src, "destination": dst} {
 		if s := seccompStatus(e.cmd.Process.Pid); s != "2" {
 			t.Fatalf("%s vtpmd: Seccomp %s after the migration (killed?)\n%s", name, s, tail(readFile(t, e.log), 2000))
