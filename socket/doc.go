@@ -9,7 +9,10 @@
 // codes are attached in one place, the dispatcher, through Options.ResultOf.
 //
 // Control and data connections are served on their own goroutines, so a CMD_CANCEL_TPM_CMD
-// reaches a command that is executing. Responses on each connection stay in request order; at
+// reaches a command that is executing. A data connection that is a stream socket is handed to
+// the TPM when it can serve it on a native thread (NativeDataServer): that thread runs plain
+// TPM 2 commands itself and brings every other message back to this package's Go path, so the
+// framing and answers above hold either way. Responses on each connection stay in request order; at
 // most one control client and one data client are served at a time, as swtpm does, and a new
 // control client is accepted when the previous one closed.
 //
