@@ -64,6 +64,11 @@ type Instance struct {
 	eng *libtpms.Engine
 	log *slog.Logger
 
+	// guardCommands are the commands the guard must see (seam.CommandsOf, taken once);
+	// guardFiltered is false when it must see every one, and then no data thread runs commands.
+	guardCommands []uint32
+	guardFiltered bool
+
 	mu          sync.Mutex // serializes lifecycle transitions
 	lockRetries int        // guarded by mu; retries for the next lock attempt
 	deferLock   bool       // guarded by mu; --migration incoming and no state received yet
@@ -95,7 +100,9 @@ func New(cfg Config) (*Instance, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open tpm engine: %w", err)
 	}
-	return &Instance{cfg: cfg, eng: eng, log: log, deferLock: cfg.IncomingMigration, needAdmit: cfg.Blobs != nil}, nil
+	in := &Instance{cfg: cfg, eng: eng, log: log, deferLock: cfg.IncomingMigration, needAdmit: cfg.Blobs != nil}
+	in.guardCommands, in.guardFiltered = seam.CommandsOf(cfg.Guard)
+	return in, nil
 }
 
 // Engine exposes the engine (for in-process tools such as provisioning and benchmarks).
@@ -275,7 +282,7 @@ func (in *Instance) ProcessAppend(dst, cmd []byte) ([]byte, error) {
 		return in.eng.ProcessAppendArmed(dst, cmd, epoch)
 	}
 	resp, err := in.process(cmd)
-	if _, filtered := seam.CommandsOf(in.cfg.Guard); err == nil && filtered {
+	if err == nil && in.guardFiltered {
 		in.eng.ArmIf(epoch)
 	}
 	return append(dst, resp...), err
@@ -290,11 +297,10 @@ var ErrGuarded = errors.New("backend: a guard sees every data command")
 // control call disarms it; the commands a guard must see (seam.CommandsOf) always go to Go. A
 // guard that must see every command keeps the connection on goroutines (ErrGuarded).
 func (in *Instance) ServeNative(fd, bufSize int, slow func([]byte) ([]byte, bool)) (<-chan struct{}, func(), error) {
-	commands, ok := seam.CommandsOf(in.cfg.Guard)
-	if !ok {
+	if !in.guardFiltered {
 		return nil, nil, ErrGuarded
 	}
-	d, err := in.eng.ServeData(fd, bufSize, commands, slow)
+	d, err := in.eng.ServeData(fd, bufSize, in.guardCommands, slow)
 	if err != nil {
 		return nil, nil, err
 	}
