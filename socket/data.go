@@ -167,9 +167,7 @@ func (s *Server) serveDataConn(ctx context.Context, c io.ReadWriteCloser, termin
 		f := ParseFrame(msg, tpm2)
 		resp := s.process(f, &respBuf)
 		if f.Prefixed {
-			out := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(resp)+4), uint32(len(resp)))
-			out = append(out, resp...)
-			resp = append(out, 0, 0, 0, 0)
+			resp = appendPrefixedResponse(nil, resp)
 		}
 		s.dump("SWTPM_IO_Write", resp)
 		if _, err := c.Write(resp); err != nil {
@@ -187,6 +185,14 @@ func (s *Server) dataClosed(terminate bool) {
 	if terminate {
 		s.finish("data connection closed")
 	}
+}
+
+// appendPrefixedResponse appends resp as the tpm-send-command-header variant answers it: its
+// length, the response, and a 4-byte zero trailer.
+func appendPrefixedResponse(dst, resp []byte) []byte {
+	dst = binary.BigEndian.AppendUint32(dst, uint32(len(resp)))
+	dst = append(dst, resp...)
+	return append(dst, 0, 0, 0, 0)
 }
 
 // process runs one command, handling what swtpm's main loop and tpmlib_process intercept
@@ -284,15 +290,13 @@ func (s *Server) serveNative(ctx context.Context, c io.ReadWriteCloser) bool {
 	if err != nil {
 		return false
 	}
-	tpm2 := true
 	var respBuf, framed []byte
 	done, shutdown, err := ns.ServeNative(fd, int(s.tpm.BufferSize())+sendCmdPrefixSize, func(msg []byte) ([]byte, bool) {
-		f := ParseFrame(msg, tpm2)
+		f := ParseFrame(msg, true)
 		resp := s.process(f, &respBuf)
 		if f.Prefixed {
-			framed = binary.BigEndian.AppendUint32(framed[:0], uint32(len(resp)))
-			framed = append(framed, resp...)
-			resp = append(framed, 0, 0, 0, 0)
+			framed = appendPrefixedResponse(framed[:0], resp)
+			resp = framed
 		}
 		return resp, true
 	})
