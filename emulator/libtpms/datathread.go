@@ -33,9 +33,9 @@ type DataConn struct {
 	slow   DataHandler
 	done   chan struct{}
 
-	mu     sync.Mutex
-	fd     int  // guarded by mu
-	closed bool // guarded by mu
+	fd     int        // the thread's descriptor; closed by goDataDone, its last callback
+	mu     sync.Mutex // orders Shutdown against that close
+	closed bool       // guarded by mu
 }
 
 // ErrNotSocket is returned by ServeData for a descriptor that is not a stream socket.
@@ -101,12 +101,10 @@ func goDataMessage(h C.uintptr_t, msg *C.uchar, n C.uint32_t) (stop C.int) {
 		}
 	}()
 	resp, more := d.slow(unsafe.Slice((*byte)(unsafe.Pointer(msg)), int(n)))
+	// d.fd is closed only after this thread's last callback (goDataDone)
 	if len(resp) > 0 {
-		d.mu.Lock()
-		fd := d.fd
-		d.mu.Unlock()
-		if _, err := sendAll(fd, resp); err != nil {
-			d.e.log.Warn("data reply", "err", err)
+		if rc := C.vtpmd_send_all(C.int(d.fd), (*C.uchar)(unsafe.Pointer(&resp[0])), C.size_t(len(resp))); rc != 0 {
+			d.e.log.Warn("data reply", "err", unix.Errno(rc))
 			return 1
 		}
 	}
@@ -114,22 +112,6 @@ func goDataMessage(h C.uintptr_t, msg *C.uchar, n C.uint32_t) (stop C.int) {
 		return 1
 	}
 	return 0
-}
-
-func sendAll(fd int, b []byte) (int, error) {
-	total := 0
-	for len(b) > 0 {
-		n, err := unix.SendmsgN(fd, b, nil, nil, unix.MSG_NOSIGNAL)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return total, err
-		}
-		total += n
-		b = b[n:]
-	}
-	return total, nil
 }
 
 //export goDataError

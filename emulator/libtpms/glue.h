@@ -8,7 +8,6 @@ void vtpmd_engine_lock_keep(void);
 void vtpmd_engine_unlock(int arm);
 void vtpmd_set_last_cc(uint32_t cc);
 uint32_t vtpmd_last_cc(void);
-void vtpmd_clear_nv_failed(void);
 void vtpmd_set_locality(uint32_t l);
 uint32_t vtpmd_locality(void);
 int vtpmd_send_all(int fd, const unsigned char *b, size_t n);

@@ -26,9 +26,14 @@ static uint32_t cur_locality; /* atomic: libtpms' locality, process-global */
 
 void vtpmd_engine_init(void) { sem_init(&engine_sem, 0, 1); }
 
-void vtpmd_engine_lock(void) {
+/* vtpmd_engine_lock_keep takes the engine lock without disarming it (a data thread). */
+void vtpmd_engine_lock_keep(void) {
 	while (sem_wait(&engine_sem) != 0 && errno == EINTR)
 		;
+}
+
+void vtpmd_engine_lock(void) {
+	vtpmd_engine_lock_keep();
 	engine_armed = 0;
 }
 
@@ -39,7 +44,6 @@ void vtpmd_engine_unlock(int arm) {
 
 void vtpmd_set_last_cc(uint32_t cc) { last_cc = cc; }
 uint32_t vtpmd_last_cc(void) { return last_cc; }
-void vtpmd_clear_nv_failed(void) { nv_failed = 0; }
 void vtpmd_set_locality(uint32_t l) { __atomic_store_n(&cur_locality, l, __ATOMIC_SEQ_CST); }
 uint32_t vtpmd_locality(void) { return __atomic_load_n(&cur_locality, __ATOMIC_SEQ_CST); }
 
@@ -142,13 +146,16 @@ static ssize_t read_msg(int fd, unsigned char *buf, size_t cap) {
 	return n;
 }
 
+/* vtpmd_send_all sends all of b; 0, or the errno that stopped it. */
 int vtpmd_send_all(int fd, const unsigned char *b, size_t n) {
 	while (n > 0) {
 		ssize_t m = send(fd, b, n, MSG_NOSIGNAL);
 		if (m < 0 && errno == EINTR)
 			continue;
-		if (m <= 0)
-			return -1;
+		if (m < 0)
+			return errno;
+		if (m == 0)
+			return EPIPE;
 		b += m;
 		n -= (size_t)m;
 	}
@@ -182,12 +189,12 @@ static void *data_thread_main(void *arg) {
 					engine_armed = 0;
 					goDataError(t->handle, rc); /* logs; the engine lock is still held */
 					sem_post(&engine_sem);
-					if (vtpmd_send_all(t->fd, fatal_response, sizeof fatal_response) < 0)
+					if (vtpmd_send_all(t->fd, fatal_response, sizeof fatal_response) != 0)
 						break;
 					continue;
 				}
 				sem_post(&engine_sem);
-				if (vtpmd_send_all(t->fd, rbuf, rlen) < 0)
+				if (vtpmd_send_all(t->fd, rbuf, rlen) != 0)
 					break;
 				continue;
 			}
@@ -203,12 +210,6 @@ static void *data_thread_main(void *arg) {
 	free(t);
 	goDataDone(h);
 	return NULL;
-}
-
-/* vtpmd_engine_lock_keep takes the engine lock without disarming it. */
-void vtpmd_engine_lock_keep(void) {
-	while (sem_wait(&engine_sem) != 0 && errno == EINTR)
-		;
 }
 
 int vtpmd_start_data_thread(int fd, uintptr_t handle, size_t cap, const uint32_t *to_go, size_t n_to_go) {
