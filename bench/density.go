@@ -266,11 +266,8 @@ func medianOf(vs []float64) float64 {
 	return s[len(s)/2]
 }
 
-// goPathName is vtpmd with the Go data path (goDataPathEnv), measured beside the native one.
-const (
-	goPathName    = "vtpmd-go"
-	goDataPathEnv = "VTPMD_GO_DATA_PATH"
-)
+// goPathName is vtpmd with the Go data path (socket.GoDataPathEnv), measured beside the native one.
+const goPathName = "vtpmd-go"
 
 // rotate is the servers in window w's order (each goes first in turn).
 func rotate(impls []impl, w int) []impl {
@@ -408,8 +405,8 @@ func (r *run) contention(golden string, counts []int) (string, error) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "\n### Contention: n instances on %d CPUs, raw GetRandom(8) (back-to-back: one client per instance for %s; interleaved: one client calling the instances in turn for %s)\n\n"+
 		"`vtpmd` serves each data connection on a native thread (per command one read, libtpms, one send; no goroutine woken). `vtpmd, Go data path` is the same binary with `%s=1`: the connection served by goroutines through Go's netpoller, as before; it is measured in the same windows to show the floor that design had.\n\n"+
-		"| instances | measure | vtpmd | swtpm | vtpmd / swtpm | vtpmd, Go data path | Go data path / swtpm |\n|---|---|---|---|---|---|---|\n", runtime.NumCPU(), b2bWindow, interWindow, goDataPathEnv)
-	impls := append(append([]impl{}, r.impls...), impl{name: goPathName, bin: r.impls[0].bin, args: r.impls[0].args, env: []string{goDataPathEnv + "=1"}})
+		"| instances | measure | vtpmd | swtpm | vtpmd / swtpm | vtpmd, Go data path | Go data path / swtpm |\n|---|---|---|---|---|---|---|\n", runtime.NumCPU(), b2bWindow, interWindow, socket.GoDataPathEnv)
+	impls := append(append([]impl{}, r.impls...), impl{name: goPathName, bin: r.impls[0].bin, args: r.impls[0].args, env: []string{socket.GoDataPathEnv + "=1"}})
 	var after strings.Builder
 	for _, n := range counts {
 		if n < 2 {

@@ -32,9 +32,14 @@ type Options struct {
 	// ResultInChain). backend.ResultOf is the table for a backend.Instance.
 	ResultOf func(error) tpmwire.Result
 	// GoDataPath serves data connections on goroutines even when the TPM can serve them on a
-	// native thread (NativeDataServer): the earlier data path, kept to measure against.
+	// native thread (NativeDataServer): the earlier data path, kept to measure against. vtpmd
+	// sets it when GoDataPathEnv is 1.
 	GoDataPath bool
 }
+
+// GoDataPathEnv is the environment variable that, set to 1, makes vtpmd serve data connections
+// on goroutines (Options.GoDataPath); `just bench` measures both paths.
+const GoDataPathEnv = "VTPMD_GO_DATA_PATH"
 
 // Server serves one TPM on swtpm's control and data channels.
 type Server struct {

@@ -51,7 +51,7 @@ func instanceConfig(c *cli.Context, o *socketOpts, tpm2 bool) (backend.RunConfig
 		Terminate:        c.Bool("terminate"),
 		RejectLocality4:  o.locality.set.Bool("reject-locality-4", false),
 		AllowSetLocality: o.locality.set.Bool("allow-set-locality", false),
-		GoDataPath:       os.Getenv(goDataPathEnv) == "1",
+		GoDataPath:       os.Getenv(socket.GoDataPathEnv) == "1",
 	}
 	// swtpm confines itself unless told action=none, --seccomp given or not (where there is
 	// no filter for the platform, only an explicit --seccomp is refused)
@@ -68,10 +68,6 @@ func instanceConfig(c *cli.Context, o *socketOpts, tpm2 bool) (backend.RunConfig
 	cfg.Ctrl, err = socket.ParseCtrl(o.ctrl.set)
 	return cfg, err
 }
-
-// goDataPathEnv set to 1 serves data connections on goroutines instead of a native thread
-// each (the earlier data path; `just bench` measures both).
-const goDataPathEnv = "VTPMD_GO_DATA_PATH"
 
 // startupFlags reads --flags not-need-init and startup-* (which imply not-need-init).
 func startupFlags(o *socketOpts) (powerOn bool, st backend.Startup, err error) {
